@@ -1,0 +1,106 @@
+//! Error types of the API crate.
+
+use std::path::PathBuf;
+
+/// A tensor had the wrong size, rank or shape.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum TensorError {
+    /// The element count does not match the requested shape.
+    #[error("shape {expected:?} needs {} elements but {len} were given", expected.iter().product::<usize>())]
+    ShapeMismatch {
+        /// Requested shape.
+        expected: Vec<usize>,
+        /// Elements supplied.
+        len: usize,
+    },
+    /// A named tensor does not have the expected shape.
+    #[error("{what}: expected shape {expected:?}, found {found:?}")]
+    WrongShape {
+        /// What the tensor is.
+        what: String,
+        /// Expected shape.
+        expected: Vec<usize>,
+        /// Shape found.
+        found: Vec<usize>,
+    },
+    /// A named tensor does not have the expected rank.
+    #[error("{what}: expected a rank-{expected} tensor, found shape {found:?}")]
+    WrongRank {
+        /// What the tensor is.
+        what: String,
+        /// Expected rank.
+        expected: usize,
+        /// Shape found.
+        found: Vec<usize>,
+    },
+    /// A tensor needed by the model is absent.
+    #[error("missing tensor `{0}`")]
+    Missing(String),
+}
+
+/// A configuration value is out of range or inconsistent.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+#[error("invalid config field `{field}`: {message}")]
+pub struct ConfigError {
+    /// Dotted path of the offending field, e.g. `noise.sigma_small`.
+    pub field: String,
+    /// What was expected.
+    pub message: String,
+}
+
+/// Reading or writing a safetensors file failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IoError {
+    /// The file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not valid safetensors or lacks something the model needs.
+    #[error("{}: {message}", path.display())]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+/// Training stopped with an error; `E` is the backend's error type.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainError<E: std::error::Error + 'static> {
+    /// The backend failed.
+    #[error("backend error at step {step}: {source}")]
+    Backend {
+        /// Step (1-based) being computed.
+        step: u64,
+        /// The backend's error.
+        #[source]
+        source: E,
+    },
+    /// The loss became NaN or infinite.
+    #[error(
+        "loss became {loss} at step {step}; try a lower learning rate, a state clamp \
+         (model.state_clamp) or gradient clipping (training.grad_clip)"
+    )]
+    NonFiniteLoss {
+        /// Step (1-based) whose loss was not finite.
+        step: u64,
+        /// The offending value.
+        loss: f32,
+    },
+    /// The observer asked to stop with an error.
+    #[error("observer failed at step {step}: {message}")]
+    Observer {
+        /// Step (1-based) after which the observer failed.
+        step: u64,
+        /// Its message.
+        message: String,
+    },
+}

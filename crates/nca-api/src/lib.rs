@@ -1,0 +1,37 @@
+//! Backend-agnostic core of `nca`, a toolkit for Neural Cellular Automata whose rule is a
+//! 3×3 convolutional attention.
+//!
+//! * [`HostTensor`] and [`Weights`]: plain tensors for states, targets and parameters, with
+//!   safetensors I/O under the names of `testdata/README.md`.
+//! * [`Transition`], [`Trainer`], [`NoiseSchedule`]: what a backend implements.
+//! * [`train()`] and [`rollout()`]: the single-trajectory training loop and the rollout
+//!   loop, written once over those traits.
+//! * [`NcaConfig`]: serde config with the design doc's defaults and validation.
+//! * [`Checkpoint`]: weights, optimiser state, progress and state in one file.
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod io;
+pub mod noise;
+pub mod tensor;
+pub mod train;
+pub mod traits;
+pub mod weights;
+
+pub use checkpoint::Checkpoint;
+pub use config::{
+    GridConfig, ModelConfig, NcaConfig, NoiseConfig, OptimizerConfig, TrainingConfig,
+    DEFAULT_LEARNING_RATE,
+};
+pub use error::{ConfigError, IoError, TensorError, TrainError};
+pub use io::TensorFile;
+pub use noise::ConstantNoise;
+pub use tensor::HostTensor;
+pub use train::{
+    initial_state, rollout, start, train, LoopOptions, NoObserver, Observer, Progress,
+    RolloutOptions, StepContext, StepInfo, StopReason, TrainOutcome,
+};
+pub use traits::{AdamState, NoiseSchedule, Trainer, Transition};
+pub use weights::{Weights, NEIGHBOURS, WEIGHT_NAMES};
