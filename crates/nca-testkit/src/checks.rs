@@ -1,0 +1,579 @@
+//! The conformance checks, each generic over a [`Harness`].
+
+use std::ops::ControlFlow;
+
+use nca_api::io::TensorFile;
+use nca_api::{
+    train, AdamState, ConstantNoise, HostTensor, LoopOptions, ModelConfig, NcaConfig,
+    OptimizerConfig, Progress, StepContext, Trainer, Transition, Weights,
+};
+use rand::{Rng, SeedableRng};
+
+use crate::{reference, testdata_dir, Harness, Tolerance};
+
+type Backend<H> = <H as Harness>::Backend;
+type State<H> = <Backend<H> as Transition>::State;
+
+fn build<H: Harness>(model: &ModelConfig, optim: &OptimizerConfig) -> Backend<H> {
+    H::create(model, optim).unwrap()
+}
+
+fn to64(t: &HostTensor) -> Vec<f64> {
+    t.data().iter().map(|&x| f64::from(x)).collect()
+}
+
+/// Random weights with a non-zero output projection, so every gradient is non-trivial.
+pub fn random_weights(model: &ModelConfig, seed: u64) -> Weights {
+    let mut w = Weights::init(model, seed);
+    let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed ^ 0xA5A5);
+    for (_, t) in w.named_mut() {
+        for x in t.data_mut() {
+            *x = rng.random_range(-0.6..0.6);
+        }
+    }
+    w
+}
+
+/// A seeded host tensor with entries uniform in `[-1, 1)`.
+pub fn random_tensor(shape: &[usize], seed: u64) -> HostTensor {
+    let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
+    let n = shape.iter().product();
+    HostTensor::new(shape, (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()).unwrap()
+}
+
+/// One golden file: its model, weights, inputs and expected outputs.
+pub struct Golden {
+    /// Model shape from the metadata.
+    pub model: ModelConfig,
+    /// The file's tensors.
+    pub file: TensorFile,
+}
+
+impl Golden {
+    /// Loads `testdata/NAME.safetensors`.
+    pub fn load(name: &str) -> Self {
+        let path = testdata_dir().join(format!("{name}.safetensors"));
+        let file = TensorFile::read(&path).unwrap();
+        let meta = |k: &str| {
+            file.metadata
+                .get(k)
+                .unwrap_or_else(|| panic!("{name}: no {k}"))
+        };
+        let c: usize = meta("C").parse().unwrap();
+        let v: usize = meta("visible_channels").parse().unwrap();
+        let model = ModelConfig {
+            visible_channels: v,
+            hidden_channels: c - v,
+            attention_dim: meta("D").parse().unwrap(),
+            position_embeddings: meta("position_embeddings").to_lowercase() == "true",
+            state_clamp: None,
+        };
+        Self { model, file }
+    }
+
+    /// The tensor `name`.
+    pub fn tensor(&self, name: &str) -> &HostTensor {
+        self.file
+            .tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("golden file lacks {name}"))
+    }
+
+    /// The weights stored in the file.
+    pub fn weights(&self) -> Weights {
+        Weights::from_lookup(&self.model, |n| self.file.tensors.get(n).cloned()).unwrap()
+    }
+
+    /// The expected gradients `grad.NAME`.
+    pub fn gradients(&self) -> Weights {
+        Weights::from_lookup(&self.model, |n| {
+            self.file.tensors.get(&format!("grad.{n}")).cloned()
+        })
+        .unwrap()
+    }
+}
+
+fn check_golden<H: Harness>(name: &str) {
+    let golden = Golden::load(name);
+    let mut t = build::<H>(&golden.model, &OptimizerConfig::default());
+    t.set_weights(&golden.weights()).unwrap();
+    t.set_target(golden.tensor("target")).unwrap();
+    let state = t.upload(golden.tensor("state")).unwrap();
+
+    let update = t.update(&state).unwrap();
+    let update = t.download(&update).unwrap();
+    assert_eq!(
+        update.shape(),
+        golden.tensor("update").shape(),
+        "{name}: update shape"
+    );
+    Tolerance::FORWARD.assert_close(
+        &format!("{name}: update"),
+        update.data(),
+        &to64(golden.tensor("update")),
+    );
+
+    let next = t.step(&state).unwrap();
+    let next = t.download(&next).unwrap();
+    Tolerance::FORWARD.assert_close(
+        &format!("{name}: next_state"),
+        next.data(),
+        &to64(golden.tensor("next_state")),
+    );
+
+    let attention = t.attention(&state).unwrap();
+    assert_eq!(
+        attention.shape(),
+        golden.tensor("attention").shape(),
+        "{name}: attention shape"
+    );
+    Tolerance::FORWARD.assert_close(
+        &format!("{name}: attention"),
+        attention.data(),
+        &to64(golden.tensor("attention")),
+    );
+
+    let (loss, grads) = t.loss_and_gradients(&state).unwrap();
+    Tolerance::FORWARD.assert_close(
+        &format!("{name}: loss"),
+        &[loss],
+        &to64(golden.tensor("loss")),
+    );
+    let expected = golden.gradients();
+    for ((n, g), (_, e)) in grads.named().into_iter().zip(expected.named()) {
+        assert_eq!(g.shape(), e.shape(), "{name}: grad.{n} shape");
+        Tolerance::GRADIENT.assert_close(&format!("{name}: grad.{n}"), g.data(), &to64(e));
+    }
+    // The state passed in is a constant: computing gradients must not change weights.
+    assert_eq!(
+        t.weights().unwrap(),
+        golden.weights(),
+        "{name}: gradients changed weights"
+    );
+}
+
+/// Golden vectors without position embeddings: update, next state, attention, loss, grads.
+pub fn golden_6x7_without_position_embeddings<H: Harness>() {
+    check_golden::<H>("golden_6x7_nopos");
+}
+
+/// Golden vectors with position embeddings.
+pub fn golden_5x5_with_position_embeddings<H: Harness>() {
+    check_golden::<H>("golden_5x5_pos");
+}
+
+/// Golden vectors with hidden channels (the loss sees only the visible ones).
+pub fn golden_4x9_with_hidden_channels<H: Harness>() {
+    check_golden::<H>("golden_4x9_hidden");
+}
+
+/// A 5×5 state with known values: `f(s)` has the input's shape, attention weights are
+/// non-negative and sum to one per cell, and the backend agrees with the f64 reference.
+pub fn shape_and_attention_normalisation_5x5<H: Harness>() {
+    let model = ModelConfig {
+        state_clamp: None,
+        ..ModelConfig::default()
+    };
+    let mut t = build::<H>(&model, &OptimizerConfig::default());
+    let weights = random_weights(&model, 11);
+    t.set_weights(&weights).unwrap();
+    let data: Vec<f32> = (0..3 * 25)
+        .map(|i| ((i as f32) * 0.37).sin() * 2.0)
+        .collect();
+    let host = HostTensor::new(&[1, 3, 5, 5], data).unwrap();
+    let state = t.upload(&host).unwrap();
+    let update = t.update(&state).unwrap();
+    let update = t.download(&update).unwrap();
+    assert_eq!(update.shape(), host.shape());
+    let attention = t.attention(&state).unwrap();
+    assert_eq!(attention.shape(), &[1, 9, 5, 5]);
+    for cell in 0..25 {
+        let column: Vec<f32> = (0..9).map(|n| attention.data()[n * 25 + cell]).collect();
+        assert!(
+            column.iter().all(|&a| a >= 0.0),
+            "negative attention at cell {cell}"
+        );
+        let sum: f32 = column.iter().sum();
+        assert!(
+            (sum - 1.0).abs() < 1e-5,
+            "attention at cell {cell} sums to {sum}"
+        );
+    }
+    let reference = reference::forward(&weights, &host);
+    Tolerance {
+        abs: 1e-5,
+        rel: 1e-5,
+    }
+    .assert_close("update vs f64 reference", update.data(), &reference.update);
+}
+
+/// The backend's noise has standard deviation within 3% of σ_small and σ_large over
+/// 196,608 samples each, with mean ≈ 0.
+pub fn noise_statistics<H: Harness>() {
+    let model = ModelConfig::default();
+    let mut t = build::<H>(&model, &OptimizerConfig::default());
+    let shape = [4, 3, 128, 128];
+    for (sigma, seed) in [(0.01f32, 1u64), (0.1, 2)] {
+        let mut state = t.upload(&HostTensor::zeros(&shape)).unwrap();
+        t.add_noise(&mut state, sigma, seed).unwrap();
+        let host = t.download(&state).unwrap();
+        let n = host.len() as f64;
+        let mean = host.data().iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+        let var = host
+            .data()
+            .iter()
+            .map(|&x| (f64::from(x) - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        let std = var.sqrt();
+        let sigma = f64::from(sigma);
+        assert!(
+            (std / sigma - 1.0).abs() < 0.03,
+            "std {std} for sigma {sigma}"
+        );
+        assert!(
+            mean.abs() < 5.0 * sigma / n.sqrt(),
+            "mean {mean} for sigma {sigma}"
+        );
+        let mut again = t.upload(&HostTensor::zeros(&shape)).unwrap();
+        t.add_noise(&mut again, sigma as f32, seed).unwrap();
+        assert_eq!(
+            t.download(&again).unwrap(),
+            host,
+            "noise must be reproducible from its seed"
+        );
+    }
+}
+
+/// Backend gradients agree with f64 central differences of the reference loss on a
+/// random 2×(3+2)×4×5 case with position embeddings.
+pub fn finite_difference_gradients<H: Harness>() {
+    let model = ModelConfig {
+        visible_channels: 3,
+        hidden_channels: 2,
+        attention_dim: 4,
+        position_embeddings: true,
+        state_clamp: None,
+    };
+    let mut t = build::<H>(&model, &OptimizerConfig::default());
+    let weights = random_weights(&model, 21);
+    let state = random_tensor(&[2, 5, 4, 5], 22);
+    let target = random_tensor(&[2, 3, 4, 5], 23);
+    t.set_weights(&weights).unwrap();
+    t.set_target(&target).unwrap();
+    let s = t.upload(&state).unwrap();
+    let (loss, grads) = t.loss_and_gradients(&s).unwrap();
+    let ref_loss = reference::loss(&weights, &state, &target);
+    Tolerance {
+        abs: 1e-6,
+        rel: 1e-5,
+    }
+    .assert_close("loss vs f64 reference", &[loss], &[ref_loss]);
+    let numeric = reference::numerical_gradients(&weights, &state, &target, 1e-2);
+    for ((name, g), (_, fd)) in grads.named().into_iter().zip(numeric) {
+        Tolerance {
+            abs: 2e-5,
+            rel: 1e-3,
+        }
+        .assert_close(&format!("grad.{name} vs finite differences"), g.data(), &fd);
+    }
+}
+
+/// `train_step` returns `s + f(s)` computed with the old weights, reports that step's
+/// loss, and applies exactly one bias-corrected Adam update.
+pub fn train_step_is_one_adam_update<H: Harness>() {
+    let model = ModelConfig::default();
+    let optim = OptimizerConfig {
+        learning_rate: 0.01,
+        ..OptimizerConfig::default()
+    };
+    let mut t = build::<H>(&model, &optim);
+    let weights = random_weights(&model, 31);
+    let host = random_tensor(&[2, 3, 6, 5], 32);
+    t.set_weights(&weights).unwrap();
+    t.set_target(&random_tensor(&[2, 3, 6, 5], 33)).unwrap();
+    let state = t.upload(&host).unwrap();
+    let (loss, grads) = t.loss_and_gradients(&state).unwrap();
+    let expected_next = t.step(&state).unwrap();
+    let expected_next = t.download(&expected_next).unwrap();
+    let mut carried = t.upload(&host).unwrap();
+    let step_loss = t.train_step(&mut carried).unwrap();
+    assert!(
+        (step_loss - loss).abs() <= 1e-6 * loss.abs().max(1.0),
+        "train_step loss {step_loss} vs {loss}"
+    );
+    let next = t.download(&carried).unwrap();
+    Tolerance::FORWARD.assert_close("train_step next state", next.data(), &to64(&expected_next));
+
+    let updated = t.weights().unwrap();
+    let adam = t.adam_state().unwrap();
+    assert_eq!(adam.step, 1);
+    let (b1, b2) = (f64::from(optim.beta1), f64::from(optim.beta2));
+    for (((name, w0), (_, g)), ((_, w1), ((_, m), (_, v)))) in
+        weights.named().into_iter().zip(grads.named()).zip(
+            updated
+                .named()
+                .into_iter()
+                .zip(adam.m.named().into_iter().zip(adam.v.named())),
+        )
+    {
+        let g = to64(g);
+        let expect_m: Vec<f64> = g.iter().map(|g| (1.0 - b1) * g).collect();
+        let expect_v: Vec<f64> = g.iter().map(|g| (1.0 - b2) * g * g).collect();
+        Tolerance {
+            abs: 1e-9,
+            rel: 1e-4,
+        }
+        .assert_close(&format!("adam.m.{name}"), m.data(), &expect_m);
+        Tolerance {
+            abs: 1e-12,
+            rel: 1e-3,
+        }
+        .assert_close(&format!("adam.v.{name}"), v.data(), &expect_v);
+        // First bias-corrected step: m̂ = g, v̂ = g², Δ = −lr·g/(|g| + eps).
+        let expect_w: Vec<f64> = w0
+            .data()
+            .iter()
+            .zip(&g)
+            .map(|(&w, g)| {
+                f64::from(w) - f64::from(optim.learning_rate) * g / (g.abs() + f64::from(optim.eps))
+            })
+            .collect();
+        Tolerance {
+            abs: 2e-6,
+            rel: 1e-5,
+        }
+        .assert_close(&format!("updated {name}"), w1.data(), &expect_w);
+    }
+}
+
+/// With `grad_clip`, the update uses the gradient scaled to that global norm.
+pub fn gradient_clipping_bounds_the_update<H: Harness>() {
+    let model = ModelConfig::default();
+    let clip = 1e-3f32;
+    let optim = OptimizerConfig {
+        learning_rate: 0.01,
+        grad_clip: Some(clip),
+        ..OptimizerConfig::default()
+    };
+    let mut t = build::<H>(&model, &optim);
+    t.set_weights(&random_weights(&model, 41)).unwrap();
+    t.set_target(&random_tensor(&[1, 3, 6, 6], 42)).unwrap();
+    let host = random_tensor(&[1, 3, 6, 6], 43);
+    let state = t.upload(&host).unwrap();
+    let (_, grads) = t.loss_and_gradients(&state).unwrap();
+    let norm = grads
+        .flatten()
+        .iter()
+        .map(|&g| f64::from(g).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(
+        norm > f64::from(clip) * 10.0,
+        "test needs a gradient larger than the clip ({norm})"
+    );
+    let mut carried = t.upload(&host).unwrap();
+    t.train_step(&mut carried).unwrap();
+    let m = t.adam_state().unwrap().m.flatten();
+    let m_norm = m.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+    // m = (1 − β1)·clipped gradient, whose norm is the clip.
+    let expected = 0.1 * f64::from(clip);
+    assert!(
+        (m_norm / expected - 1.0).abs() < 1e-3,
+        "first moment norm {m_norm}, expected {expected}"
+    );
+}
+
+fn solid_red(cfg: &NcaConfig) -> HostTensor {
+    let mut target = HostTensor::zeros(&cfg.target_shape());
+    let plane = cfg.grid.height * cfg.grid.width;
+    for b in 0..cfg.grid.batch {
+        let start = b * cfg.model.visible_channels * plane;
+        target.data_mut()[start..start + plane].fill(1.0);
+    }
+    target
+}
+
+fn run<H: Harness>(
+    cfg: &NcaConfig,
+    schedule: &ConstantNoise,
+) -> (Backend<H>, State<H>, Progress, Vec<f32>) {
+    let mut t = build::<H>(&cfg.model, &cfg.training.optimizer());
+    let mut state = nca_api::start(&mut t, cfg, &solid_red(cfg)).unwrap();
+    let mut progress = Progress::default();
+    let mut losses = Vec::new();
+    let mut record = |ctx: &StepContext<'_, Backend<H>>| {
+        losses.push(ctx.info.loss);
+        Ok(ControlFlow::Continue(()))
+    };
+    train(
+        &mut t,
+        &mut state,
+        schedule,
+        &LoopOptions::from_config(cfg),
+        &mut progress,
+        &mut record,
+    )
+    .unwrap();
+    (t, state, progress, losses)
+}
+
+/// The design doc's integration test: with the default config a solid red 32×32 target
+/// reaches loss < ε within 1,000 steps, for seeds 1 to 4.
+pub fn solid_red_converges<H: Harness>() {
+    for seed in 1..=4 {
+        let mut cfg = NcaConfig::default();
+        cfg.training.steps = 1000;
+        cfg.training.seed = seed;
+        cfg.training.max_spikes = Some(1);
+        let (_, _, progress, losses) = run::<H>(&cfg, &ConstantNoise::from(&cfg.noise));
+        let first = progress.first_below_epsilon;
+        eprintln!(
+            "solid red, seed {seed}: loss < ε first at step {first:?}, last loss {:?}",
+            losses.last()
+        );
+        assert!(
+            first.is_some(),
+            "seed {seed}: loss never fell below ε in 1,000 steps (last {:?})",
+            losses.last()
+        );
+    }
+}
+
+/// When the loss is below ε the state carried forward receives a σ_large spike (RMS change
+/// measured against an identical run without a spike) and the spike counter increments.
+pub fn spike_moves_carried_state_by_sigma_large<H: Harness>() {
+    let mut cfg = NcaConfig::default();
+    cfg.grid = nca_api::GridConfig {
+        height: 32,
+        width: 32,
+        batch: 8,
+    };
+    cfg.model.state_clamp = None;
+    cfg.training.steps = 1;
+    let spike = ConstantNoise {
+        sigma_small: 0.01,
+        sigma_large: 0.1,
+        epsilon: f32::INFINITY,
+    };
+    let calm = ConstantNoise {
+        epsilon: -1.0,
+        ..spike
+    };
+    let (ts, spiked, ps, _) = run::<H>(&cfg, &spike);
+    let (tc, unspiked, pc, _) = run::<H>(&cfg, &calm);
+    assert_eq!((ps.spikes, pc.spikes), (1, 0));
+    assert_eq!(ps.first_below_epsilon, Some(1));
+    let a = ts.download(&spiked).unwrap();
+    let b = tc.download(&unspiked).unwrap();
+    let diff: Vec<f32> = a.data().iter().zip(b.data()).map(|(x, y)| x - y).collect();
+    let rms = HostTensor::new(a.shape(), diff).unwrap().rms();
+    assert!(
+        (rms / 0.1 - 1.0).abs() < 0.03,
+        "spike moved the carried state by RMS {rms}, expected 0.1"
+    );
+}
+
+/// With ε = 0 no loss is below ε, so no spike ever happens.
+pub fn no_spike_when_epsilon_is_zero<H: Harness>() {
+    let mut cfg = NcaConfig::default();
+    cfg.grid = nca_api::GridConfig {
+        height: 16,
+        width: 16,
+        batch: 1,
+    };
+    cfg.training.steps = 300;
+    cfg.training.learning_rate = 0.01;
+    let schedule = ConstantNoise {
+        epsilon: 0.0,
+        ..ConstantNoise::from(&cfg.noise)
+    };
+    let (_, _, progress, losses) = run::<H>(&cfg, &schedule);
+    assert_eq!(progress.spikes, 0);
+    assert_eq!(progress.first_below_epsilon, None);
+    assert_eq!(losses.len(), 300);
+}
+
+/// Same seed, same backend: the same loss sequence, bit for bit; another seed differs.
+pub fn same_seed_same_losses<H: Harness>() {
+    let mut cfg = NcaConfig::default();
+    cfg.grid = nca_api::GridConfig {
+        height: 24,
+        width: 20,
+        batch: 2,
+    };
+    cfg.training.steps = 150;
+    cfg.training.seed = 5;
+    let schedule = ConstantNoise::from(&cfg.noise);
+    let (_, _, _, first) = run::<H>(&cfg, &schedule);
+    let (_, _, _, second) = run::<H>(&cfg, &schedule);
+    assert_eq!(first, second);
+    cfg.training.seed = 6;
+    let (_, _, _, other) = run::<H>(&cfg, &schedule);
+    assert_ne!(first, other);
+}
+
+/// Whatever the rule writes into hidden channels never changes the loss, and their output
+/// rows get zero gradient.
+pub fn hidden_channels_do_not_enter_the_loss<H: Harness>() {
+    let model = ModelConfig {
+        hidden_channels: 4,
+        ..ModelConfig::default()
+    };
+    let mut t = build::<H>(&model, &OptimizerConfig::default());
+    let mut weights = random_weights(&model, 51);
+    t.set_target(&random_tensor(&[1, 3, 5, 6], 52)).unwrap();
+    let state = t.upload(&random_tensor(&[1, 7, 5, 6], 53)).unwrap();
+    t.set_weights(&weights).unwrap();
+    let (loss_a, grads) = t.loss_and_gradients(&state).unwrap();
+    let d = model.attention_dim;
+    let hidden_rows = 3 * d..7 * d;
+    assert!(grads.wo.data()[hidden_rows.clone()]
+        .iter()
+        .all(|&g| g == 0.0));
+    assert!(grads.bo.data()[3..].iter().all(|&g| g == 0.0));
+    for x in &mut weights.wo.data_mut()[hidden_rows] {
+        *x *= -7.0;
+    }
+    weights.bo.data_mut()[3..].fill(5.0);
+    t.set_weights(&weights).unwrap();
+    let (loss_b, _) = t.loss_and_gradients(&state).unwrap();
+    assert_eq!(loss_a, loss_b);
+}
+
+/// Weights and Adam state survive a trip through plain tensors and a safetensors file.
+pub fn weights_and_adam_state_round_trip<H: Harness>() {
+    let model = ModelConfig::default();
+    let mut t = build::<H>(&model, &OptimizerConfig::default());
+    let weights = random_weights(&model, 61);
+    t.set_weights(&weights).unwrap();
+    assert_eq!(t.weights().unwrap(), weights);
+    let mut file = TensorFile::default();
+    for (n, w) in weights.named() {
+        file.tensors.insert(n.to_string(), w.clone());
+    }
+    let back = TensorFile::from_bytes(&file.to_bytes().unwrap()).unwrap();
+    let loaded = Weights::from_lookup(&model, |n| back.tensors.get(n).cloned()).unwrap();
+    let mut other = build::<H>(&model, &OptimizerConfig::default());
+    other.set_weights(&loaded).unwrap();
+    assert_eq!(other.weights().unwrap(), weights);
+
+    let mut adam = AdamState::new(&model);
+    adam.step = 17;
+    adam.m = random_weights(&model, 62);
+    adam.v = random_weights(&model, 63);
+    for (_, v) in adam.v.named_mut() {
+        v.data_mut().iter_mut().for_each(|x| *x = x.abs());
+    }
+    other.set_adam_state(&adam).unwrap();
+    assert_eq!(other.adam_state().unwrap(), adam);
+
+    let wrong = Weights::zeros(&ModelConfig {
+        attention_dim: 8,
+        ..model
+    });
+    assert!(
+        other.set_weights(&wrong).is_err(),
+        "mismatched shapes must be an error"
+    );
+}
