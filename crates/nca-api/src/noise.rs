@@ -42,17 +42,24 @@ pub fn stream_seed(seed: u64, step: u64, stream: Stream) -> u64 {
 /// assert_eq!(a, b);
 /// ```
 pub fn fill_gaussian(out: &mut [f32], sigma: f32, seed: u64) {
+    out.fill(0.0);
+    add_gaussian(out, sigma, seed);
+}
+
+/// Adds `sigma · N(0, 1)` samples to `out`, the same samples [`fill_gaussian`] writes.
+pub fn add_gaussian(out: &mut [f32], sigma: f32, seed: u64) {
     for (block, chunk) in out.chunks_mut(NOISE_BLOCK).enumerate() {
-        fill_gaussian_block(chunk, sigma, seed, block as u64);
+        add_gaussian_block(chunk, sigma, seed, block as u64);
     }
 }
 
-/// Fills block number `block` (of [`NOISE_BLOCK`] elements) of a [`fill_gaussian`] call.
-pub fn fill_gaussian_block(out: &mut [f32], sigma: f32, seed: u64, block: u64) {
+/// Adds block number `block` (of [`NOISE_BLOCK`] elements) of an [`add_gaussian`] call;
+/// lets a backend add noise to blocks in parallel and still match the host numbers.
+pub fn add_gaussian_block(out: &mut [f32], sigma: f32, seed: u64, block: u64) {
     let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(splitmix(seed ^ splitmix(block)));
     for x in out {
         let z: f32 = StandardNormal.sample(&mut rng);
-        *x = sigma * z;
+        *x += sigma * z;
     }
 }
 
@@ -117,7 +124,7 @@ mod tests {
         let mut whole = vec![0.0; NOISE_BLOCK * 2 + 10];
         fill_gaussian(&mut whole, 1.0, 9);
         let mut tail = vec![0.0; 10];
-        fill_gaussian_block(&mut tail, 1.0, 9, 2);
+        add_gaussian_block(&mut tail, 1.0, 9, 2);
         assert_eq!(&whole[NOISE_BLOCK * 2..], &tail[..]);
     }
 }

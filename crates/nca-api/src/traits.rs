@@ -3,7 +3,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::TensorError;
-use crate::noise::fill_gaussian;
+use crate::noise::add_gaussian;
 use crate::tensor::HostTensor;
 use crate::weights::Weights;
 
@@ -46,7 +46,7 @@ pub trait Transition {
 
     /// Adds `sigma · N(0, 1)` noise to every element, reproducibly from `seed`.
     ///
-    /// The default draws the noise on the host with [`fill_gaussian`], so every backend
+    /// The default draws the noise on the host with [`add_gaussian`], so every backend
     /// using it sees the same numbers for the same seed.
     fn add_noise(
         &mut self,
@@ -58,11 +58,7 @@ pub trait Transition {
             return Ok(());
         }
         let mut host = self.download(state)?;
-        let mut noise = vec![0.0; host.len()];
-        fill_gaussian(&mut noise, sigma, seed);
-        for (x, n) in host.data_mut().iter_mut().zip(noise) {
-            *x += n;
-        }
+        add_gaussian(host.data_mut(), sigma, seed);
         *state = self.upload(&host)?;
         Ok(())
     }

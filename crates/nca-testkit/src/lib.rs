@@ -108,13 +108,13 @@ macro_rules! conformance_tests {
             weights_and_adam_state_round_trip,
         );
     };
-    (@each $harness:ty [$(#[$attr:meta])*] $($check:ident),* $(,)?) => {
-        $(
-            #[test]
-            $(#[$attr])*
-            fn $check() {
-                $crate::checks::$check::<$harness>();
-            }
-        )*
+    (@each $harness:ty [$($attr:tt)*] $check:ident, $($rest:ident,)*) => {
+        #[test]
+        $($attr)*
+        fn $check() {
+            $crate::checks::$check::<$harness>();
+        }
+        $crate::conformance_tests!(@each $harness [$($attr)*] $($rest,)*);
     };
+    (@each $harness:ty [$($attr:tt)*]) => {};
 }
