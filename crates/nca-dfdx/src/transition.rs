@@ -1,0 +1,402 @@
+//! The convolutional-attention transition as dfdx tensor ops.
+//!
+//! Layout inside a step: cells are rows, `N = B·H·W` of them in `(b, y, x)` order, and the
+//! nine neighbours are the outermost axis, so keys and values are `[9, N, D]`.
+//!
+//! The neighbourhood is gathered from the *state*, not from the projected keys/values:
+//! the state is a constant of the tape (gradients are cut between steps), so the gather
+//! needs no backward pass, and with zero padding `wk·0 + bk = bk` is exactly the key of an
+//! outside neighbour. One `[9N, C] × [C, D]` matmul then yields all nine key sets at once.
+//!
+//! How the gather is done was chosen by measurement (dev profile, 2 shared cores, default
+//! model, 32×32, B = 1): zero-padding with `concat_along` and cutting nine shifted
+//! `slice`s, stacked, against a dense one-hot shift matrix `[9·HW, HW]` applied by matmul.
+//! See `gather_by_slices` for the numbers.
+
+use dfdx::prelude::*;
+use nca_api::{HostTensor, ModelConfig, TensorError, Transition, Weights, NEIGHBOURS};
+
+use crate::trainer::DfdxTrainer;
+use crate::Error;
+
+/// The backend's state: a dfdx CPU tensor `[B, C, H, W]` with run-time dimensions.
+pub type State = Tensor<(usize, usize, usize, usize), f32, Cpu>;
+
+pub(crate) type T1<T = NoneTape> = Tensor<(usize,), f32, Cpu, T>;
+pub(crate) type T2<T = NoneTape> = Tensor<(usize, usize), f32, Cpu, T>;
+pub(crate) type T3<T = NoneTape> = Tensor<(usize, usize, usize), f32, Cpu, T>;
+pub(crate) type Traced = OwnedTape<f32, Cpu>;
+
+/// The transition's parameters as dfdx tensors, optionally carrying a gradient tape.
+pub(crate) struct Params<T = NoneTape> {
+    pub wq: T2<T>,
+    pub bq: T1<T>,
+    pub wk: T2<T>,
+    pub bk: T1<T>,
+    pub wv: T2<T>,
+    pub bv: T1<T>,
+    pub wo: T2<T>,
+    pub bo: T1<T>,
+    pub pk: Option<T2<T>>,
+    pub pv: Option<T2<T>>,
+}
+
+fn upload1(dev: &Cpu, t: &HostTensor) -> Result<T1, Error> {
+    Ok(dev.try_tensor_from_vec(t.data().to_vec(), (t.len(),))?)
+}
+
+fn upload2(dev: &Cpu, t: &HostTensor) -> Result<T2, Error> {
+    match *t.shape() {
+        [r, c] => Ok(dev.try_tensor_from_vec(t.data().to_vec(), (r, c))?),
+        _ => Err(TensorError::WrongRank {
+            what: "weight matrix".into(),
+            expected: 2,
+            found: t.shape().to_vec(),
+        }
+        .into()),
+    }
+}
+
+fn host<S: Shape>(t: &Tensor<S, f32, Cpu>, shape: &[usize]) -> Result<HostTensor, Error> {
+    // `as_vec` returns the raw buffer, so the layout must be the logical one.
+    let t = t.clone().try_contiguous()?;
+    Ok(HostTensor::new(shape, t.as_vec())?)
+}
+
+impl Params {
+    /// Uploads weights whose shapes were already checked against the model.
+    pub(crate) fn upload(dev: &Cpu, w: &Weights) -> Result<Self, Error> {
+        let opt = |t: &Option<HostTensor>| t.as_ref().map(|t| upload2(dev, t)).transpose();
+        Ok(Self {
+            wq: upload2(dev, &w.wq)?,
+            bq: upload1(dev, &w.bq)?,
+            wk: upload2(dev, &w.wk)?,
+            bk: upload1(dev, &w.bk)?,
+            wv: upload2(dev, &w.wv)?,
+            bv: upload1(dev, &w.bv)?,
+            wo: upload2(dev, &w.wo)?,
+            bo: upload1(dev, &w.bo)?,
+            pk: opt(&w.pk)?,
+            pv: opt(&w.pv)?,
+        })
+    }
+
+    /// The tensors in [`nca_api::WEIGHT_NAMES`] order (absent embeddings skipped).
+    pub(crate) fn flat_views(&self) -> Vec<FlatView<'_>> {
+        let mut out = vec![
+            FlatView::One(&self.wq),
+            FlatView::Two(&self.bq),
+            FlatView::One(&self.wk),
+            FlatView::Two(&self.bk),
+            FlatView::One(&self.wv),
+            FlatView::Two(&self.bv),
+            FlatView::One(&self.wo),
+            FlatView::Two(&self.bo),
+        ];
+        out.extend(self.pk.iter().map(FlatView::One));
+        out.extend(self.pv.iter().map(FlatView::One));
+        out
+    }
+
+    /// The parameters as plain tensors.
+    pub(crate) fn download(&self, model: &ModelConfig) -> Result<Weights, Error> {
+        let mut w = Weights::zeros(model);
+        let flat: Vec<f32> = self.flat_views().iter().flat_map(|v| v.as_vec()).collect();
+        w.unflatten_from(&flat)?;
+        Ok(w)
+    }
+
+    /// Mutable access to the tensors, in the order of [`Params::flat_views`].
+    pub(crate) fn flat_views_mut(&mut self) -> Vec<FlatViewMut<'_>> {
+        let mut out = vec![
+            FlatViewMut::One(&mut self.wq),
+            FlatViewMut::Two(&mut self.bq),
+            FlatViewMut::One(&mut self.wk),
+            FlatViewMut::Two(&mut self.bk),
+            FlatViewMut::One(&mut self.wv),
+            FlatViewMut::Two(&mut self.bv),
+            FlatViewMut::One(&mut self.wo),
+            FlatViewMut::Two(&mut self.bo),
+        ];
+        out.extend(self.pk.iter_mut().map(FlatViewMut::One));
+        out.extend(self.pv.iter_mut().map(FlatViewMut::One));
+        out
+    }
+
+    /// A copy of every parameter starting its own gradient tape.
+    pub(crate) fn traced(&self) -> Params<Traced> {
+        Params {
+            wq: self.wq.leaky_trace(),
+            bq: self.bq.leaky_trace(),
+            wk: self.wk.leaky_trace(),
+            bk: self.bk.leaky_trace(),
+            wv: self.wv.leaky_trace(),
+            bv: self.bv.leaky_trace(),
+            wo: self.wo.leaky_trace(),
+            bo: self.bo.leaky_trace(),
+            pk: self.pk.as_ref().map(|t| t.leaky_trace()),
+            pv: self.pv.as_ref().map(|t| t.leaky_trace()),
+        }
+    }
+
+    /// A cheap copy (the buffers are shared) without a tape.
+    pub(crate) fn untraced(&self) -> Params {
+        Params {
+            wq: self.wq.clone(),
+            bq: self.bq.clone(),
+            wk: self.wk.clone(),
+            bk: self.bk.clone(),
+            wv: self.wv.clone(),
+            bv: self.bv.clone(),
+            wo: self.wo.clone(),
+            bo: self.bo.clone(),
+            pk: self.pk.clone(),
+            pv: self.pv.clone(),
+        }
+    }
+}
+
+/// A parameter tensor of either rank, seen as a flat buffer.
+pub(crate) enum FlatView<'a> {
+    One(&'a T2),
+    Two(&'a T1),
+}
+
+impl FlatView<'_> {
+    pub(crate) fn as_vec(&self) -> Vec<f32> {
+        match self {
+            FlatView::One(t) => t.as_vec(),
+            FlatView::Two(t) => t.as_vec(),
+        }
+    }
+
+    pub(crate) fn grad(&self, grads: &Gradients<f32, Cpu>) -> Vec<f32> {
+        match self {
+            FlatView::One(t) => grads.get(*t).as_vec(),
+            FlatView::Two(t) => grads.get(*t).as_vec(),
+        }
+    }
+}
+
+/// A parameter tensor of either rank, writable as a flat buffer.
+pub(crate) enum FlatViewMut<'a> {
+    One(&'a mut T2),
+    Two(&'a mut T1),
+}
+
+impl FlatViewMut<'_> {
+    pub(crate) fn as_vec(&self) -> Vec<f32> {
+        match self {
+            FlatViewMut::One(t) => t.as_vec(),
+            FlatViewMut::Two(t) => t.as_vec(),
+        }
+    }
+
+    /// Replaces the values; `data` has the tensor's length (both come from the same model).
+    pub(crate) fn set(self, data: &[f32]) {
+        match self {
+            FlatViewMut::One(t) => t.copy_from(data),
+            FlatViewMut::Two(t) => t.copy_from(data),
+        }
+    }
+}
+
+/// The nine zero-padded neighbours of every cell, `[9, N, C]` with `n = 3·(dy+1) + (dx+1)`.
+///
+/// Measured per 32×32 training step (default model, dev profile): with this gather a step
+/// takes about TODO ms; a dense one-hot `[9·HW, HW]` shift matrix applied with one matmul
+/// took TODO ms, and its cost grows with (H·W)², so slicing is used.
+pub(crate) fn gather_by_slices(dev: &Cpu, s: &State) -> Result<T3, Error> {
+    let (b, c, h, w) = *s.shape();
+    let cells = s
+        .clone()
+        .try_permute::<(usize, usize, usize, usize), Axes4<0, 2, 3, 1>>()?;
+    let rows = dev.try_zeros_like(&(b, 1, w, c))?;
+    let padded = (rows.clone(), cells).try_concat_along(Axis::<1>)?;
+    let padded = (padded, rows).try_concat_along(Axis::<1>)?;
+    let cols = dev.try_zeros_like(&(b, h + 2, 1, c))?;
+    let padded = (cols.clone(), padded).try_concat_along(Axis::<2>)?;
+    let padded = (padded, cols).try_concat_along(Axis::<2>)?;
+    let mut shifted = Vec::with_capacity(NEIGHBOURS);
+    for dy in 0..3 {
+        for dx in 0..3 {
+            shifted.push(padded.clone().try_slice((.., dy..dy + h, dx..dx + w, ..))?);
+        }
+    }
+    let stacked = shifted.try_stack()?;
+    Ok(stacked.try_reshape_like(&(NEIGHBOURS, b * h * w, c))?)
+}
+
+/// The same gather as a dense one-hot shift matrix; kept for the measurement above.
+#[doc(hidden)]
+pub fn gather_by_matmul(dev: &Cpu, s: &State) -> Result<T3, Error> {
+    let (b, c, h, w) = *s.shape();
+    let hw = h * w;
+    let mut shift = vec![0.0f32; NEIGHBOURS * hw * hw];
+    for n in 0..NEIGHBOURS {
+        let (dy, dx) = (n / 3, n % 3);
+        for y in 0..h {
+            for x in 0..w {
+                let (sy, sx) = ((y + dy).wrapping_sub(1), (x + dx).wrapping_sub(1));
+                if sy < h && sx < w {
+                    shift[(n * hw + y * w + x) * hw + sy * w + sx] = 1.0;
+                }
+            }
+        }
+    }
+    let shift: T2 = dev.try_tensor_from_vec(shift, (NEIGHBOURS * hw, hw))?;
+    let planes = s.clone().try_reshape_like(&(b * c, hw))?;
+    // [9·HW, HW] × [HW, B·C] → [9·HW, B·C], then reorder to [9, B, HW, C].
+    let out = shift.try_matmul(planes.try_permute::<(usize, usize), Axes2<1, 0>>()?)?;
+    let out = out
+        .try_reshape_like(&(NEIGHBOURS, hw, b, c))?
+        .try_permute::<(usize, usize, usize, usize), Axes4<0, 2, 1, 3>>()?
+        .try_contiguous()?;
+    Ok(out.try_reshape_like(&(NEIGHBOURS, b * hw, c))?)
+}
+
+/// What one forward pass produces.
+pub(crate) struct Forward<T> {
+    /// Softmax weights `[9, N]`.
+    pub attention: T2,
+    /// The update `f(s)` per cell, `[N, C]`.
+    pub update: T2<T>,
+}
+
+/// `bias` broadcast to `[9, D]`, plus the per-offset embedding when there is one.
+fn offset_bias<T: Tape<f32, Cpu>>(
+    bias: T1<T>,
+    embedding: Option<T2<T>>,
+    d: usize,
+) -> Result<T2<T>, Error> {
+    let bias = bias.try_broadcast_like::<_, Axis<0>>(&(NEIGHBOURS, d))?;
+    Ok(match embedding {
+        Some(e) => bias.try_add(e)?,
+        None => bias,
+    })
+}
+
+/// The attention rule on the gathered neighbourhood `nb` (`[9, N, C]`, a constant).
+pub(crate) fn forward<T: Tape<f32, Cpu>>(p: Params<T>, nb: &T3) -> Result<Forward<T>, Error> {
+    let (_, n, c) = *nb.shape();
+    let d = p.wq.shape().0;
+    let all = nb.clone().try_reshape_like(&(NEIGHBOURS * n, c))?;
+    let centre = nb
+        .clone()
+        .try_slice((4..5, .., ..))?
+        .try_reshape_like(&(n, c))?;
+    let transpose = |t: T2<T>| t.try_permute::<(usize, usize), Axes2<1, 0>>();
+    // The constant goes on the left only because dfdx merges tapes from the left operand.
+    let q = centre.retaped::<T>().try_matmul(transpose(p.wq)?)?;
+    let q = q.try_add(p.bq.try_broadcast_like::<_, Axis<0>>(&(n, d))?)?;
+    let q = q.try_mul(1.0 / (d as f32).sqrt())?;
+
+    let big = (NEIGHBOURS, n, d);
+    let k = all.retaped::<T>().try_matmul(transpose(p.wk)?)?;
+    let k = k.try_reshape_like(&big)?;
+    let k = k.try_add(offset_bias(p.bk, p.pk, d)?.try_broadcast_like::<_, Axis<1>>(&big)?)?;
+    let scores = k
+        .try_mul(q.try_broadcast_like::<_, Axis<0>>(&big)?)?
+        .try_sum::<(usize, usize), Axis<2>>()?;
+    let a = scores.try_softmax::<Axis<0>>()?;
+    let attention = a.retaped::<NoneTape>();
+
+    let v = all.retaped::<T>().try_matmul(transpose(p.wv)?)?;
+    let v = v.try_reshape_like(&big)?;
+    let v = v.try_add(offset_bias(p.bv, p.pv, d)?.try_broadcast_like::<_, Axis<1>>(&big)?)?;
+    let u = v
+        .try_mul(a.try_broadcast_like::<_, Axis<2>>(&big)?)?
+        .try_sum::<(usize, usize), Axis<0>>()?;
+    let f = u.try_matmul(transpose(p.wo)?)?;
+    let f = f.try_add(p.bo.try_broadcast_like::<_, Axis<0>>(&(n, c))?)?;
+    Ok(Forward {
+        attention,
+        update: f,
+    })
+}
+
+/// `[N, C]` cell rows back to a `[B, C, H, W]` state.
+pub(crate) fn cells_to_state(
+    cells: T2,
+    shape: (usize, usize, usize, usize),
+) -> Result<State, Error> {
+    let (b, c, h, w) = shape;
+    Ok(cells
+        .try_reshape_like(&(b, h, w, c))?
+        .try_permute::<(usize, usize, usize, usize), Axes4<0, 3, 1, 2>>()?
+        .try_contiguous()?)
+}
+
+impl DfdxTrainer {
+    /// Checks that `state` is `[B, C, H, W]` for this model with a non-empty grid.
+    pub(crate) fn check_state(&self, shape: (usize, usize, usize, usize)) -> Result<(), Error> {
+        let (b, c, h, w) = shape;
+        if c != self.model.channels() || b == 0 || h == 0 || w == 0 {
+            return Err(TensorError::WrongShape {
+                what: "state (B, H, W must be non-zero)".into(),
+                expected: vec![b.max(1), self.model.channels(), h.max(1), w.max(1)],
+                found: vec![b, c, h, w],
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Forward pass with the current weights and no tape.
+    pub(crate) fn forward_untraced(&self, state: &State) -> Result<Forward<NoneTape>, Error> {
+        self.check_state(*state.shape())?;
+        let nb = gather_by_slices(&self.dev, state)?;
+        forward(self.params.untraced(), &nb)
+    }
+}
+
+impl Transition for DfdxTrainer {
+    type State = State;
+    type Error = Error;
+
+    fn model(&self) -> &ModelConfig {
+        &self.model
+    }
+
+    fn upload(&self, host: &HostTensor) -> Result<State, Error> {
+        let [b, c, h, w] = host.dims4("state")?;
+        self.check_state((b, c, h, w))?;
+        Ok(self
+            .dev
+            .try_tensor_from_vec(host.data().to_vec(), (b, c, h, w))?)
+    }
+
+    fn download(&self, state: &State) -> Result<HostTensor, Error> {
+        let (b, c, h, w) = *state.shape();
+        host(state, &[b, c, h, w])
+    }
+
+    fn update(&mut self, state: &State) -> Result<State, Error> {
+        let f = self.forward_untraced(state)?.update;
+        cells_to_state(f, *state.shape())
+    }
+
+    fn step(&mut self, state: &State) -> Result<State, Error> {
+        let f = self.update(state)?;
+        Ok(state.clone().try_add(f)?)
+    }
+
+    fn attention(&mut self, state: &State) -> Result<HostTensor, Error> {
+        let (b, _, h, w) = *state.shape();
+        let a = self.forward_untraced(state)?.attention;
+        let a = a
+            .try_reshape_like(&(NEIGHBOURS, b, h * w))?
+            .try_permute::<(usize, usize, usize), Axes3<1, 0, 2>>()?;
+        host(&a, &[b, NEIGHBOURS, h, w])
+    }
+
+    fn weights(&self) -> Result<Weights, Error> {
+        self.params.download(&self.model)
+    }
+
+    fn set_weights(&mut self, weights: &Weights) -> Result<(), Error> {
+        weights.check(&self.model)?;
+        self.params = Params::upload(&self.dev, weights)?;
+        Ok(())
+    }
+}
