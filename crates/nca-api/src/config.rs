@@ -286,6 +286,7 @@ fn non_negative(field: &str, value: f32) -> Result<(), ConfigError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

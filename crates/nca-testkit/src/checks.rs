@@ -443,11 +443,13 @@ pub fn solid_red_converges<H: Harness>() {
 /// When the loss is below ε the state carried forward receives a σ_large spike (RMS change
 /// measured against an identical run without a spike) and the spike counter increments.
 pub fn spike_moves_carried_state_by_sigma_large<H: Harness>() {
-    let mut cfg = NcaConfig::default();
-    cfg.grid = nca_api::GridConfig {
-        height: 32,
-        width: 32,
-        batch: 8,
+    let mut cfg = NcaConfig {
+        grid: nca_api::GridConfig {
+            height: 32,
+            width: 32,
+            batch: 8,
+        },
+        ..NcaConfig::default()
     };
     cfg.model.state_clamp = None;
     cfg.training.steps = 1;
@@ -476,11 +478,13 @@ pub fn spike_moves_carried_state_by_sigma_large<H: Harness>() {
 
 /// With ε = 0 no loss is below ε, so no spike ever happens.
 pub fn no_spike_when_epsilon_is_zero<H: Harness>() {
-    let mut cfg = NcaConfig::default();
-    cfg.grid = nca_api::GridConfig {
-        height: 16,
-        width: 16,
-        batch: 1,
+    let mut cfg = NcaConfig {
+        grid: nca_api::GridConfig {
+            height: 16,
+            width: 16,
+            batch: 1,
+        },
+        ..NcaConfig::default()
     };
     cfg.training.steps = 300;
     cfg.training.learning_rate = 0.01;
@@ -496,11 +500,13 @@ pub fn no_spike_when_epsilon_is_zero<H: Harness>() {
 
 /// Same seed, same backend: the same loss sequence, bit for bit; another seed differs.
 pub fn same_seed_same_losses<H: Harness>() {
-    let mut cfg = NcaConfig::default();
-    cfg.grid = nca_api::GridConfig {
-        height: 24,
-        width: 20,
-        batch: 2,
+    let mut cfg = NcaConfig {
+        grid: nca_api::GridConfig {
+            height: 24,
+            width: 20,
+            batch: 2,
+        },
+        ..NcaConfig::default()
     };
     cfg.training.steps = 150;
     cfg.training.seed = 5;

@@ -66,7 +66,9 @@ impl Tolerance {
         let mut worst: Option<(usize, f64)> = None;
         for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
             let excess = (f64::from(a) - e).abs() - (self.abs + self.rel * e.abs());
-            if !(excess <= 0.0) && worst.is_none_or(|(_, w)| excess > w || excess.is_nan()) {
+            if (excess > 0.0 || excess.is_nan())
+                && worst.is_none_or(|(_, w)| excess > w || excess.is_nan())
+            {
                 worst = Some((i, excess));
             }
         }
