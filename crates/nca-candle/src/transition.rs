@@ -1,0 +1,338 @@
+//! The convolutional-attention transition on candle tensors.
+
+use candle_core::{DType, Device, Tensor, Var};
+use nca_api::noise::fill_gaussian;
+use nca_api::{
+    HostTensor, ModelConfig, OptimizerConfig, TensorError, Transition, Weights, NEIGHBOURS,
+};
+
+use crate::Error;
+
+// Positions of the parameters in `CandleTrainer::params`, which follows `Weights::named`
+// order so that host weights, gradients and Adam moments zip with it.
+pub(crate) const WQ: usize = 0;
+pub(crate) const BQ: usize = 1;
+pub(crate) const WK: usize = 2;
+pub(crate) const BK: usize = 3;
+pub(crate) const WV: usize = 4;
+pub(crate) const BV: usize = 5;
+pub(crate) const WO: usize = 6;
+pub(crate) const BO: usize = 7;
+pub(crate) const PK: usize = 8;
+pub(crate) const PV: usize = 9;
+
+/// How the 3×3 neighbourhood of keys and values is gathered.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Neighbourhood {
+    /// Project every cell once (`[wk; wv] · s`), then shift the projected keys/values 9 times.
+    ProjectThenShift,
+    /// Shift the state 9 times, then project each shifted copy.
+    ShiftThenProject,
+}
+
+/// The candle transition and its Adam trainer, on the CPU or a CUDA device.
+///
+/// Parameters live on the device as autograd [`Var`]s; the state type is a candle
+/// [`Tensor`] `[B, C, H, W]` on the same device.
+pub struct CandleTrainer {
+    pub(crate) model: ModelConfig,
+    pub(crate) optim: OptimizerConfig,
+    pub(crate) device: Device,
+    /// One variable per weight tensor, in `Weights::named` order.
+    pub(crate) params: Vec<Var>,
+    pub(crate) adam_step: u64,
+    pub(crate) adam_m: Vec<Tensor>,
+    pub(crate) adam_v: Vec<Tensor>,
+    pub(crate) target: Option<Tensor>,
+    pub(crate) neighbourhood: Neighbourhood,
+}
+
+/// Outputs of one forward pass.
+pub(crate) struct Forward {
+    /// Softmax weights `[B, 9, H, W]`.
+    pub(crate) attention: Tensor,
+    /// `f(s)`, `[B, C, H, W]`.
+    pub(crate) update: Tensor,
+}
+
+impl CandleTrainer {
+    /// A trainer on the CPU with all-zero weights (set them with
+    /// [`Transition::set_weights`]).
+    pub fn cpu(model: &ModelConfig, optim: &OptimizerConfig) -> Result<Self, Error> {
+        Self::with_device(model, optim, Device::Cpu)
+    }
+
+    /// A trainer on CUDA device `ordinal`.
+    ///
+    /// Fails with [`Error::CudaUnavailable`] when the crate was built without the `cuda`
+    /// feature, or when no GPU or driver is usable.
+    pub fn cuda(
+        model: &ModelConfig,
+        optim: &OptimizerConfig,
+        ordinal: usize,
+    ) -> Result<Self, Error> {
+        #[cfg(feature = "cuda")]
+        {
+            // With the feature compiled in candle reports CUDA as available even on a
+            // machine without a GPU; only creating the device tells.
+            let device = Device::new_cuda(ordinal)
+                .map_err(|e| Error::CudaUnavailable(format!("CUDA device {ordinal}: {e}")))?;
+            Self::with_device(model, optim, device)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (model, optim);
+            Err(Error::CudaUnavailable(format!(
+                "device {ordinal} requested but nca-candle was built without CUDA support; \
+                 rebuild with --features cuda"
+            )))
+        }
+    }
+
+    /// A trainer on any candle device, with all-zero weights.
+    pub fn with_device(
+        model: &ModelConfig,
+        optim: &OptimizerConfig,
+        device: Device,
+    ) -> Result<Self, Error> {
+        model.validate()?;
+        let zeros = Weights::zeros(model);
+        let mut params = Vec::new();
+        let mut adam_m = Vec::new();
+        let mut adam_v = Vec::new();
+        for (_, t) in zeros.named() {
+            let z = Tensor::zeros(t.shape(), DType::F32, &device)?;
+            params.push(Var::from_tensor(&z)?);
+            adam_m.push(z.clone());
+            adam_v.push(z);
+        }
+        Ok(Self {
+            model: model.clone(),
+            optim: *optim,
+            device,
+            params,
+            adam_step: 0,
+            adam_m,
+            adam_v,
+            target: None,
+            neighbourhood: Neighbourhood::ProjectThenShift,
+        })
+    }
+
+    /// The device the parameters and states live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Chooses how neighbourhoods are gathered; for benchmarks only.
+    #[doc(hidden)]
+    pub fn set_neighbourhood(&mut self, n: Neighbourhood) {
+        self.neighbourhood = n;
+    }
+
+    /// Parameters without autograd tracking, for inference.
+    pub(crate) fn detached_params(&self) -> Vec<Tensor> {
+        self.params.iter().map(|v| v.as_tensor().detach()).collect()
+    }
+
+    /// Parameters as tracked variables, for training.
+    pub(crate) fn tracked_params(&self) -> Vec<Tensor> {
+        self.params.iter().map(|v| v.as_tensor().clone()).collect()
+    }
+
+    /// Uploads a host tensor of any shape.
+    pub(crate) fn to_device(&self, host: &HostTensor) -> Result<Tensor, Error> {
+        Ok(Tensor::from_slice(host.data(), host.shape(), &self.device)?)
+    }
+
+    /// Checks that a state is `[B, C, H, W]` with this model's C.
+    pub(crate) fn check_state(&self, state: &Tensor) -> Result<(), Error> {
+        let dims = state.dims();
+        match dims {
+            [_, c, _, _] if *c == self.model.channels() => Ok(()),
+            [b, _, h, w] => Err(TensorError::WrongShape {
+                what: "state".into(),
+                expected: vec![*b, self.model.channels(), *h, *w],
+                found: dims.to_vec(),
+            }
+            .into()),
+            _ => Err(TensorError::WrongRank {
+                what: "state".into(),
+                expected: 4,
+                found: dims.to_vec(),
+            }
+            .into()),
+        }
+    }
+
+    /// The forward pass with parameters `p` (tracked or detached).
+    pub(crate) fn forward(&self, p: &[Tensor], s: &Tensor) -> Result<Forward, Error> {
+        self.check_state(s)?;
+        let (b, c, h, w) = s.dims4()?;
+        let d = self.model.attention_dim;
+        let hw = h * w;
+        let s3 = s.reshape((b, c, hw))?;
+
+        let (q, kv) = match self.neighbourhood {
+            Neighbourhood::ProjectThenShift => {
+                let wqkv = Tensor::cat(&[&p[WQ], &p[WK], &p[WV]], 0)?;
+                let proj = wqkv.broadcast_matmul(&s3)?.reshape((b, 3 * d, h, w))?;
+                let q = proj.narrow(1, 0, d)?;
+                // The projection is shifted *without* its bias, so out-of-grid neighbours
+                // (state 0) get key bk (+pk[n]) and value bv (+pv[n]) once the biases are
+                // added below, exactly as projecting a zero state would give.
+                let kv = neighbours(&proj.narrow(1, d, 2 * d)?)?;
+                (q, kv)
+            }
+            Neighbourhood::ShiftThenProject => {
+                let q = p[WQ].broadcast_matmul(&s3)?.reshape((b, d, h, w))?;
+                let wkv = Tensor::cat(&[&p[WK], &p[WV]], 0)?;
+                let shifted = neighbours(s)?.reshape((b, NEIGHBOURS, c, hw))?;
+                let kv = wkv
+                    .broadcast_matmul(&shifted)?
+                    .reshape((b, NEIGHBOURS, 2 * d, h, w))?;
+                (q, kv)
+            }
+        };
+        let q = q.broadcast_add(&p[BQ].reshape((1, d, 1, 1))?)?;
+
+        let bias = Tensor::cat(&[&p[BK], &p[BV]], 0)?;
+        let bias = if self.model.position_embeddings {
+            Tensor::cat(&[&p[PK], &p[PV]], 1)?
+                .broadcast_add(&bias.unsqueeze(0)?)?
+                .reshape((1, NEIGHBOURS, 2 * d, 1, 1))?
+        } else {
+            bias.reshape((1, 1, 2 * d, 1, 1))?
+        };
+        let kv = kv.broadcast_add(&bias)?;
+        let k = kv.narrow(2, 0, d)?;
+        let v = kv.narrow(2, d, d)?;
+
+        let scores = k
+            .broadcast_mul(&q.unsqueeze(1)?)?
+            .sum(2)?
+            .affine(1.0 / (d as f64).sqrt(), 0.0)?;
+        // The max is a constant shift for the softmax, so it needs no gradient.
+        let max = scores.max_keepdim(1)?.detach();
+        let e = scores.broadcast_sub(&max)?.exp()?;
+        let attention = e.broadcast_div(&e.sum_keepdim(1)?)?;
+
+        let u = v.broadcast_mul(&attention.unsqueeze(2)?)?.sum(1)?;
+        let update = p[WO]
+            .broadcast_matmul(&u.reshape((b, d, hw))?)?
+            .broadcast_add(&p[BO].reshape((1, c, 1))?)?
+            .reshape((b, c, h, w))?;
+        Ok(Forward { attention, update })
+    }
+
+    /// Weights laid out like `Weights::named`, from device tensors.
+    pub(crate) fn download_weights(&self, tensors: &[Tensor]) -> Result<Weights, Error> {
+        let mut out = Weights::zeros(&self.model);
+        for ((_, slot), t) in out.named_mut().into_iter().zip(tensors) {
+            *slot = to_host(t)?;
+        }
+        Ok(out)
+    }
+
+    /// Device tensors laid out like `Weights::named`, after checking shapes.
+    pub(crate) fn upload_weights(&self, weights: &Weights) -> Result<Vec<Tensor>, Error> {
+        weights.check(&self.model)?;
+        weights
+            .named()
+            .into_iter()
+            .map(|(_, t)| self.to_device(t))
+            .collect()
+    }
+}
+
+/// The 9 neighbours of every cell of `x: [B, F, H, W]` as `[B, 9, F, H, W]`, zero outside
+/// the grid, in the order `n = 3·(dy+1) + (dx+1)`.
+///
+/// Padding once and stacking 9 `narrow` views keeps autograd working (candle's `unfold`
+/// backward is broken) and avoids a grouped convolution (slow in candle).
+fn neighbours(x: &Tensor) -> Result<Tensor, Error> {
+    let (_, _, h, w) = x.dims4()?;
+    let padded = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+    let mut views = Vec::with_capacity(NEIGHBOURS);
+    for dy in 0..3 {
+        for dx in 0..3 {
+            views.push(padded.narrow(2, dy, h)?.narrow(3, dx, w)?);
+        }
+    }
+    Ok(Tensor::stack(&views, 1)?)
+}
+
+/// Copies a device tensor of any shape to the host.
+pub(crate) fn to_host(t: &Tensor) -> Result<HostTensor, Error> {
+    let data = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    Ok(HostTensor::new(t.dims(), data)?)
+}
+
+impl Transition for CandleTrainer {
+    type State = Tensor;
+    type Error = Error;
+
+    fn model(&self) -> &ModelConfig {
+        &self.model
+    }
+
+    fn upload(&self, host: &HostTensor) -> Result<Tensor, Error> {
+        host.dims4("state")?;
+        let t = self.to_device(host)?;
+        self.check_state(&t)?;
+        Ok(t)
+    }
+
+    fn download(&self, state: &Tensor) -> Result<HostTensor, Error> {
+        to_host(state)
+    }
+
+    fn update(&mut self, state: &Tensor) -> Result<Tensor, Error> {
+        Ok(self.forward(&self.detached_params(), state)?.update)
+    }
+
+    fn step(&mut self, state: &Tensor) -> Result<Tensor, Error> {
+        let f = self.forward(&self.detached_params(), state)?.update;
+        Ok((state + f)?)
+    }
+
+    fn attention(&mut self, state: &Tensor) -> Result<HostTensor, Error> {
+        to_host(&self.forward(&self.detached_params(), state)?.attention)
+    }
+
+    fn weights(&self) -> Result<Weights, Error> {
+        self.download_weights(&self.detached_params())
+    }
+
+    fn set_weights(&mut self, weights: &Weights) -> Result<(), Error> {
+        // Upload everything before touching any variable, so a failure leaves the old
+        // weights intact.
+        let tensors = self.upload_weights(weights)?;
+        for (var, t) in self.params.iter().zip(&tensors) {
+            var.set(t)?;
+        }
+        Ok(())
+    }
+
+    /// Adds `sigma · N(0, 1)` noise drawn on the host with [`fill_gaussian`].
+    ///
+    /// Only the noise crosses to the device (the state never comes back), and every
+    /// device, CUDA included, sees exactly the numbers the other backends see for the
+    /// same seed, so runs compare bit for bit across devices up to the math itself.
+    fn add_noise(&mut self, state: &mut Tensor, sigma: f32, seed: u64) -> Result<(), Error> {
+        if sigma == 0.0 {
+            return Ok(());
+        }
+        let mut noise = vec![0.0; state.elem_count()];
+        fill_gaussian(&mut noise, sigma, seed);
+        let noise = Tensor::from_vec(noise, state.shape(), &self.device)?;
+        *state = (&*state + noise)?;
+        Ok(())
+    }
+
+    fn clamp(&mut self, state: &mut Tensor, limit: f32) -> Result<(), Error> {
+        *state = state.clamp(-limit, limit)?;
+        Ok(())
+    }
+}
