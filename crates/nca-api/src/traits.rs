@@ -63,6 +63,12 @@ pub trait Transition {
         Ok(())
     }
 
+    /// Waits until all queued device work has finished; benchmarks call it so that
+    /// asynchronous (GPU) backends are timed honestly. A no-op for host backends.
+    fn synchronize(&self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
     /// Clamps every element to `[-limit, limit]`.
     fn clamp(&mut self, state: &mut Self::State, limit: f32) -> Result<(), Self::Error> {
         let mut host = self.download(state)?;
