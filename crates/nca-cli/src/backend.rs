@@ -1,0 +1,93 @@
+//! Choosing a backend at run time among those compiled in.
+//!
+//! All run logic is generic over [`nca_api::Trainer`] ([`Job`]); [`dispatch`] is the one
+//! place that names backend types, each arm behind its cargo feature. A backend that was
+//! not compiled in is a clear runtime error saying which feature to enable.
+
+use anyhow::{anyhow, Context, Result};
+use nca_api::{ModelConfig, OptimizerConfig, Trainer};
+
+/// A backend name as given to `--backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// Pure-Rust ndarray backend (always compiled).
+    Ndarray,
+    /// dfdx on the CPU (feature `dfdx`).
+    Dfdx,
+    /// candle on the CPU (feature `candle`).
+    Candle,
+    /// candle on CUDA device 0 (feature `candle-cuda`).
+    CandleCuda,
+}
+
+impl Backend {
+    /// The name used on the command line and in files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Ndarray => "ndarray",
+            Backend::Dfdx => "dfdx",
+            Backend::Candle => "candle",
+            Backend::CandleCuda => "candle-cuda",
+        }
+    }
+
+    /// The cargo feature that compiles this backend in.
+    pub fn feature(self) -> Option<&'static str> {
+        match self {
+            Backend::Ndarray => None,
+            other => Some(other.name()),
+        }
+    }
+}
+
+/// Work to do with a trainer, whatever its backend.
+pub trait Job {
+    /// What the work returns.
+    type Output;
+    /// Does the work with a freshly built trainer.
+    fn run<T: Trainer>(self, trainer: T, backend: Backend) -> Result<Self::Output>;
+}
+
+/// Builds the trainer for `backend` and runs `job` with it.
+pub fn dispatch<J: Job>(
+    backend: Backend,
+    model: &ModelConfig,
+    optimizer: &OptimizerConfig,
+    job: J,
+) -> Result<J::Output> {
+    let ctx = || format!("cannot start the {} backend", backend.name());
+    match backend {
+        Backend::Ndarray => {
+            let t = nca_ndarray::NdarrayTrainer::new(model, optimizer).with_context(ctx)?;
+            job.run(t, backend)
+        }
+        #[cfg(feature = "dfdx")]
+        Backend::Dfdx => {
+            let t = nca_dfdx::DfdxTrainer::new(model, optimizer).with_context(ctx)?;
+            job.run(t, backend)
+        }
+        #[cfg(feature = "candle")]
+        Backend::Candle => {
+            let t = nca_candle::CandleTrainer::cpu(model, optimizer).with_context(ctx)?;
+            job.run(t, backend)
+        }
+        #[cfg(feature = "candle-cuda")]
+        Backend::CandleCuda => {
+            let t = nca_candle::CandleTrainer::cuda(model, optimizer, 0).with_context(ctx)?;
+            job.run(t, backend)
+        }
+        #[allow(unreachable_patterns)]
+        other => Err(not_compiled(other)),
+    }
+}
+
+/// The error for a backend this binary was built without.
+pub fn not_compiled(backend: Backend) -> anyhow::Error {
+    let feature = backend.feature().unwrap_or("?");
+    anyhow!(
+        "the {name} backend is not compiled into this binary; rebuild with the cargo feature \
+         `{feature}`, e.g. `cargo run -p nca-cli --features {feature} -- --backend {name} \
+         run.ron`",
+        name = backend.name()
+    )
+}

@@ -1,0 +1,122 @@
+//! Command-line parsing and the top-level entry point.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::backend::Backend;
+use crate::rollout::{rollout_command, RolloutArgs};
+use crate::run::{train_command, Finish, TrainArgs};
+
+/// Train a convolutional-attention Neural Cellular Automaton from a RON run file, or roll
+/// out a trained one.
+#[derive(Debug, Parser)]
+#[command(
+    name = "nca-cli",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Examples:\n  nca-cli examples/red.ron\n  nca-cli --backend candle run.ron --out runs/try2\n  nca-cli run.ron --resume runs/run/checkpoint.safetensors\n  nca-cli rollout --checkpoint runs/red/checkpoint.safetensors --steps 200 --out runs/red-rollout"
+)]
+pub struct Cli {
+    /// RON run file to train with (see crates/nca-cli/README.md for the format).
+    #[arg(value_name = "RUN.ron", required = true)]
+    pub config: Option<PathBuf>,
+    /// Run directory [default: output.dir of the run file, else runs/<run file stem>;
+    /// with --resume, the checkpoint's directory].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Continue training from a checkpoint written by an earlier run.
+    #[arg(long, value_name = "CHECKPOINT")]
+    pub resume: Option<PathBuf>,
+    /// Replace the results of a previous run in the output directory.
+    #[arg(long)]
+    pub force: bool,
+    /// Backend to compute with; all but ndarray need their cargo feature.
+    #[arg(long, value_enum, default_value = "ndarray", global = true)]
+    pub backend: Backend,
+    /// A subcommand instead of training.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands besides training.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a trained rule without training, from seeded N(0, 1) noise or a given state.
+    Rollout(RolloutCli),
+}
+
+/// Arguments of `nca-cli rollout`.
+#[derive(Debug, clap::Args)]
+pub struct RolloutCli {
+    /// Checkpoint holding the trained rule.
+    #[arg(long, value_name = "CKPT")]
+    pub checkpoint: PathBuf,
+    /// Start from tensor `state` ([B, C, H, W]) of this safetensors file instead of noise.
+    #[arg(long, value_name = "STATE.safetensors")]
+    pub init: Option<PathBuf>,
+    /// Steps to run.
+    #[arg(long, default_value_t = 200)]
+    pub steps: u64,
+    /// Noise σ added before every step [default: the checkpoint's noise.sigma_small];
+    /// 0 makes the rollout deterministic.
+    #[arg(long, value_name = "SIGMA", allow_negative_numbers = true)]
+    pub noise: Option<f32>,
+    /// Seed of the initial noise and of the per-step noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory (refused if it exists and is not empty, unless --force).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Replace the results of a previous rollout in the output directory.
+    #[arg(long)]
+    pub force: bool,
+    /// Save a frame every N steps [default: about 100 frames in all].
+    #[arg(long, value_name = "N")]
+    pub frame_every: Option<u64>,
+    /// Nearest-neighbour upscale factor of the frames.
+    #[arg(long, default_value_t = 8)]
+    pub scale: u32,
+    /// Delay between GIF frames in milliseconds.
+    #[arg(long, default_value_t = 60)]
+    pub gif_frame_ms: u32,
+}
+
+/// Runs the parsed command; `interrupt` is set by Ctrl-C.
+pub fn run(cli: Cli, interrupt: Arc<AtomicBool>) -> Result<Finish> {
+    match cli.command {
+        Some(Command::Rollout(r)) => rollout_command(RolloutArgs {
+            checkpoint: r.checkpoint,
+            init: r.init,
+            steps: r.steps,
+            noise: r.noise,
+            seed: r.seed,
+            out: r.out,
+            force: r.force,
+            backend: cli.backend,
+            frame_every: r.frame_every,
+            scale: r.scale,
+            gif_frame_ms: r.gif_frame_ms,
+            interrupt,
+        }),
+        None => {
+            let config = cli
+                .config
+                .ok_or_else(|| anyhow::anyhow!("no run file given (try --help)"))?;
+            train_command(TrainArgs {
+                config,
+                out: cli.out,
+                resume: cli.resume,
+                force: cli.force,
+                backend: cli.backend,
+                progress_bar: std::io::stderr().is_terminal(),
+                interrupt,
+            })
+        }
+    }
+}

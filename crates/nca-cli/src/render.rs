@@ -1,0 +1,260 @@
+//! Pictures: states as images, snapshot sheets, contact sheets and GIFs.
+//!
+//! State values map to pixels by clamping to `[0, 1]`, not by a sigmoid: the target lives
+//! in `[0, 1]` and the loss pulls the state there, so a cell exactly on target shows its
+//! exact colour (a sigmoid would show 0 as mid-grey).
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use anyhow::{anyhow, Context, Result};
+use image::codecs::gif::{GifEncoder, Repeat};
+use image::{Delay, Frame, Rgb, RgbImage, RgbaImage};
+use nca_api::HostTensor;
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+/// The font all text is drawn with (DejaVu Sans, Bitstream Vera licence in `assets/`).
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+/// Font family name under which [`FONT`] is registered.
+pub const FONT_FAMILY: &str = "sans-serif";
+
+/// Gap in pixels between tiles of a sheet.
+const GAP: u32 = 4;
+
+/// Background of sheets, between tiles.
+const BACKGROUND: Rgb<u8> = Rgb([40, 40, 40]);
+
+/// Most frames a GIF gets; more snapshots are thinned evenly so files stay small.
+pub const MAX_GIF_FRAMES: usize = 300;
+
+/// Registers the bundled font with plotters; needed once before drawing any text.
+pub fn register_font() -> Result<()> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        for style in [FontStyle::Normal, FontStyle::Bold] {
+            if plotters::style::register_font(FONT_FAMILY, style, FONT).is_err() {
+                result = Err(anyhow!("the bundled font could not be loaded"));
+            }
+        }
+    });
+    result
+}
+
+/// Batch element `b` of a `[B, C, H, W]` tensor as an image of its first `visible` channels
+/// (1 = grey, 3 = RGB), clamped to `[0, 1]` and upscaled `scale` times nearest-neighbour.
+pub fn tile(t: &HostTensor, b: usize, visible: usize, scale: u32) -> Result<RgbImage> {
+    let [_, c, h, w] = t.dims4("state")?;
+    if visible > c || !(visible == 1 || visible == 3) {
+        return Err(anyhow!(
+            "cannot draw {visible} visible channels of a {c}-channel tensor"
+        ));
+    }
+    let plane = h * w;
+    let base = b * c * plane;
+    let data = t.data();
+    let px = |ch: usize, y: usize, x: usize| -> u8 {
+        let v = data[base + ch * plane + y * w + x];
+        let v = if v.is_nan() { 0.0 } else { v.clamp(0.0, 1.0) };
+        (v * 255.0).round() as u8
+    };
+    let (w32, h32) = (dim(w)?, dim(h)?);
+    let mut img = RgbImage::new(w32 * scale, h32 * scale);
+    for (x, y, p) in img.enumerate_pixels_mut() {
+        let (sy, sx) = ((y / scale) as usize, (x / scale) as usize);
+        *p = if visible == 1 {
+            let g = px(0, sy, sx);
+            Rgb([g, g, g])
+        } else {
+            Rgb([px(0, sy, sx), px(1, sy, sx), px(2, sy, sx)])
+        };
+    }
+    Ok(img)
+}
+
+fn dim(n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| anyhow!("grid side {n} is too large to draw"))
+}
+
+/// Tiles side by side with a gap between them.
+pub fn row(tiles: &[RgbImage]) -> RgbImage {
+    let h = tiles.iter().map(|t| t.height()).max().unwrap_or(1);
+    let w: u32 =
+        tiles.iter().map(|t| t.width()).sum::<u32>() + GAP * (tiles.len().saturating_sub(1) as u32);
+    let mut out = RgbImage::from_pixel(w.max(1), h, BACKGROUND);
+    let mut x0 = 0;
+    for t in tiles {
+        image::imageops::replace(&mut out, t, i64::from(x0), 0);
+        x0 += t.width() + GAP;
+    }
+    out
+}
+
+/// A snapshot: every batch element of the state (at most 8), then the target (batch 0).
+pub fn snapshot(
+    state: &HostTensor,
+    target: Option<&HostTensor>,
+    visible: usize,
+    scale: u32,
+) -> Result<RgbImage> {
+    let [b, ..] = state.dims4("state")?;
+    let mut tiles = Vec::new();
+    for i in 0..b.min(8) {
+        tiles.push(tile(state, i, visible, scale)?);
+    }
+    if let Some(t) = target {
+        tiles.push(tile(t, 0, visible, scale)?);
+    }
+    Ok(row(&tiles))
+}
+
+/// Saves an image as PNG, naming the file on failure.
+pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
+    img.save_with_format(path, image::ImageFormat::Png)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `dir/step_NNNNNN.png`.
+pub fn step_path(dir: &Path, step: u64) -> PathBuf {
+    dir.join(format!("step_{step:06}.png"))
+}
+
+/// The `(step, path)` of every `step_NNNNNN.png` in `dir`, sorted by step.
+pub fn list_steps(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    if !dir.is_dir() {
+        return Ok(out);
+    }
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let path = entry?.path();
+        let step = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("step_"))
+            .and_then(|n| n.strip_suffix(".png"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(step) = step {
+            out.push((step, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Evenly thins `items` to at most `max`, keeping the first and the last.
+pub fn thin<T: Clone>(items: &[T], max: usize) -> Vec<T> {
+    if items.len() <= max || max < 2 {
+        return items.to_vec();
+    }
+    (0..max)
+        .map(|i| items[i * (items.len() - 1) / (max - 1)].clone())
+        .collect()
+}
+
+/// Writes the `step_*.png` files of `dir` (thinned to [`MAX_GIF_FRAMES`]) as a looping GIF.
+/// Frames whose size differs from the last one (e.g. after a change of `scale`) are skipped.
+pub fn gif_from_dir(dir: &Path, out: &Path, frame_ms: u32) -> Result<usize> {
+    let steps = thin(&list_steps(dir)?, MAX_GIF_FRAMES);
+    let mut frames: Vec<RgbImage> = Vec::with_capacity(steps.len());
+    for (_, path) in &steps {
+        let img = image::open(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .to_rgb8();
+        frames.push(img);
+    }
+    if let Some(last) = frames.last().map(|f| f.dimensions()) {
+        frames.retain(|f| f.dimensions() == last);
+    }
+    write_gif(&frames, out, frame_ms)?;
+    Ok(frames.len())
+}
+
+/// Writes `frames` as a GIF that loops forever, `frame_ms` per frame.
+pub fn write_gif(frames: &[RgbImage], out: &Path, frame_ms: u32) -> Result<()> {
+    let file = File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut enc = GifEncoder::new_with_speed(BufWriter::new(file), 10);
+    enc.set_repeat(Repeat::Infinite)?;
+    let delay = Delay::from_numer_denom_ms(frame_ms, 1);
+    let frames = frames.iter().map(|f| {
+        let rgba: RgbaImage = image::DynamicImage::ImageRgb8(f.clone()).to_rgba8();
+        Frame::from_parts(rgba, 0, 0, delay)
+    });
+    enc.encode_frames(frames)
+        .with_context(|| format!("cannot write {}", out.display()))
+}
+
+/// A labelled contact sheet: one tile per `(label, image)`, up to `columns` per row.
+pub fn contact_sheet(tiles: &[(String, RgbImage)], columns: usize) -> Result<RgbImage> {
+    register_font()?;
+    let label_h = 22u32;
+    let tw = tiles.iter().map(|(_, t)| t.width()).max().unwrap_or(1);
+    let th = tiles.iter().map(|(_, t)| t.height()).max().unwrap_or(1);
+    let columns = columns.clamp(1, tiles.len().max(1)) as u32;
+    let rows = (tiles.len() as u32).div_ceil(columns).max(1);
+    let cell_w = tw.max(72) + GAP * 2;
+    let cell_h = th + label_h + GAP * 2;
+    let (w, h) = (cell_w * columns, cell_h * rows);
+    let mut img = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
+    for (i, (_, t)) in tiles.iter().enumerate() {
+        let (cx, cy) = ((i as u32 % columns) * cell_w, (i as u32 / columns) * cell_h);
+        let x = cx + (cell_w - t.width()) / 2;
+        image::imageops::replace(&mut img, t, i64::from(x), i64::from(cy + label_h + GAP));
+    }
+    {
+        let root = BitMapBackend::with_buffer(&mut img, (w, h)).into_drawing_area();
+        let style = TextStyle::from((FONT_FAMILY, 15).into_font())
+            .color(&BLACK)
+            .pos(plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Center,
+                plotters::style::text_anchor::VPos::Top,
+            ));
+        for (i, (label, _)) in tiles.iter().enumerate() {
+            let (cx, cy) = ((i as u32 % columns) * cell_w, (i as u32 / columns) * cell_h);
+            let pos = ((cx + cell_w / 2) as i32, (cy + GAP) as i32);
+            root.draw_text(label, &style, pos)
+                .map_err(|e| anyhow!("drawing a label: {e:?}"))?;
+        }
+        root.present()
+            .map_err(|e| anyhow!("drawing the contact sheet: {e:?}"))?;
+    }
+    Ok(img)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_clamp_and_upscale() {
+        let t = HostTensor::new(&[1, 3, 1, 2], vec![2.0, -1.0, 0.5, 0.0, 0.0, 1.0])
+            .expect("6 elements");
+        let img = tile(&t, 0, 3, 2).expect("draws");
+        assert_eq!(img.dimensions(), (4, 2));
+        assert_eq!(img.get_pixel(0, 0).0, [255, 128, 0]);
+        assert_eq!(img.get_pixel(3, 1).0, [0, 0, 255]);
+    }
+
+    #[test]
+    fn thinning_keeps_ends() {
+        let v: Vec<u32> = (0..10).collect();
+        assert_eq!(thin(&v, 4), vec![0, 3, 6, 9]);
+        assert_eq!(thin(&v, 20), v);
+    }
+
+    #[test]
+    fn contact_sheet_draws_labels() {
+        let tiles: Vec<(String, RgbImage)> = (0..3)
+            .map(|i| (format!("step {i}"), RgbImage::new(16, 16)))
+            .collect();
+        let img = contact_sheet(&tiles, 2).expect("draws");
+        let dark = img
+            .pixels()
+            .filter(|p| p.0[0] < 128 && p.0[1] < 128)
+            .count();
+        assert!(dark > 3 * 16 * 16, "tiles and text are drawn");
+    }
+}
