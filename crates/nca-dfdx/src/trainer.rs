@@ -8,7 +8,7 @@
 use dfdx::prelude::*;
 use nca_api::{AdamState, HostTensor, ModelConfig, OptimizerConfig, TensorError, Trainer, Weights};
 
-use crate::transition::{cells_to_state, forward, gather_by_slices, Params, State, T2};
+use crate::transition::{cells_to_state, forward, Params, State, T2};
 use crate::Error;
 
 /// A target kept in the step's cell-major layout.
@@ -31,6 +31,8 @@ pub struct DfdxTrainer {
     pub(crate) dev: Cpu,
     pub(crate) model: ModelConfig,
     pub(crate) params: Params,
+    /// Offset one-hot columns of the last grid size seen (see `Neighbourhood`).
+    pub(crate) one_hot: Option<T2>,
     optim: OptimizerConfig,
     target: Option<Target>,
     adam: Adam,
@@ -59,6 +61,9 @@ impl DfdxTrainer {
     pub fn new(model: &ModelConfig, optim: &OptimizerConfig) -> Result<Self, Error> {
         model.validate()?;
         let dev = Cpu::default();
+        // Every step allocates the same buffer sizes; without dfdx's allocation cache
+        // (off by default) page faults and zeroing of fresh memory cost ~10% of a step.
+        dev.try_enable_cache()?;
         let weights = Weights::init(model, 0);
         let params = Params::upload(&dev, &weights)?;
         let n = weights.num_params();
@@ -66,6 +71,7 @@ impl DfdxTrainer {
             dev,
             model: model.clone(),
             params,
+            one_hot: None,
             optim: *optim,
             target: None,
             adam: Adam {
@@ -81,12 +87,13 @@ impl DfdxTrainer {
         &self.optim
     }
 
-    fn taped(&self, state: &State, want_next: bool) -> Result<Taped, Error> {
+    fn taped(&mut self, state: &State, want_next: bool) -> Result<Taped, Error> {
         let shape = *state.shape();
         self.check_state(shape)?;
         let target = self.target.as_ref().ok_or(Error::NoTarget)?;
+        let (target_shape, target_cells) = (target.shape, target.cells.clone());
         let (b, c, h, w) = shape;
-        let [tb, tv, th, tw] = target.shape;
+        let [tb, tv, th, tw] = target_shape;
         if (tb, th, tw) != (b, h, w) {
             return Err(Error::TargetMismatch {
                 target: vec![tb, tv, th, tw],
@@ -95,7 +102,7 @@ impl DfdxTrainer {
         }
         let v = self.model.visible_channels;
         let n = b * h * w;
-        let nb = gather_by_slices(&self.dev, state)?;
+        let nb = self.neighbourhood(state)?;
         let fwd = forward(self.params.traced(), &nb)?;
         let next = if want_next {
             let f = cells_to_state(fwd.update.retaped::<NoneTape>(), shape)?;
@@ -104,9 +111,9 @@ impl DfdxTrainer {
             None
         };
         let offset = nb
-            .try_slice((4..5, .., 0..v))?
-            .try_reshape_like(&(n, v))?
-            .try_sub(target.cells.clone())?;
+            .rows
+            .try_slice((4 * n..5 * n, 0..v))?
+            .try_sub(target_cells)?;
         let diff = fwd.update.try_slice((.., 0..v))?.try_add(offset)?;
         let loss = diff.try_square()?.try_mean::<(), Axes2<0, 1>>()?;
         let value = loss.as_vec().first().copied().unwrap_or(f32::NAN);

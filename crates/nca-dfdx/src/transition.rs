@@ -279,38 +279,63 @@ fn offset_bias<T: Tape<f32, Cpu>>(
     })
 }
 
-/// The attention rule on the gathered neighbourhood `nb` (`[9, N, C]`, a constant).
-pub(crate) fn forward<T: Tape<f32, Cpu>>(p: Params<T>, nb: &T3) -> Result<Forward<T>, Error> {
-    let (_, n, c) = *nb.shape();
+/// The projections' input: each neighbour's state followed by a one-hot of its offset,
+/// `[9·N, C + 9]` rows in `(n, b, y, x)` order; a constant of the tape.
+///
+/// The one-hot columns fold the biases and per-offset embeddings into the projection
+/// matmuls (`[wᵀ; b + p_n]`), instead of broadcast-adding them to the `[9, N, D]` keys and
+/// values: dfdx's broadcasting binary ops (and their backward) were the largest item of
+/// a training step's profile.
+pub(crate) struct Neighbourhood {
+    pub rows: T2,
+    pub cells: usize,
+}
+
+/// `[wᵀ; bias]`: a `[C + 9, D]` projection acting on [`Neighbourhood`] rows.
+fn projection<T: Tape<f32, Cpu>>(w: T2<T>, bias: T2<T>) -> Result<T2<T>, Error> {
+    let wt = w.try_permute::<(usize, usize), Axes2<1, 0>>()?;
+    Ok((wt, bias).try_concat_along(Axis::<0>)?)
+}
+
+/// The attention rule on a gathered neighbourhood.
+pub(crate) fn forward<T: Tape<f32, Cpu>>(
+    p: Params<T>,
+    nb: &Neighbourhood,
+) -> Result<Forward<T>, Error> {
+    let n = nb.cells;
+    let c = p.wo.shape().0;
     let d = p.wq.shape().0;
-    let all = nb.clone().try_reshape_like(&(NEIGHBOURS * n, c))?;
-    let centre = nb
-        .clone()
-        .try_slice((4..5, .., ..))?
-        .try_reshape_like(&(n, c))?;
-    let transpose = |t: T2<T>| t.try_permute::<(usize, usize), Axes2<1, 0>>();
-    // The constant goes on the left only because dfdx merges tapes from the left operand.
-    let q = centre.retaped::<T>().try_matmul(transpose(p.wq)?)?;
-    let q = q.try_add(p.bq.try_broadcast_like::<_, Axis<0>>(&(n, d))?)?;
-    let q = q.try_mul(1.0 / (d as f32).sqrt())?;
+    // The constants go on the left only because dfdx merges tapes from the left operand.
+    let centre = nb.rows.clone().try_slice((4 * n..5 * n, ..))?;
+    let wq = projection(
+        p.wq,
+        p.bq.try_broadcast_like::<_, Axis<0>>(&(NEIGHBOURS, d))?,
+    )?;
+    let q = centre
+        .retaped::<T>()
+        .try_matmul(wq.try_mul(1.0 / (d as f32).sqrt())?)?;
 
     let big = (NEIGHBOURS, n, d);
-    let k = all.retaped::<T>().try_matmul(transpose(p.wk)?)?;
-    let k = k.try_reshape_like(&big)?;
-    let k = k.try_add(offset_bias(p.bk, p.pk, d)?.try_broadcast_like::<_, Axis<1>>(&big)?)?;
+    let k = nb
+        .rows
+        .retaped::<T>()
+        .try_matmul(projection(p.wk, offset_bias(p.bk, p.pk, d)?)?)?
+        .try_reshape_like(&big)?;
     let scores = k
         .try_mul(q.try_broadcast_like::<_, Axis<0>>(&big)?)?
         .try_sum::<(usize, usize), Axis<2>>()?;
     let a = scores.try_softmax::<Axis<0>>()?;
     let attention = a.retaped::<NoneTape>();
 
-    let v = all.retaped::<T>().try_matmul(transpose(p.wv)?)?;
-    let v = v.try_reshape_like(&big)?;
-    let v = v.try_add(offset_bias(p.bv, p.pv, d)?.try_broadcast_like::<_, Axis<1>>(&big)?)?;
+    let v = nb
+        .rows
+        .retaped::<T>()
+        .try_matmul(projection(p.wv, offset_bias(p.bv, p.pv, d)?)?)?
+        .try_reshape_like(&big)?;
     let u = v
         .try_mul(a.try_broadcast_like::<_, Axis<2>>(&big)?)?
         .try_sum::<(usize, usize), Axis<0>>()?;
-    let f = u.try_matmul(transpose(p.wo)?)?;
+    let f = u.try_matmul(p.wo.try_permute::<(usize, usize), Axes2<1, 0>>()?)?;
     let f = f.try_add(p.bo.try_broadcast_like::<_, Axis<0>>(&(n, c))?)?;
     Ok(Forward {
         attention,
@@ -346,10 +371,35 @@ impl DfdxTrainer {
     }
 
     /// Forward pass with the current weights and no tape.
-    pub(crate) fn forward_untraced(&self, state: &State) -> Result<Forward<NoneTape>, Error> {
+    pub(crate) fn forward_untraced(&mut self, state: &State) -> Result<Forward<NoneTape>, Error> {
+        let nb = self.neighbourhood(state)?;
+        forward(self.params.untraced(), &nb)
+    }
+
+    /// Checks `state` and gathers its [`Neighbourhood`].
+    pub(crate) fn neighbourhood(&mut self, state: &State) -> Result<Neighbourhood, Error> {
         self.check_state(*state.shape())?;
         let nb = gather_by_slices(&self.dev, state)?;
-        forward(self.params.untraced(), &nb)
+        let (_, n, c) = *nb.shape();
+        let one_hot = match &self.one_hot {
+            Some(t) if t.shape().0 == NEIGHBOURS * n => t.clone(),
+            _ => {
+                let mut data = vec![0.0; NEIGHBOURS * n * NEIGHBOURS];
+                for (row, x) in data.chunks_exact_mut(NEIGHBOURS).enumerate() {
+                    x[row / n] = 1.0;
+                }
+                let t = self
+                    .dev
+                    .try_tensor_from_vec(data, (NEIGHBOURS * n, NEIGHBOURS))?;
+                self.one_hot = Some(t.clone());
+                t
+            }
+        };
+        let rows = nb.try_reshape_like(&(NEIGHBOURS * n, c))?;
+        Ok(Neighbourhood {
+            rows: (rows, one_hot).try_concat_along(Axis::<1>)?,
+            cells: n,
+        })
     }
 }
 

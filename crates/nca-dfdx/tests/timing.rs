@@ -54,3 +54,18 @@ fn gather_and_step_timings() {
         );
     }
 }
+
+#[test]
+#[ignore = "profiling loop, not a check"]
+fn train_steps_32x32() {
+    let model = ModelConfig::default();
+    let mut t = DfdxTrainer::new(&model, &OptimizerConfig::default()).unwrap();
+    t.set_weights(&Weights::init(&model, 1)).unwrap();
+    t.set_target(&HostTensor::filled(&[1, 3, 32, 32], 0.5))
+        .unwrap();
+    let mut state = t.upload(&HostTensor::filled(&[1, 3, 32, 32], 0.1)).unwrap();
+    let ms = per_call(500, || {
+        t.train_step(&mut state).unwrap();
+    });
+    eprintln!("32x32 train_step {ms:.3} ms ({:.0} steps/s)", 1e3 / ms);
+}
