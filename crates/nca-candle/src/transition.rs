@@ -46,13 +46,13 @@ pub(crate) struct Forward {
 }
 
 impl CandleTrainer {
-    /// A trainer on the CPU with all-zero weights (set them with
-    /// [`Transition::set_weights`]).
+    /// A trainer on the CPU, starting from [`Weights::init`]`(model, 0)` (replace them
+    /// with [`Transition::set_weights`]).
     pub fn cpu(model: &ModelConfig, optim: &OptimizerConfig) -> Result<Self, Error> {
         Self::with_device(model, optim, Device::Cpu)
     }
 
-    /// A trainer on CUDA device `ordinal`.
+    /// A trainer on CUDA device `ordinal`, starting from [`Weights::init`]`(model, 0)`.
     ///
     /// Fails with [`Error::CudaUnavailable`] when the crate was built without the `cuda`
     /// feature, or when no GPU or driver is usable.
@@ -79,20 +79,20 @@ impl CandleTrainer {
         }
     }
 
-    /// A trainer on any candle device, with all-zero weights.
+    /// A trainer on any candle device, starting from [`Weights::init`]`(model, 0)`.
     pub fn with_device(
         model: &ModelConfig,
         optim: &OptimizerConfig,
         device: Device,
     ) -> Result<Self, Error> {
         model.validate()?;
-        let zeros = Weights::zeros(model);
+        let init = Weights::init(model, 0);
         let mut params = Vec::new();
         let mut adam_m = Vec::new();
         let mut adam_v = Vec::new();
-        for (_, t) in zeros.named() {
+        for (_, t) in init.named() {
+            params.push(Var::from_slice(t.data(), t.shape(), &device)?);
             let z = Tensor::zeros(t.shape(), DType::F32, &device)?;
-            params.push(Var::from_tensor(&z)?);
             adam_m.push(z.clone());
             adam_v.push(z);
         }
