@@ -1,64 +1,49 @@
-//! The fused per-cell kernel: attention forward, loss and exact backward in one pass.
+//! The fused kernel: attention forward, loss and exact backward in one pass over cells.
 //!
-//! Layout. Keys, values and the state are first projected once per cell into padded,
-//! channel-last buffers (`prepare`): the 3×3 neighbourhood is then nine fixed offsets
-//! into those buffers, and the one-cell border holds what zero padding implies (state 0,
-//! key `bk`, value `bv`) so the hot loop has no bounds branches and never materialises
-//! nine shifted copies. The cell pass (`cells`) recomputes the query, scores, softmax
-//! and weighted sum in registers; in training mode it continues straight into the
-//! backward pass and accumulates weight gradients into a small per-work-unit buffer.
+//! Layout. The state, keys and values are first written once into padded, row-planar
+//! buffers (`[B][H+2][channel][W+2]`, [`Workspace::prepare`]): the 3×3 neighbourhood is
+//! then nine fixed offsets, the one-cell border holds what zero padding implies (state 0,
+//! key `bk`, value `bv`), and nothing is materialised nine times. The cell pass works on
+//! blocks of eight neighbouring cells of a row at once ([`F8`] lanes), so every per-cell
+//! operation is one vector operation and dot products need no horizontal sums. It
+//! recomputes the query, scores, softmax and weighted sum in registers and, when
+//! training, continues straight into the backward pass.
 //!
-//! Backward, for one cell p with neighbours n (derivation in the crate README):
+//! Backward, for one cell with neighbours n (s = 1/√D; k̃, ṽ include `pk`, `pv`):
+//! `g_f = 2(next − target)/N` on visible channels, `g_u = woᵀ g_f`,
 //! `dz_n = a_n (g_u·ṽ_n − Σ_m a_m g_u·ṽ_m)`, `dq = s Σ_n dz_n k̃_n`,
 //! `dWk += s q ⊗ Σ_n dz_n s_n`, `dWv += g_u ⊗ Σ_n a_n s_n`, `dpk_n += s dz_n q`,
-//! `dpv_n += a_n g_u` (s = 1/√D, k̃/ṽ include the position embeddings).
+//! `dpv_n += a_n g_u`, `dbk += s q Σ_n dz_n` (zero up to rounding), `dbv += g_u`.
 //!
-//! Work is split into units of whole rows whose size depends only on the grid shape, and
-//! per-unit partial sums are added in unit order, so results are bit-for-bit reproducible
-//! whatever the thread count.
+//! Determinism. Work is split into units of whole rows whose size depends only on the
+//! grid shape; each unit accumulates its own gradient lanes and units are summed in
+//! order, so results are bit-for-bit identical whatever the thread count.
 
 // Index loops over compile-time channel/width constants are what unrolls and vectorises.
-#![allow(clippy::needless_range_loop)]
+#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
 use rayon::prelude::*;
 
 use nca_api::NEIGHBOURS;
 
-/// Largest attention dimension the stack-allocated per-cell scratch supports.
-pub const MAX_DIM: usize = 128;
-/// Largest channel count the stack-allocated per-cell scratch supports.
-pub const MAX_CHANNELS: usize = 64;
-/// Target number of cells per parallel work unit.
-const CELLS_PER_UNIT: usize = 512;
+use crate::simd::{Fused, MulAdd, Separate, F8, LANES};
 
-/// Parameters in the layout the kernel reads: projections transposed to `[C][D]` so a
-/// query is `b + Σ_c s_c · row_c`, a contiguous D-vector operation.
-#[derive(Clone, Debug, Default)]
-pub struct KernelParams {
+/// Largest attention dimension the per-block scratch supports.
+pub const MAX_DIM: usize = 64;
+/// Largest channel count the per-block scratch supports.
+pub const MAX_CHANNELS: usize = 32;
+
+/// Offsets of each tensor in the flat parameter (and gradient) vector: [`nca_api::Weights`]
+/// order, with `pk`/`pv` always present (zero without position embeddings), then the loss.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
     pub c: usize,
     pub d: usize,
-    pub wq_t: Vec<f32>,
-    pub wk_t: Vec<f32>,
-    pub wv_t: Vec<f32>,
-    pub bq: Vec<f32>,
-    pub bk: Vec<f32>,
-    pub bv: Vec<f32>,
-    /// `[C][D]`, as stored.
-    pub wo: Vec<f32>,
-    pub bo: Vec<f32>,
-    /// `[9][D]`; zeros without position embeddings.
-    pub pk: Vec<f32>,
-    pub pv: Vec<f32>,
-}
-
-/// Offsets of each gradient inside one flat per-unit buffer (kernel layout).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct GradLayout {
-    pub wq_t: usize,
-    pub wk_t: usize,
-    pub wv_t: usize,
+    pub wq: usize,
     pub bq: usize,
+    pub wk: usize,
     pub bk: usize,
+    pub wv: usize,
     pub bv: usize,
     pub wo: usize,
     pub bo: usize,
@@ -68,38 +53,35 @@ pub struct GradLayout {
     pub len: usize,
 }
 
-impl GradLayout {
+impl Layout {
     pub fn new(c: usize, d: usize) -> Self {
-        let mut at = 0;
-        let mut take = |n: usize| {
-            let start = at;
-            at += n;
-            start
-        };
-        let wq_t = take(c * d);
-        let wk_t = take(c * d);
-        let wv_t = take(c * d);
-        let bq = take(d);
-        let bk = take(d);
-        let bv = take(d);
-        let wo = take(c * d);
-        let bo = take(c);
-        let pk = take(NEIGHBOURS * d);
-        let pv = take(NEIGHBOURS * d);
-        let loss = take(1);
+        let cd = c * d;
+        let wq = 0;
+        let bq = wq + cd;
+        let wk = bq + d;
+        let bk = wk + cd;
+        let wv = bk + d;
+        let bv = wv + cd;
+        let wo = bv + d;
+        let bo = wo + cd;
+        let pk = bo + c;
+        let pv = pk + NEIGHBOURS * d;
+        let loss = pv + NEIGHBOURS * d;
         Self {
-            wq_t,
-            wk_t,
-            wv_t,
+            c,
+            d,
+            wq,
             bq,
+            wk,
             bk,
+            wv,
             bv,
             wo,
             bo,
             pk,
             pv,
             loss,
-            len: at,
+            len: loss + 1,
         }
     }
 }
@@ -110,6 +92,10 @@ pub struct Geometry {
     pub b: usize,
     pub h: usize,
     pub w: usize,
+    /// Row length rounded up to whole blocks.
+    pub wr: usize,
+    /// Padded row length: `wr + 2`.
+    pub wp: usize,
     /// Rows per work unit.
     pub unit_rows: usize,
     /// Work units per batch item.
@@ -118,25 +104,31 @@ pub struct Geometry {
 
 impl Geometry {
     pub fn new(b: usize, h: usize, w: usize) -> Self {
-        let unit_rows = CELLS_PER_UNIT.div_ceil(w.max(1)).clamp(1, h.max(1));
+        // Enough units for both cores on small grids, few enough that the per-unit
+        // gradient lanes stay small on large ones; depends only on the shape.
+        let unit_cells = (b * h * w / 64).clamp(256, 4096);
+        let unit_rows = unit_cells.div_ceil(w.max(1)).clamp(1, h.max(1));
+        let wr = w.div_ceil(LANES) * LANES;
         Self {
             b,
             h,
             w,
+            wr,
+            wp: wr + 2,
             unit_rows,
             units_per_item: h.div_ceil(unit_rows),
         }
-    }
-
-    pub fn padded_cells(&self) -> usize {
-        self.b * (self.h + 2) * (self.w + 2)
     }
 
     pub fn cells(&self) -> usize {
         self.b * self.h * self.w
     }
 
-    pub fn units(&self) -> usize {
+    fn padded_rows(&self) -> usize {
+        self.b * (self.h + 2)
+    }
+
+    fn units(&self) -> usize {
         self.b * self.units_per_item
     }
 }
@@ -152,67 +144,260 @@ pub enum Mode {
     Train,
 }
 
-/// Inputs of a cell pass that do not change per unit.
-pub struct CellInputs<'a> {
-    pub params: &'a KernelParams,
-    pub geo: Geometry,
-    pub s_pad: &'a [f32],
-    pub kv_pad: &'a [f32],
-    /// Channel-last target `[B][H][W][V]` (train mode only).
-    pub target: &'a [f32],
-    pub visible: usize,
-    pub layout: GradLayout,
+/// Buffers reused across steps; resized only when the grid changes.
+#[derive(Default)]
+pub struct Workspace {
+    geo: Option<Geometry>,
+    layout: Layout,
+    s_pad: Vec<f32>,
+    k_pad: Vec<f32>,
+    v_pad: Vec<f32>,
+    /// Row-planar output `[B][H][C][wr]`.
+    out: Vec<f32>,
+    /// Row-planar attention `[B][H][9][wr]`.
+    attention: Vec<f32>,
+    /// Gradient lanes, `layout.len` per unit.
+    partials: Vec<F8>,
+    lanes: Vec<F8>,
+    /// Reduced gradients and loss, in [`Layout`] order.
+    pub grads: Vec<f32>,
 }
 
-/// Calls `$f::<C, D>(args)` with the channel count and attention width as compile-time
-/// constants for the common shapes (0 = known only at run time), so the per-cell loops
-/// unroll and vectorise; on x86-64 CPUs with AVX2 it calls the AVX2-compiled twin
-/// `$f_avx2` instead. Binaries stay portable: no `-C target-cpu=native` is needed.
-macro_rules! specialise {
-    ($c:expr, $d:expr, $f:ident, $f_avx2:ident, ($($arg:expr),*)) => {{
-        let (c, d): (usize, usize) = ($c, $d);
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU was just checked to support AVX2.
-                return unsafe {
-                    match (c, d) {
-                        (3, 16) => $f_avx2::<3, 16>($($arg),*),
-                        (4, 16) => $f_avx2::<4, 16>($($arg),*),
-                        (3, 8) => $f_avx2::<3, 8>($($arg),*),
-                        (3, 32) => $f_avx2::<3, 32>($($arg),*),
-                        (_, 16) => $f_avx2::<0, 16>($($arg),*),
-                        _ => $f_avx2::<0, 0>($($arg),*),
-                    }
-                };
+/// Inputs shared by every block of a cell pass.
+struct Ctx<'a> {
+    w: &'a [f32],
+    l: Layout,
+    geo: Geometry,
+    s_pad: &'a [f32],
+    k_pad: &'a [f32],
+    v_pad: &'a [f32],
+    /// Row-planar target `[B][H][V][wr]`, zero in padding lanes.
+    target: &'a [f32],
+    visible: usize,
+}
+
+impl Workspace {
+    /// Sizes every buffer for `geo` and `layout`; allocates only when they change.
+    pub fn ensure(&mut self, geo: Geometry, layout: Layout) {
+        if self.geo == Some(geo) && self.layout == layout {
+            return;
+        }
+        let (c, d) = (layout.c, layout.d);
+        let rows = geo.padded_rows();
+        self.s_pad.resize(rows * c * geo.wp, 0.0);
+        self.k_pad.resize(rows * d * geo.wp, 0.0);
+        self.v_pad.resize(rows * d * geo.wp, 0.0);
+        self.out.resize(geo.b * geo.h * c * geo.wr, 0.0);
+        self.attention.clear();
+        self.partials.resize(geo.units() * layout.len, F8::ZERO);
+        self.lanes.resize(layout.len, F8::ZERO);
+        self.grads.resize(layout.len, 0.0);
+        self.geo = Some(geo);
+        self.layout = layout;
+    }
+
+    /// Fills the padded state, key and value buffers from an NCHW state.
+    pub fn prepare(&mut self, w: &[f32], state: &[f32]) {
+        let (Some(geo), l) = (self.geo, self.layout) else {
+            return;
+        };
+        let wp = geo.wp;
+        self.s_pad
+            .par_chunks_mut(l.c * wp)
+            .zip(self.k_pad.par_chunks_mut(l.d * wp))
+            .zip(self.v_pad.par_chunks_mut(l.d * wp))
+            .enumerate()
+            .for_each(|(row, ((s, k), v))| {
+                specialise!(
+                    l.c,
+                    l.d,
+                    prepare_row,
+                    prepare_row_fma,
+                    (w, l, geo, state, row, s, k, v)
+                )
+            });
+    }
+
+    /// Runs the cell pass; in train mode `target` is the row-planar target from
+    /// [`row_planar_target`]. With `attention`, the softmax weights are kept too.
+    pub fn cells(
+        &mut self,
+        w: &[f32],
+        mode: Mode,
+        target: &[f32],
+        visible: usize,
+        attention: bool,
+    ) {
+        let (Some(geo), l) = (self.geo, self.layout) else {
+            return;
+        };
+        if attention {
+            self.attention
+                .resize(geo.b * geo.h * NEIGHBOURS * geo.wr, 0.0);
+        }
+        let ctx = Ctx {
+            w,
+            l,
+            geo,
+            s_pad: &self.s_pad,
+            k_pad: &self.k_pad,
+            v_pad: &self.v_pad,
+            target,
+            visible,
+        };
+        let out_unit = geo.unit_rows * l.c * geo.wr;
+        let att_unit = geo.unit_rows * NEIGHBOURS * geo.wr;
+        let per_item = geo.units_per_item;
+        let run = |unit: usize, o: &mut [f32], a: &mut [f32], p: &mut [F8]| {
+            specialise!(
+                l.c,
+                l.d,
+                unit_pass,
+                unit_pass_fma,
+                (&ctx, mode, unit, o, a, p)
+            )
+        };
+        // Units never straddle batch items, so split each item's rows separately.
+        let out_items = self.out.par_chunks_mut(geo.h * l.c * geo.wr);
+        let part_items = self.partials.par_chunks_mut(per_item * l.len);
+        if attention {
+            out_items
+                .zip(self.attention.par_chunks_mut(geo.h * NEIGHBOURS * geo.wr))
+                .zip(part_items)
+                .enumerate()
+                .for_each(|(bi, ((o, a), p))| {
+                    o.par_chunks_mut(out_unit)
+                        .zip(a.par_chunks_mut(att_unit))
+                        .zip(p.par_chunks_mut(l.len))
+                        .enumerate()
+                        .for_each(|(u, ((o, a), p))| run(bi * per_item + u, o, a, p));
+                });
+        } else {
+            out_items
+                .zip(part_items)
+                .enumerate()
+                .for_each(|(bi, (o, p))| {
+                    o.par_chunks_mut(out_unit)
+                        .zip(p.par_chunks_mut(l.len))
+                        .enumerate()
+                        .for_each(|(u, (o, p))| run(bi * per_item + u, o, &mut [], p));
+                });
+        }
+    }
+
+    /// Sums the units' gradient lanes in unit order into [`Workspace::grads`].
+    pub fn reduce(&mut self) {
+        let len = self.layout.len;
+        self.lanes.fill(F8::ZERO);
+        for part in self.partials.chunks_exact(len) {
+            for (acc, p) in self.lanes.iter_mut().zip(part) {
+                *acc = *acc + *p;
             }
         }
-        match (c, d) {
-            (3, 16) => $f::<3, 16>($($arg),*),
-            (4, 16) => $f::<4, 16>($($arg),*),
-            (3, 8) => $f::<3, 8>($($arg),*),
-            (3, 32) => $f::<3, 32>($($arg),*),
-            (_, 16) => $f::<0, 16>($($arg),*),
-            _ => $f::<0, 0>($($arg),*),
+        for (g, lanes) in self.grads.iter_mut().zip(&self.lanes) {
+            *g = lanes.sum();
+        }
+    }
+
+    /// Copies the last output (update or next state) into an NCHW slice.
+    pub fn write_output(&self, dst: &mut [f32]) {
+        let (Some(geo), c) = (self.geo, self.layout.c) else {
+            return;
+        };
+        planar_to_nchw(&self.out, geo, c, dst);
+    }
+
+    /// Copies the last attention weights into an NCHW `[B][9][H][W]` slice.
+    pub fn write_attention(&self, dst: &mut [f32]) {
+        let Some(geo) = self.geo else { return };
+        planar_to_nchw(&self.attention, geo, NEIGHBOURS, dst);
+    }
+}
+
+/// `[B][H][K][wr]` → `[B][K][H][W]`.
+fn planar_to_nchw(src: &[f32], geo: Geometry, k: usize, dst: &mut [f32]) {
+    let (h, w, wr) = (geo.h, geo.w, geo.wr);
+    dst.par_chunks_mut(h * w)
+        .enumerate()
+        .for_each(|(bk, plane)| {
+            let (bi, ch) = (bk / k, bk % k);
+            for y in 0..h {
+                let from = ((bi * h + y) * k + ch) * wr;
+                plane[y * w..y * w + w].copy_from_slice(&src[from..from + w]);
+            }
+        });
+}
+
+/// An NCHW `[B][V][H][W]` target as the row-planar `[B][H][V][wr]` the kernel reads,
+/// zero in the padding lanes.
+pub fn row_planar_target(target: &[f32], b: usize, v: usize, h: usize, w: usize) -> Vec<f32> {
+    let geo = Geometry::new(b, h, w);
+    let mut out = vec![0.0; b * h * v * geo.wr];
+    for bi in 0..b {
+        for ch in 0..v {
+            for y in 0..h {
+                let from = ((bi * v + ch) * h + y) * w;
+                let to = ((bi * h + y) * v + ch) * geo.wr;
+                out[to..to + w].copy_from_slice(&target[from..from + w]);
+            }
+        }
+    }
+    out
+}
+
+/// Calls `$f::<C, D, Separate>(args)` with the channel count and attention width as
+/// compile-time constants for the common shapes (0 = known only at run time) so the
+/// per-block loops unroll; on x86-64 CPUs with AVX2 and FMA it calls `$f_fma`, the same
+/// body compiled for them. Binaries stay portable: no `-C target-cpu=native` is needed.
+macro_rules! specialise {
+    ($c:expr, $d:expr, $f:ident, $f_fma:ident, ($($arg:expr),*)) => {{
+        let (c, d): (usize, usize) = ($c, $d);
+        #[cfg(target_arch = "x86_64")]
+        let fast = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+        #[cfg(not(target_arch = "x86_64"))]
+        let fast = false;
+        if fast {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU was just checked to support AVX2 and FMA.
+            unsafe {
+                match (c, d) {
+                    (3, 16) => $f_fma::<3, 16>($($arg),*),
+                    (4, 16) => $f_fma::<4, 16>($($arg),*),
+                    (3, 8) => $f_fma::<3, 8>($($arg),*),
+                    (3, 32) => $f_fma::<3, 32>($($arg),*),
+                    (_, 16) => $f_fma::<0, 16>($($arg),*),
+                    _ => $f_fma::<0, 0>($($arg),*),
+                }
+            }
+        } else {
+            match (c, d) {
+                (3, 16) => $f::<3, 16>($($arg),*),
+                (4, 16) => $f::<4, 16>($($arg),*),
+                (3, 8) => $f::<3, 8>($($arg),*),
+                (3, 32) => $f::<3, 32>($($arg),*),
+                (_, 16) => $f::<0, 16>($($arg),*),
+                _ => $f::<0, 0>($($arg),*),
+            }
         }
     }};
 }
+use specialise;
 
-/// Declares `$name` (baseline) and `$name_avx2` (AVX2) around one `#[inline(always)]` body.
+/// Declares `$name` (baseline) and `$name_fma` (AVX2 + FMA) around one inlined body.
 macro_rules! twin {
-    ($name:ident, $name_avx2:ident, $body:ident, ($($p:ident: $t:ty),*)) => {
+    ($name:ident, $name_fma:ident, $body:ident, ($($p:ident: $t:ty),*)) => {
         fn $name<const C: usize, const D: usize>($($p: $t),*) {
-            $body::<C, D>($($p),*)
+            $body::<C, D, Separate>($($p),*)
         }
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2")]
-        unsafe fn $name_avx2<const C: usize, const D: usize>($($p: $t),*) {
-            $body::<C, D>($($p),*)
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $name_fma<const C: usize, const D: usize>($($p: $t),*) {
+            $body::<C, D, Fused>($($p),*)
         }
     };
 }
 
-/// `C` if it is a compile-time shape, else the run-time value.
+/// `N` if it is a compile-time shape, else the run-time value.
 #[inline(always)]
 fn shape<const N: usize>(runtime: usize) -> usize {
     if N == 0 {
@@ -222,396 +407,242 @@ fn shape<const N: usize>(runtime: usize) -> usize {
     }
 }
 
-/// Fills the padded channel-last state and key/value buffers from an NCHW state.
-pub fn prepare(
-    params: &KernelParams,
-    geo: Geometry,
-    state: &[f32],
-    s_pad: &mut [f32],
-    kv_pad: &mut [f32],
-) {
-    let (c, d) = (params.c, params.d);
-    let wp = geo.w + 2;
-    s_pad
-        .par_chunks_mut(wp * c)
-        .zip(kv_pad.par_chunks_mut(wp * 2 * d))
-        .enumerate()
-        .for_each(|(row, (s_row, kv_row))| {
-            prepare_row_dispatch(params, geo, state, row, s_row, kv_row)
-        });
-}
-
-fn prepare_row_dispatch(
-    p: &KernelParams,
-    geo: Geometry,
-    state: &[f32],
-    row: usize,
-    s_row: &mut [f32],
-    kv_row: &mut [f32],
-) {
-    specialise!(
-        p.c,
-        p.d,
-        prepare_row,
-        prepare_row_avx2,
-        (p, geo, state, row, s_row, kv_row)
-    )
-}
-
-twin!(prepare_row, prepare_row_avx2, prepare_row_body, (p: &KernelParams, geo: Geometry, state: &[f32], row: usize, s_row: &mut [f32], kv_row: &mut [f32]));
+twin!(prepare_row, prepare_row_fma, prepare_row_body,
+    (w: &[f32], l: Layout, geo: Geometry, state: &[f32], row: usize, s: &mut [f32], k: &mut [f32], v: &mut [f32]));
 
 #[inline(always)]
-fn prepare_row_body<const C: usize, const D: usize>(
-    p: &KernelParams,
+fn prepare_row_body<const C: usize, const D: usize, A: MulAdd>(
+    w: &[f32],
+    l: Layout,
     geo: Geometry,
     state: &[f32],
     row: usize,
-    s_row: &mut [f32],
-    kv_row: &mut [f32],
+    s: &mut [f32],
+    k: &mut [f32],
+    v: &mut [f32],
 ) {
-    let (c, d) = (shape::<C>(p.c), shape::<D>(p.d));
-    let (h, w) = (geo.h, geo.w);
-    let plane = h * w;
+    let (c, d) = (shape::<C>(l.c), shape::<D>(l.d));
+    let (h, wd, wp) = (geo.h, geo.w, geo.wp);
     let (bi, yp) = (row / (h + 2), row % (h + 2));
-    for xp in 0..w + 2 {
-        let s_cell = &mut s_row[xp * c..xp * c + c];
-        let (k, v) = kv_row[xp * 2 * d..xp * 2 * d + 2 * d].split_at_mut(d);
-        k.copy_from_slice(&p.bk[..d]);
-        v.copy_from_slice(&p.bv[..d]);
-        if yp == 0 || yp == h + 1 || xp == 0 || xp == w + 1 {
-            s_cell.fill(0.0);
-            continue;
-        }
-        let idx = (yp - 1) * w + (xp - 1);
+    s.fill(0.0);
+    if yp != 0 && yp != h + 1 {
         for ch in 0..c {
-            let sv = state[(bi * c + ch) * plane + idx];
-            s_cell[ch] = sv;
-            axpy(sv, &p.wk_t[ch * d..ch * d + d], k);
-            axpy(sv, &p.wv_t[ch * d..ch * d + d], v);
+            let from = ((bi * c + ch) * h + yp - 1) * wd;
+            s[ch * wp + 1..ch * wp + 1 + wd].copy_from_slice(&state[from..from + wd]);
+        }
+    }
+    // Border cells have state 0, so the same loop leaves exactly the bias there.
+    for dd in 0..d {
+        let (kr, vr) = (&mut k[dd * wp..dd * wp + wp], &mut v[dd * wp..dd * wp + wp]);
+        kr.fill(w[l.bk + dd]);
+        vr.fill(w[l.bv + dd]);
+        for ch in 0..c {
+            let (wk, wv) = (w[l.wk + dd * c + ch], w[l.wv + dd * c + ch]);
+            let sr = &s[ch * wp..ch * wp + wp];
+            for x in 0..wp {
+                kr[x] += wk * sr[x];
+                vr[x] += wv * sr[x];
+            }
         }
     }
 }
 
-/// Runs the cell pass over every unit; `out` is channel-last `[B][H][W][C]`, `attention`
-/// (possibly empty) is `[B][H][W][9]`, `partials` holds one gradient buffer per unit.
-pub fn cells(
-    inp: &CellInputs<'_>,
-    mode: Mode,
-    out: &mut [f32],
-    attention: &mut [f32],
-    partials: &mut [f32],
-) {
-    let geo = inp.geo;
-    let (c, w) = (inp.params.c, geo.w);
-    let glen = inp.layout.len;
-    let unit_cells = geo.unit_rows * w;
-    let item = geo.h * w;
-    // Units never straddle batch items, so split each item's rows separately.
-    if attention.is_empty() {
-        out.par_chunks_mut(item * c)
-            .zip(partials.par_chunks_mut(geo.units_per_item * glen))
-            .enumerate()
-            .for_each(|(bi, (o, p))| {
-                o.par_chunks_mut(unit_cells * c)
-                    .zip(p.par_chunks_mut(glen))
-                    .enumerate()
-                    .for_each(|(u, (o, p))| {
-                        unit_dispatch(inp, mode, bi * geo.units_per_item + u, o, &mut [], p)
-                    });
-            });
-    } else {
-        out.par_chunks_mut(item * c)
-            .zip(attention.par_chunks_mut(item * NEIGHBOURS))
-            .zip(partials.par_chunks_mut(geo.units_per_item * glen))
-            .enumerate()
-            .for_each(|(bi, ((o, a), p))| {
-                o.par_chunks_mut(unit_cells * c)
-                    .zip(a.par_chunks_mut(unit_cells * NEIGHBOURS))
-                    .zip(p.par_chunks_mut(glen))
-                    .enumerate()
-                    .for_each(|(u, ((o, a), p))| {
-                        unit_dispatch(inp, mode, bi * geo.units_per_item + u, o, a, p)
-                    });
-            });
-    }
-}
-
-fn unit_dispatch(
-    inp: &CellInputs<'_>,
-    mode: Mode,
-    unit: usize,
-    out: &mut [f32],
-    att: &mut [f32],
-    part: &mut [f32],
-) {
-    specialise!(
-        inp.params.c,
-        inp.params.d,
-        unit_pass,
-        unit_pass_avx2,
-        (inp, mode, unit, out, att, part)
-    )
-}
-
-twin!(unit_pass, unit_pass_avx2, unit_body, (inp: &CellInputs<'_>, mode: Mode, unit: usize, out: &mut [f32], att: &mut [f32], part: &mut [f32]));
+twin!(unit_pass, unit_pass_fma, unit_body,
+    (ctx: &Ctx<'_>, mode: Mode, unit: usize, out: &mut [f32], att: &mut [f32], acc: &mut [F8]));
 
 #[inline(always)]
-fn unit_body<const C: usize, const D: usize>(
-    inp: &CellInputs<'_>,
+fn unit_body<const C: usize, const D: usize, A: MulAdd>(
+    ctx: &Ctx<'_>,
     mode: Mode,
     unit: usize,
     out: &mut [f32],
     att: &mut [f32],
-    part: &mut [f32],
+    acc: &mut [F8],
 ) {
-    let (c, d) = (shape::<C>(inp.params.c), shape::<D>(inp.params.d));
-    let geo = inp.geo;
-    let w = geo.w;
+    let (c, d) = (shape::<C>(ctx.l.c), shape::<D>(ctx.l.d));
+    let geo = ctx.geo;
     let bi = unit / geo.units_per_item;
     let y0 = (unit % geo.units_per_item) * geo.unit_rows;
-    part.fill(0.0);
-    let rows = out.len() / (w * c);
+    let rows = out.len() / (c * geo.wr);
+    acc.fill(F8::ZERO);
     for y in y0..y0 + rows {
-        for x in 0..w {
-            let local = (y - y0) * w + x;
-            let a = if att.is_empty() {
+        let out_row = &mut out[(y - y0) * c * geo.wr..(y - y0 + 1) * c * geo.wr];
+        for x0 in (0..geo.w).step_by(LANES) {
+            let att_row = if att.is_empty() {
                 None
             } else {
-                Some(&mut att[local * NEIGHBOURS..local * NEIGHBOURS + NEIGHBOURS])
+                Some(&mut att[(y - y0) * NEIGHBOURS * geo.wr..(y - y0 + 1) * NEIGHBOURS * geo.wr])
             };
-            cell(
-                c,
-                d,
-                inp,
-                mode,
-                bi,
-                y,
-                x,
-                &mut out[local * c..local * c + c],
-                a,
-                part,
-            );
+            block::<A>(c, d, ctx, mode, bi, y, x0, out_row, att_row, acc);
         }
     }
 }
 
-/// One cell: forward, and in train mode loss and backward into `grads`.
+/// Eight cells `(y, x0..x0+8)` of item `bi`: forward, and in train mode the loss and
+/// backward into the lane accumulators `acc`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn cell(
+fn block<A: MulAdd>(
     c: usize,
     d: usize,
-    inp: &CellInputs<'_>,
+    ctx: &Ctx<'_>,
     mode: Mode,
     bi: usize,
     y: usize,
-    x: usize,
-    out: &mut [f32],
-    attention: Option<&mut [f32]>,
-    grads: &mut [f32],
+    x0: usize,
+    out_row: &mut [f32],
+    att_row: Option<&mut [f32]>,
+    acc: &mut [F8],
 ) {
-    let p = inp.params;
-    let geo = inp.geo;
-    let wp = geo.w + 2;
-    let centre = (bi * (geo.h + 2) + y + 1) * wp + x + 1;
+    let (w, l, geo) = (ctx.w, ctx.l, ctx.geo);
+    let (wp, wr) = (geo.wp, geo.wr);
     let scale = 1.0 / (d as f32).sqrt();
-    let offsets = neighbour_offsets(wp);
-    let s_of = |cell: usize| &inp.s_pad[cell * c..cell * c + c];
-    let k_of = |cell: usize| &inp.kv_pad[cell * 2 * d..cell * 2 * d + d];
-    let v_of = |cell: usize| &inp.kv_pad[cell * 2 * d + d..cell * 2 * d + 2 * d];
-    let s = s_of(centre);
-
-    let mut q = [0f32; MAX_DIM];
-    let q = &mut q[..d];
-    q.copy_from_slice(&p.bq[..d]);
-    for ch in 0..c {
-        axpy(s[ch], &p.wq_t[ch * d..ch * d + d], q);
-    }
-
-    let mut z = [0f32; NEIGHBOURS];
+    // Start of each neighbour's lanes in channel 0 of the padded buffers.
+    let mut s_at = [0usize; NEIGHBOURS];
+    let mut kv_at = [0usize; NEIGHBOURS];
     for n in 0..NEIGHBOURS {
-        let nb = add_offset(centre, offsets[n]);
-        z[n] = scale * (dot(q, k_of(nb)) + dot(q, &p.pk[n * d..n * d + d]));
+        let (dy, dx) = (n / 3, n % 3);
+        let row = bi * (geo.h + 2) + y + dy;
+        s_at[n] = row * c * wp + x0 + dx;
+        kv_at[n] = row * d * wp + x0 + dx;
     }
-    let a = softmax9(&z);
-    if let Some(att) = attention {
-        att.copy_from_slice(&a);
-    }
+    let centre = NEIGHBOURS / 2;
+    let s_n = |n: usize, ch: usize| F8::load(ctx.s_pad, s_at[n] + ch * wp);
+    let k_n = |n: usize, dd: usize| {
+        F8::load(ctx.k_pad, kv_at[n] + dd * wp) + F8::splat(w[l.pk + n * d + dd])
+    };
+    let v_n = |n: usize, dd: usize| {
+        F8::load(ctx.v_pad, kv_at[n] + dd * wp) + F8::splat(w[l.pv + n * d + dd])
+    };
 
-    let mut u = [0f32; MAX_DIM];
-    let u = &mut u[..d];
-    for n in 0..NEIGHBOURS {
-        let nb = add_offset(centre, offsets[n]);
-        axpy(a[n], v_of(nb), u);
-        axpy(a[n], &p.pv[n * d..n * d + d], u);
-    }
-
-    let mut f = [0f32; MAX_CHANNELS];
-    let f = &mut f[..c];
+    let mut s = [F8::ZERO; MAX_CHANNELS];
     for ch in 0..c {
-        f[ch] = p.bo[ch] + dot(&p.wo[ch * d..ch * d + d], u);
+        s[ch] = s_n(centre, ch);
     }
-    match mode {
-        Mode::Update => out.copy_from_slice(f),
-        Mode::Next | Mode::Train => {
-            for ch in 0..c {
-                out[ch] = s[ch] + f[ch];
-            }
+    let mut q = [F8::ZERO; MAX_DIM];
+    for dd in 0..d {
+        let mut v = F8::splat(w[l.bq + dd]);
+        for ch in 0..c {
+            v = A::madd(F8::splat(w[l.wq + dd * c + ch]), s[ch], v);
         }
+        q[dd] = v;
+    }
+
+    let mut a = [F8::ZERO; NEIGHBOURS];
+    let mut max = F8::splat(f32::NEG_INFINITY);
+    for n in 0..NEIGHBOURS {
+        let mut z = F8::ZERO;
+        for dd in 0..d {
+            z = A::madd(q[dd], k_n(n, dd), z);
+        }
+        a[n] = z * F8::splat(scale);
+        max = max.max(a[n]);
+    }
+    let mut total = F8::ZERO;
+    for n in 0..NEIGHBOURS {
+        a[n] = (a[n] - max).exp();
+        total = total + a[n];
+    }
+    let mut inv = total;
+    for x in &mut inv.0 {
+        *x = 1.0 / *x;
+    }
+    for n in 0..NEIGHBOURS {
+        a[n] = a[n] * inv;
+    }
+    if let Some(att) = att_row {
+        for n in 0..NEIGHBOURS {
+            a[n].store(att, n * wr + x0);
+        }
+    }
+
+    let mut u = [F8::ZERO; MAX_DIM];
+    for dd in 0..d {
+        let mut v = F8::ZERO;
+        for n in 0..NEIGHBOURS {
+            v = A::madd(a[n], v_n(n, dd), v);
+        }
+        u[dd] = v;
+    }
+    let mut next = [F8::ZERO; MAX_CHANNELS];
+    for ch in 0..c {
+        let mut f = F8::splat(w[l.bo + ch]);
+        for dd in 0..d {
+            f = A::madd(F8::splat(w[l.wo + ch * d + dd]), u[dd], f);
+        }
+        next[ch] = if mode == Mode::Update { f } else { s[ch] + f };
+        next[ch].store(out_row, ch * wr + x0);
     }
     if mode != Mode::Train {
         return;
     }
 
-    // Loss on the visible channels and dL/df (the incoming state is a constant).
-    let l = inp.layout;
-    let v_count = inp.visible;
-    let cell_index = (bi * geo.h + y) * geo.w + x;
-    let target = &inp.target[cell_index * v_count..cell_index * v_count + v_count];
-    let norm = 2.0 / (geo.cells() * v_count) as f32;
-    let mut gf = [0f32; MAX_CHANNELS];
-    let gf = &mut gf[..c];
-    let mut loss = 0.0;
-    for ch in 0..v_count {
-        let diff = out[ch] - target[ch];
-        loss += diff * diff;
-        gf[ch] = norm * diff;
+    // Loss and dL/df on the visible channels; padding lanes have target 0 and mask 0.
+    let valid = geo.w - x0;
+    let mut mask = F8::ZERO;
+    for lane in 0..LANES.min(valid) {
+        mask.0[lane] = 1.0;
     }
-    grads[l.loss] += loss;
-
-    let mut gu = [0f32; MAX_DIM];
-    let gu = &mut gu[..d];
-    for ch in 0..v_count {
-        axpy(gf[ch], u, &mut grads[l.wo + ch * d..l.wo + ch * d + d]);
-        grads[l.bo + ch] += gf[ch];
-        axpy(gf[ch], &p.wo[ch * d..ch * d + d], gu);
-    }
-
-    let mut da = [0f32; NEIGHBOURS];
-    for n in 0..NEIGHBOURS {
-        let nb = add_offset(centre, offsets[n]);
-        da[n] = dot(gu, v_of(nb)) + dot(gu, &p.pv[n * d..n * d + d]);
-    }
-    let mean: f32 = (0..NEIGHBOURS).map(|n| a[n] * da[n]).sum();
-    let mut dz = [0f32; NEIGHBOURS];
-    for n in 0..NEIGHBOURS {
-        dz[n] = a[n] * (da[n] - mean);
-    }
-
-    let mut dq = [0f32; MAX_DIM];
-    let dq = &mut dq[..d];
-    let mut sk = [0f32; MAX_CHANNELS];
-    let mut sv = [0f32; MAX_CHANNELS];
-    let (sk, sv) = (&mut sk[..c], &mut sv[..c]);
-    let mut dz_sum = 0.0;
-    for n in 0..NEIGHBOURS {
-        let nb = add_offset(centre, offsets[n]);
-        let g = scale * dz[n];
-        axpy(g, k_of(nb), dq);
-        axpy(g, &p.pk[n * d..n * d + d], dq);
-        axpy(g, q, &mut grads[l.pk + n * d..l.pk + n * d + d]);
-        axpy(a[n], gu, &mut grads[l.pv + n * d..l.pv + n * d + d]);
-        axpy(dz[n], s_of(nb), sk);
-        axpy(a[n], s_of(nb), sv);
-        dz_sum += g;
-    }
-    axpy(1.0, dq, &mut grads[l.bq..l.bq + d]);
-    axpy(dz_sum, q, &mut grads[l.bk..l.bk + d]);
-    axpy(1.0, gu, &mut grads[l.bv..l.bv + d]);
-    for ch in 0..c {
-        axpy(s[ch], dq, &mut grads[l.wq_t + ch * d..l.wq_t + ch * d + d]);
-        axpy(
-            scale * sk[ch],
-            q,
-            &mut grads[l.wk_t + ch * d..l.wk_t + ch * d + d],
-        );
-        axpy(sv[ch], gu, &mut grads[l.wv_t + ch * d..l.wv_t + ch * d + d]);
-    }
-}
-
-/// Flat-index offsets of the nine neighbours in a padded row-major grid of width `wp`.
-#[inline(always)]
-fn neighbour_offsets(wp: usize) -> [isize; NEIGHBOURS] {
-    let wp = wp as isize;
-    let mut o = [0isize; NEIGHBOURS];
-    for (n, slot) in o.iter_mut().enumerate() {
-        let (dy, dx) = (n as isize / 3 - 1, n as isize % 3 - 1);
-        *slot = dy * wp + dx;
-    }
-    o
-}
-
-#[inline(always)]
-fn add_offset(cell: usize, offset: isize) -> usize {
-    cell.wrapping_add_signed(offset)
-}
-
-/// `y += alpha · x`.
-#[inline(always)]
-pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += alpha * xi;
-    }
-}
-
-/// Dot product with eight independent accumulators, so it vectorises instead of forming
-/// one long chain of dependent additions.
-#[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for j in 0..8 {
-            acc[j] += x[j] * y[j];
+    let norm = F8::splat(2.0 / (geo.cells() * ctx.visible) as f32);
+    let t_row = (bi * geo.h + y) * ctx.visible * wr;
+    let mut gu = [F8::ZERO; MAX_DIM];
+    let mut sq = F8::ZERO;
+    for ch in 0..ctx.visible {
+        let diff = (next[ch] - F8::load(ctx.target, t_row + ch * wr + x0)) * mask;
+        sq = A::madd(diff, diff, sq);
+        let gf = norm * diff;
+        acc[l.bo + ch] = acc[l.bo + ch] + gf;
+        for dd in 0..d {
+            let i = l.wo + ch * d + dd;
+            acc[i] = A::madd(gf, u[dd], acc[i]);
+            gu[dd] = A::madd(F8::splat(w[i]), gf, gu[dd]);
         }
     }
-    let mut tail = 0.0;
-    for (x, y) in ra.iter().zip(rb) {
-        tail += x * y;
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
+    acc[l.loss] = acc[l.loss] + sq;
 
-/// Softmax over the nine scores, shifted by their maximum for stability.
-#[inline(always)]
-fn softmax9(z: &[f32; NEIGHBOURS]) -> [f32; NEIGHBOURS] {
-    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut e = [0f32; NEIGHBOURS];
-    let mut total = 0.0;
+    let mut da = [F8::ZERO; NEIGHBOURS];
+    let mut mean = F8::ZERO;
     for n in 0..NEIGHBOURS {
-        e[n] = exp(z[n] - max);
-        total += e[n];
+        let mut v = F8::ZERO;
+        for dd in 0..d {
+            v = A::madd(gu[dd], v_n(n, dd), v);
+        }
+        da[n] = v;
+        mean = A::madd(a[n], v, mean);
     }
-    let inv = 1.0 / total;
-    for x in &mut e {
-        *x *= inv;
+    let mut dz = [F8::ZERO; NEIGHBOURS];
+    let mut dz_sum = F8::ZERO;
+    for n in 0..NEIGHBOURS {
+        dz[n] = a[n] * (da[n] - mean) * F8::splat(scale);
+        dz_sum = dz_sum + dz[n];
     }
-    e
-}
 
-/// `e^x` to about 2 ulp (Cephes `expf` polynomial), branch-free so it vectorises; the
-/// libm call it replaces cost more than the rest of the softmax.
-#[inline(always)]
-pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding 1.5·2²³ rounds to an integer held in the low mantissa bits.
-    const MAGIC: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
-    let t = x * LOG2E + MAGIC;
-    let n = t - MAGIC;
-    let k = t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let poly = p * r * r + r + 1.0;
-    poly * f32::from_bits(((k + 127) as u32) << 23)
+    let mut sk = [F8::ZERO; MAX_CHANNELS];
+    let mut sv = [F8::ZERO; MAX_CHANNELS];
+    for n in 0..NEIGHBOURS {
+        for ch in 0..c {
+            let sn = s_n(n, ch);
+            sk[ch] = A::madd(dz[n], sn, sk[ch]);
+            sv[ch] = A::madd(a[n], sn, sv[ch]);
+        }
+    }
+    for dd in 0..d {
+        let mut dq = F8::ZERO;
+        for n in 0..NEIGHBOURS {
+            dq = A::madd(dz[n], k_n(n, dd), dq);
+            let (ik, iv) = (l.pk + n * d + dd, l.pv + n * d + dd);
+            acc[ik] = A::madd(dz[n], q[dd], acc[ik]);
+            acc[iv] = A::madd(a[n], gu[dd], acc[iv]);
+        }
+        acc[l.bq + dd] = acc[l.bq + dd] + dq;
+        acc[l.bk + dd] = A::madd(dz_sum, q[dd], acc[l.bk + dd]);
+        acc[l.bv + dd] = acc[l.bv + dd] + gu[dd];
+        for ch in 0..c {
+            let i = dd * c + ch;
+            acc[l.wq + i] = A::madd(dq, s[ch], acc[l.wq + i]);
+            acc[l.wk + i] = A::madd(q[dd], sk[ch], acc[l.wk + i]);
+            acc[l.wv + i] = A::madd(gu[dd], sv[ch], acc[l.wv + i]);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -619,31 +650,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fast_exp_is_accurate() {
-        let mut worst: f32 = 0.0;
-        let mut x = -87.0f32;
-        while x < 20.0 {
-            let rel = (exp(x) - x.exp()).abs() / x.exp();
-            worst = worst.max(rel);
-            x += 0.013;
-        }
-        assert!(worst < 3e-7, "worst relative error {worst}");
-    }
-
-    #[test]
-    fn dot_matches_naive_sum() {
-        let a: Vec<f32> = (0..19).map(|i| i as f32 * 0.5 - 3.0).collect();
-        let b: Vec<f32> = (0..19).map(|i| (i as f32).sin()).collect();
-        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-        assert!((dot(&a, &b) - naive).abs() < 1e-4);
-    }
-
-    #[test]
     fn units_cover_every_row_once() {
-        for (h, w) in [(1, 1), (5, 700), (32, 32), (33, 17), (128, 128)] {
-            let g = Geometry::new(2, h, w);
+        for (b, h, w) in [
+            (1, 1, 1),
+            (1, 5, 700),
+            (1, 32, 32),
+            (2, 33, 17),
+            (8, 128, 128),
+            (8, 512, 512),
+        ] {
+            let g = Geometry::new(b, h, w);
             assert!(g.unit_rows * g.units_per_item >= h);
             assert!(g.unit_rows * (g.units_per_item - 1) < h);
+            assert!(g.wr >= w && g.wr % LANES == 0);
         }
     }
 }

@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 mod kernel;
+mod simd;
 
 use ndarray::Array4;
 use rayon::prelude::*;
@@ -33,7 +34,7 @@ use nca_api::{
     NEIGHBOURS,
 };
 
-use kernel::{CellInputs, Geometry, GradLayout, KernelParams, Mode, MAX_CHANNELS, MAX_DIM};
+use kernel::{Geometry, Layout, Mode, Workspace, MAX_CHANNELS, MAX_DIM};
 
 /// Errors of the ndarray backend.
 #[derive(Debug, thiserror::Error)]
@@ -66,18 +67,6 @@ pub enum Error {
 /// The state tensor of this backend: an NCHW `f32` array.
 pub type State = Array4<f32>;
 
-/// Reusable per-grid buffers.
-#[derive(Default)]
-struct Scratch {
-    geo: Option<Geometry>,
-    s_pad: Vec<f32>,
-    kv_pad: Vec<f32>,
-    out: Vec<f32>,
-    attention: Vec<f32>,
-    partials: Vec<f32>,
-    grads: Vec<f32>,
-}
-
 /// Adam's moments over the flat parameter vector.
 struct Adam {
     step: u64,
@@ -91,14 +80,16 @@ pub struct NdarrayTrainer {
     optim: OptimizerConfig,
     /// Parameters in [`Weights::flatten`] order: the optimiser's view.
     params: Vec<f32>,
-    /// The same parameters in the kernel's layout.
-    kernel: KernelParams,
-    layout: GradLayout,
+    /// The same parameters in the kernel's [`Layout`] (zero `pk`/`pv` without position
+    /// embeddings).
+    kernel_w: Vec<f32>,
+    layout: Layout,
     /// Gradient in [`Weights::flatten`] order.
     flat_grad: Vec<f32>,
     adam: Adam,
-    target: Option<(Array4<f32>, [usize; 3])>,
-    scratch: Scratch,
+    /// Row-planar target and its `[B, H, W]`.
+    target: Option<(Vec<f32>, [usize; 3])>,
+    workspace: Workspace,
 }
 
 impl NdarrayTrainer {
@@ -118,8 +109,8 @@ impl NdarrayTrainer {
             model: model.clone(),
             optim: *optim,
             params: weights.flatten(),
-            kernel: KernelParams::default(),
-            layout: GradLayout::new(c, d),
+            kernel_w: Vec::new(),
+            layout: Layout::new(c, d),
             flat_grad: vec![0.0; n],
             adam: Adam {
                 step: 0,
@@ -127,7 +118,7 @@ impl NdarrayTrainer {
                 v: vec![0.0; n],
             },
             target: None,
-            scratch: Scratch::default(),
+            workspace: Workspace::default(),
         };
         t.refresh_kernel_params();
         Ok(t)
@@ -137,44 +128,11 @@ impl NdarrayTrainer {
         Weights::zeros(&self.model)
     }
 
-    /// Rebuilds the kernel's transposed copies from the flat parameters.
+    /// Rebuilds the kernel's parameter vector from the flat parameters.
     fn refresh_kernel_params(&mut self) {
-        let (c, d) = (self.model.channels(), self.model.attention_dim);
-        let k = &mut self.kernel;
-        k.c = c;
-        k.d = d;
-        let p = &self.params;
-        let mut at = 0;
-        let mut next = |n: usize| {
-            let s = &p[at..at + n];
-            at += n;
-            s
-        };
-        let transpose = |src: &[f32], dst: &mut Vec<f32>| {
-            dst.resize(c * d, 0.0);
-            for i in 0..d {
-                for ch in 0..c {
-                    dst[ch * d + i] = src[i * c + ch];
-                }
-            }
-        };
-        transpose(next(d * c), &mut k.wq_t);
-        set(&mut k.bq, next(d));
-        transpose(next(d * c), &mut k.wk_t);
-        set(&mut k.bk, next(d));
-        transpose(next(d * c), &mut k.wv_t);
-        set(&mut k.bv, next(d));
-        set(&mut k.wo, next(c * d));
-        set(&mut k.bo, next(c));
-        if self.model.position_embeddings {
-            set(&mut k.pk, next(NEIGHBOURS * d));
-            set(&mut k.pv, next(NEIGHBOURS * d));
-        } else {
-            k.pk.clear();
-            k.pk.resize(NEIGHBOURS * d, 0.0);
-            k.pv.clear();
-            k.pv.resize(NEIGHBOURS * d, 0.0);
-        }
+        self.kernel_w.clear();
+        self.kernel_w.extend_from_slice(&self.params);
+        self.kernel_w.resize(self.layout.loss, 0.0);
     }
 
     fn check_state(&self, state: &State) -> Result<Geometry, Error> {
@@ -190,39 +148,25 @@ impl NdarrayTrainer {
         Ok(Geometry::new(b, h, w))
     }
 
-    /// Sizes the buffers for `geo` (no allocation when the grid is unchanged) and runs
-    /// the projection pass.
-    fn prepare(&mut self, state: &State, geo: Geometry, attention: bool) {
-        let (c, d) = (self.kernel.c, self.kernel.d);
-        let sc = &mut self.scratch;
-        if sc.geo != Some(geo) {
-            sc.geo = Some(geo);
-            sc.s_pad.resize(geo.padded_cells() * c, 0.0);
-            sc.kv_pad.resize(geo.padded_cells() * 2 * d, 0.0);
-            sc.out.resize(geo.cells() * c, 0.0);
-            sc.partials.resize(geo.units() * self.layout.len, 0.0);
-            sc.grads.resize(self.layout.len, 0.0);
-            sc.attention.clear();
-        }
-        if attention {
-            sc.attention.resize(geo.cells() * NEIGHBOURS, 0.0);
-        }
-        let flat = state.as_slice();
-        let owned;
-        let flat = match flat {
-            Some(f) => f,
+    /// Sizes the buffers for the state's grid (no allocation when it is unchanged) and
+    /// runs the projection pass.
+    fn prepare(&mut self, state: &State) -> Result<Geometry, Error> {
+        let geo = self.check_state(state)?;
+        self.workspace.ensure(geo, self.layout);
+        match state.as_slice() {
+            Some(flat) => self.workspace.prepare(&self.kernel_w, flat),
             None => {
-                owned = state.as_standard_layout().to_owned();
-                owned.as_slice().unwrap_or(&[])
+                let owned = state.as_standard_layout();
+                self.workspace
+                    .prepare(&self.kernel_w, owned.as_slice().unwrap_or(&[]));
             }
-        };
-        kernel::prepare(&self.kernel, geo, flat, &mut sc.s_pad, &mut sc.kv_pad);
+        }
+        Ok(geo)
     }
 
-    /// Runs the cell pass; returns `(loss, sum of squared errors)` in train mode.
+    /// Runs the cell pass; train mode checks the target against the grid.
     fn run_cells(&mut self, geo: Geometry, mode: Mode, attention: bool) -> Result<(), Error> {
-        let empty = Array4::zeros((0, 0, 0, 0));
-        let (target, visible) = match (&self.target, mode) {
+        let target: &[f32] = match (&self.target, mode) {
             (Some((t, dims)), Mode::Train) => {
                 if *dims != [geo.b, geo.h, geo.w] {
                     return Err(Error::TargetMismatch {
@@ -230,95 +174,41 @@ impl NdarrayTrainer {
                         target: *dims,
                     });
                 }
-                (t, self.model.visible_channels)
+                t
             }
             (None, Mode::Train) => return Err(Error::NoTarget),
-            _ => (&empty, self.model.visible_channels),
+            _ => &[],
         };
-        let sc = &mut self.scratch;
-        let inputs = CellInputs {
-            params: &self.kernel,
-            geo,
-            s_pad: &sc.s_pad,
-            kv_pad: &sc.kv_pad,
-            target: target.as_slice().unwrap_or(&[]),
-            visible,
-            layout: self.layout,
-        };
-        let att: &mut [f32] = if attention {
-            &mut sc.attention
-        } else {
-            &mut []
-        };
-        kernel::cells(&inputs, mode, &mut sc.out, att, &mut sc.partials);
+        let visible = self.model.visible_channels;
+        self.workspace
+            .cells(&self.kernel_w, mode, target, visible, attention);
         Ok(())
     }
 
-    /// Sums per-unit partial gradients in unit order and converts them to the flat
-    /// [`Weights::flatten`] layout; returns the loss.
+    /// Reduces the gradients into [`Weights::flatten`] order; returns the loss.
     fn reduce_gradients(&mut self, geo: Geometry) -> f32 {
-        let len = self.layout.len;
-        let sc = &mut self.scratch;
-        sc.grads.fill(0.0);
-        for part in sc.partials.chunks_exact(len) {
-            for (g, p) in sc.grads.iter_mut().zip(part) {
-                *g += p;
-            }
-        }
-        let (c, d) = (self.kernel.c, self.kernel.d);
-        let l = self.layout;
-        let g = &sc.grads;
-        let out = &mut self.flat_grad;
-        let mut at = 0;
-        // Projections are [C][D] in the kernel and [D][C] in the flat layout.
-        for (src, bias) in [(l.wq_t, l.bq), (l.wk_t, l.bk), (l.wv_t, l.bv)] {
-            for i in 0..d {
-                for ch in 0..c {
-                    out[at + i * c + ch] = g[src + ch * d + i];
-                }
-            }
-            at += c * d;
-            out[at..at + d].copy_from_slice(&g[bias..bias + d]);
-            at += d;
-        }
-        let mut rest = vec![(l.wo, c * d), (l.bo, c)];
-        if self.model.position_embeddings {
-            rest.extend([(l.pk, NEIGHBOURS * d), (l.pv, NEIGHBOURS * d)]);
-        }
-        for (src, n) in rest {
-            out[at..at + n].copy_from_slice(&g[src..src + n]);
-            at += n;
-        }
-        g[l.loss] / (geo.cells() * self.model.visible_channels) as f32
+        self.workspace.reduce();
+        let g = &self.workspace.grads;
+        let n = self.flat_grad.len();
+        self.flat_grad.copy_from_slice(&g[..n]);
+        g[self.layout.loss] / (geo.cells() * self.model.visible_channels) as f32
     }
 
-    /// Copies the channel-last kernel output into an NCHW array of the same grid.
-    fn write_out(&self, geo: Geometry, dst: &mut State) {
+    /// Copies the last kernel output into an NCHW array of the same grid.
+    fn write_out(&self, dst: &mut State) {
         if !dst.is_standard_layout() {
             *dst = dst.as_standard_layout().to_owned();
         }
-        let c = self.kernel.c;
-        let plane = geo.h * geo.w;
-        let src = &self.scratch.out;
         if let Some(flat) = dst.as_slice_mut() {
-            flat.par_chunks_mut(plane)
-                .enumerate()
-                .for_each(|(bc, plane_out)| {
-                    let (bi, ch) = (bc / c, bc % c);
-                    let base = bi * plane * c;
-                    for (i, o) in plane_out.iter_mut().enumerate() {
-                        *o = src[base + i * c + ch];
-                    }
-                });
+            self.workspace.write_output(flat);
         }
     }
 
     fn forward(&mut self, state: &State, mode: Mode) -> Result<State, Error> {
-        let geo = self.check_state(state)?;
-        self.prepare(state, geo, false);
+        let geo = self.prepare(state)?;
         self.run_cells(geo, mode, false)?;
         let mut out = Array4::zeros(state.raw_dim());
-        self.write_out(geo, &mut out);
+        self.write_out(&mut out);
         Ok(out)
     }
 
@@ -357,11 +247,6 @@ impl NdarrayTrainer {
         }
         self.refresh_kernel_params();
     }
-}
-
-fn set(dst: &mut Vec<f32>, src: &[f32]) {
-    dst.clear();
-    dst.extend_from_slice(src);
 }
 
 impl Transition for NdarrayTrainer {
@@ -405,18 +290,10 @@ impl Transition for NdarrayTrainer {
     }
 
     fn attention(&mut self, state: &State) -> Result<HostTensor, Error> {
-        let geo = self.check_state(state)?;
-        self.prepare(state, geo, true);
+        let geo = self.prepare(state)?;
         self.run_cells(geo, Mode::Update, true)?;
-        let plane = geo.h * geo.w;
-        let src = &self.scratch.attention;
-        let mut out = vec![0.0; geo.b * NEIGHBOURS * plane];
-        for (bn, chunk) in out.chunks_mut(plane).enumerate() {
-            let (bi, n) = (bn / NEIGHBOURS, bn % NEIGHBOURS);
-            for (i, o) in chunk.iter_mut().enumerate() {
-                *o = src[(bi * plane + i) * NEIGHBOURS + n];
-            }
-        }
+        let mut out = vec![0.0; geo.b * NEIGHBOURS * geo.h * geo.w];
+        self.workspace.write_attention(&mut out);
         Ok(HostTensor::new(&[geo.b, NEIGHBOURS, geo.h, geo.w], out)?)
     }
 
@@ -476,26 +353,13 @@ impl Trainer for NdarrayTrainer {
             }
             .into());
         }
-        // Channel-last, so the kernel reads a cell's V values contiguously.
-        let plane = h * w;
-        let src = target.data();
-        let mut cl = Array4::zeros((b, h, w, v));
-        if let Some(dst) = cl.as_slice_mut() {
-            for bi in 0..b {
-                for ch in 0..v {
-                    for i in 0..plane {
-                        dst[(bi * plane + i) * v + ch] = src[(bi * v + ch) * plane + i];
-                    }
-                }
-            }
-        }
-        self.target = Some((cl, [b, h, w]));
+        let planar = kernel::row_planar_target(target.data(), b, v, h, w);
+        self.target = Some((planar, [b, h, w]));
         Ok(())
     }
 
     fn loss_and_gradients(&mut self, state: &State) -> Result<(f32, Weights), Error> {
-        let geo = self.check_state(state)?;
-        self.prepare(state, geo, false);
+        let geo = self.prepare(state)?;
         self.run_cells(geo, Mode::Train, false)?;
         let loss = self.reduce_gradients(geo);
         let mut grads = self.template();
@@ -504,11 +368,10 @@ impl Trainer for NdarrayTrainer {
     }
 
     fn train_step(&mut self, state: &mut State) -> Result<f32, Error> {
-        let geo = self.check_state(state)?;
-        self.prepare(state, geo, false);
+        let geo = self.prepare(state)?;
         self.run_cells(geo, Mode::Train, false)?;
         let loss = self.reduce_gradients(geo);
-        self.write_out(geo, state);
+        self.write_out(state);
         self.apply_adam();
         Ok(loss)
     }
