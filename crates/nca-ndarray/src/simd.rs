@@ -75,16 +75,16 @@ macro_rules! lanewise {
             fn $method(self, o: F8) -> F8 {
                 let mut r = self.0;
                 for (a, b) in r.iter_mut().zip(o.0) {
-                    *a = *a $op b;
+                    *a $op b;
                 }
                 F8(r)
             }
         }
     };
 }
-lanewise!(Add, add, +);
-lanewise!(Sub, sub, -);
-lanewise!(Mul, mul, *);
+lanewise!(Add, add, +=);
+lanewise!(Sub, sub, -=);
+lanewise!(Mul, mul, *=);
 
 /// How `a·b + c` is computed: fused where the CPU has FMA, else multiply then add.
 pub trait MulAdd: Copy {
