@@ -14,6 +14,7 @@ impl CandleTrainer {
     /// `params` order), with the state treated as a constant.
     fn loss_grads(&self, state: &Tensor) -> Result<(Tensor, Tensor, Vec<Tensor>), Error> {
         let target = self.target.as_ref().ok_or(Error::NoTarget)?;
+        self.check_state(state)?;
         let (b, _, h, w) = state.dims4()?;
         let v = self.model.visible_channels;
         if target.dims() != [b, v, h, w] {
@@ -41,54 +42,68 @@ impl CandleTrainer {
         Ok((next.detach(), loss.detach(), grads))
     }
 
-    /// Scales the gradients to global norm `max_norm` when it is larger, on the device.
-    ///
-    /// Same formula as PyTorch's `clip_grad_norm_`: `g · min(1, max / (‖g‖ + 1e-6))`.
-    fn clip(grads: Vec<Tensor>, max_norm: f32) -> Result<Vec<Tensor>, Error> {
-        let squares = grads
-            .iter()
-            .map(|g| g.sqr()?.sum_all())
-            .collect::<Result<Vec<_>, _>>()?;
-        let norm = Tensor::stack(&squares, 0)?.sum_all()?.sqrt()?;
-        let coef = norm
-            .affine(1.0, CLIP_EPS)?
-            .recip()?
-            .affine(f64::from(max_norm), 0.0)?
-            .minimum(1.0)?;
-        Ok(grads
-            .iter()
-            .map(|g| g.broadcast_mul(&coef))
-            .collect::<Result<Vec<_>, _>>()?)
-    }
-
-    /// One Adam update from `grads`, with the device tensors of the moments.
+    /// One Adam update from the flat gradient `grad` (clipped first when configured).
     ///
     /// Written out rather than using candle-nn's `AdamW`: that optimiser keeps its moments
     /// private (so `adam_state`/`set_adam_state` could not export or restore them) and it
-    /// cannot clip by the global norm. The arithmetic follows PyTorch's `Adam`
-    /// (`foreach=False`): bias corrections in f64, `eps` added to `sqrt(v̂)`.
-    fn adam_update(&mut self, grads: &[Tensor]) -> Result<(), Error> {
+    /// cannot clip by the global norm. The arithmetic follows PyTorch's `Adam`: bias
+    /// corrections in f64, `eps` added to `sqrt(v̂)`. Working on one flat vector keeps the
+    /// update at a dozen device ops whatever the number of weight tensors.
+    fn adam_update(&mut self, grad: Tensor) -> Result<(), Error> {
         let o = self.optim;
+        let grad = match o.grad_clip {
+            // PyTorch's `clip_grad_norm_`: g · min(1, max / (‖g‖ + 1e-6)), on the device.
+            Some(max_norm) => {
+                let coef = grad
+                    .sqr()?
+                    .sum_all()?
+                    .sqrt()?
+                    .affine(1.0, CLIP_EPS)?
+                    .recip()?
+                    .affine(f64::from(max_norm), 0.0)?
+                    .minimum(1.0)?;
+                grad.broadcast_mul(&coef)?
+            }
+            None => grad,
+        };
         let (b1, b2) = (f64::from(o.beta1), f64::from(o.beta2));
         self.adam_step += 1;
-        let t = i32::try_from(self.adam_step).unwrap_or(i32::MAX);
-        let bias1 = 1.0 - b1.powi(t);
-        let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
+        let t = self.adam_step as f64;
+        let bias1 = 1.0 - b1.powf(t);
+        let bias2_sqrt = (1.0 - b2.powf(t)).sqrt();
         let step_size = f64::from(o.learning_rate) / bias1;
-        let mut new_params = Vec::with_capacity(grads.len());
-        for (i, g) in grads.iter().enumerate() {
-            let m = (self.adam_m[i].affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?;
-            let v = (self.adam_v[i].affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?;
-            let denom = v.sqrt()?.affine(1.0 / bias2_sqrt, f64::from(o.eps))?;
-            let p = (self.params[i].as_tensor().detach() - (m.affine(step_size, 0.0)? / denom)?)?;
-            new_params.push(p);
-            self.adam_m[i] = m;
-            self.adam_v[i] = v;
+        let m = (self.adam_m.affine(b1, 0.0)? + grad.affine(1.0 - b1, 0.0)?)?;
+        let v = (self.adam_v.affine(b2, 0.0)? + grad.sqr()?.affine(1.0 - b2, 0.0)?)?;
+        let denom = v.sqrt()?.affine(1.0 / bias2_sqrt, f64::from(o.eps))?;
+        let params = flat(&self.detached_params())?;
+        let params = (params - (m.affine(step_size, 0.0)? / denom)?)?;
+        let mut offset = 0;
+        for var in &self.params {
+            let n = var.elem_count();
+            var.set(&params.narrow(0, offset, n)?.reshape(var.shape())?)?;
+            offset += n;
         }
-        for (var, p) in self.params.iter().zip(&new_params) {
-            var.set(p)?;
-        }
+        self.adam_m = m;
+        self.adam_v = v;
         Ok(())
+    }
+}
+
+/// The tensors concatenated into one vector, in order.
+fn flat(tensors: &[Tensor]) -> Result<Tensor, Error> {
+    let parts = tensors
+        .iter()
+        .map(Tensor::flatten_all)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+impl CandleTrainer {
+    /// Host weights from a flat device vector in `Weights::flatten` order.
+    fn unflatten(&self, flat: &Tensor) -> Result<Weights, Error> {
+        let mut w = Weights::zeros(&self.model);
+        w.unflatten_from(&flat.to_vec1::<f32>()?)?;
+        Ok(w)
     }
 }
 
@@ -114,11 +129,7 @@ impl Trainer for CandleTrainer {
 
     fn train_step(&mut self, state: &mut Tensor) -> Result<f32, Error> {
         let (next, loss, grads) = self.loss_grads(state)?;
-        let grads = match self.optim.grad_clip {
-            Some(max_norm) => Self::clip(grads, max_norm)?,
-            None => grads,
-        };
-        self.adam_update(&grads)?;
+        self.adam_update(flat(&grads)?)?;
         *state = next;
         Ok(loss.to_scalar::<f32>()?)
     }
@@ -126,14 +137,16 @@ impl Trainer for CandleTrainer {
     fn adam_state(&self) -> Result<AdamState, Error> {
         Ok(AdamState {
             step: self.adam_step,
-            m: self.download_weights(&self.adam_m)?,
-            v: self.download_weights(&self.adam_v)?,
+            m: self.unflatten(&self.adam_m)?,
+            v: self.unflatten(&self.adam_v)?,
         })
     }
 
     fn set_adam_state(&mut self, state: &AdamState) -> Result<(), Error> {
-        let m = self.upload_weights(&state.m)?;
-        let v = self.upload_weights(&state.v)?;
+        state.m.check(&self.model)?;
+        state.v.check(&self.model)?;
+        let m = Tensor::from_vec(state.m.flatten(), state.m.num_params(), &self.device)?;
+        let v = Tensor::from_vec(state.v.flatten(), state.v.num_params(), &self.device)?;
         self.adam_m = m;
         self.adam_v = v;
         self.adam_step = state.step;

@@ -32,8 +32,10 @@ pub struct CandleTrainer {
     /// One variable per weight tensor, in `Weights::named` order.
     pub(crate) params: Vec<Var>,
     pub(crate) adam_step: u64,
-    pub(crate) adam_m: Vec<Tensor>,
-    pub(crate) adam_v: Vec<Tensor>,
+    /// Adam's first moment over all parameters, flat in `Weights::flatten` order.
+    pub(crate) adam_m: Tensor,
+    /// Adam's second moment, laid out like `adam_m`.
+    pub(crate) adam_v: Tensor,
     pub(crate) target: Option<Tensor>,
 }
 
@@ -87,15 +89,13 @@ impl CandleTrainer {
     ) -> Result<Self, Error> {
         model.validate()?;
         let init = Weights::init(model, 0);
-        let mut params = Vec::new();
-        let mut adam_m = Vec::new();
-        let mut adam_v = Vec::new();
-        for (_, t) in init.named() {
-            params.push(Var::from_slice(t.data(), t.shape(), &device)?);
-            let z = Tensor::zeros(t.shape(), DType::F32, &device)?;
-            adam_m.push(z.clone());
-            adam_v.push(z);
-        }
+        let params = init
+            .named()
+            .into_iter()
+            .map(|(_, t)| Var::from_slice(t.data(), t.shape(), &device))
+            .collect::<Result<Vec<_>, _>>()?;
+        let adam_m = Tensor::zeros(init.num_params(), DType::F32, &device)?;
+        let adam_v = adam_m.clone();
         Ok(Self {
             model: model.clone(),
             optim: *optim,
