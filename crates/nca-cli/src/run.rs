@@ -483,7 +483,7 @@ fn report(s: &Summary, out: &Path) {
 fn progress_bar(total: u64, start: u64) -> ProgressBar {
     let bar = ProgressBar::new(total).with_position(start);
     let style = ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} {msg}",
+        "{spinner} [{elapsed_precise}] {wide_bar} step {pos}/{len}  {msg}",
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar())
     .progress_chars("=> ");
@@ -586,7 +586,12 @@ impl<T: Trainer> Observer<T> for RunObserver<'_> {
         if let Some(bar) = &self.bar {
             bar.set_position(info.step);
             if info.step % 10 == 0 || info.spiked {
-                bar.set_message(format!("loss {:.3e} spikes {}", info.loss, info.spikes));
+                let (t0, s0) = self.last_log;
+                let rate = (info.step - s0) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+                bar.set_message(format!(
+                    "loss {:.3e}  spikes {}  {rate:.0} steps/s",
+                    info.loss, info.spikes
+                ));
             }
         } else if info.step % self.snapshot_every == 0 {
             let (t0, s0) = self.last_log;
