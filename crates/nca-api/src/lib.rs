@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod io;
 pub mod noise;
+pub mod optim;
 pub mod tensor;
 pub mod train;
 pub mod traits;
@@ -28,6 +29,7 @@ pub use config::{
 pub use error::{ConfigError, IoError, TensorError, TrainError};
 pub use io::TensorFile;
 pub use noise::ConstantNoise;
+pub use optim::FlatAdam;
 pub use tensor::HostTensor;
 pub use train::{
     initial_state, rollout, start, train, LoopOptions, NoObserver, Observer, Progress,

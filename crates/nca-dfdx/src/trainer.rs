@@ -2,11 +2,14 @@
 //!
 //! dfdx 0.13 has an `Adam`, but its moments and step counter are private fields (and it
 //! only updates a whole `TensorCollection` module), so `adam_state` / `set_adam_state`
-//! could not export or restore them. Adam on a few hundred host floats is a handful of
-//! lines, so it is written out below, following PyTorch's `torch.optim.Adam` exactly.
+//! could not export or restore them. The parameters are a few hundred floats, so the
+//! update runs on the host with `nca_api::FlatAdam` (PyTorch's `torch.optim.Adam`).
 
 use dfdx::prelude::*;
-use nca_api::{AdamState, HostTensor, ModelConfig, OptimizerConfig, TensorError, Trainer, Weights};
+use nca_api::{
+    AdamState, FlatAdam, HostTensor, ModelConfig, OptimizerConfig, TensorError, Trainer,
+    Transition, Weights,
+};
 
 use crate::transition::{cells_to_state, forward, Params, State, T2};
 use crate::Error;
@@ -19,13 +22,6 @@ struct Target {
     cells: T2,
 }
 
-/// Adam's moments over all parameters, flattened in [`nca_api::WEIGHT_NAMES`] order.
-struct Adam {
-    step: u64,
-    m: Vec<f32>,
-    v: Vec<f32>,
-}
-
 /// The dfdx (CPU) backend: transition, autodiff gradients and Adam in one type.
 pub struct DfdxTrainer {
     pub(crate) dev: Cpu,
@@ -35,7 +31,7 @@ pub struct DfdxTrainer {
     pub(crate) one_hot: Option<T2>,
     optim: OptimizerConfig,
     target: Option<Target>,
-    adam: Adam,
+    adam: FlatAdam,
 }
 
 impl std::fmt::Debug for DfdxTrainer {
@@ -74,11 +70,7 @@ impl DfdxTrainer {
             one_hot: None,
             optim: *optim,
             target: None,
-            adam: Adam {
-                step: 0,
-                m: vec![0.0; n],
-                v: vec![0.0; n],
-            },
+            adam: FlatAdam::new(n),
         })
     }
 
@@ -131,60 +123,6 @@ impl DfdxTrainer {
         })
     }
 
-    /// Scales `grads` to the configured global norm, as `torch.nn.utils.clip_grad_norm_`.
-    fn clip(&self, grads: &mut [f32]) {
-        let Some(max_norm) = self.optim.grad_clip else {
-            return;
-        };
-        let norm = grads
-            .iter()
-            .map(|&g| f64::from(g) * f64::from(g))
-            .sum::<f64>()
-            .sqrt();
-        let coef = (f64::from(max_norm) / (norm + 1e-6)).min(1.0) as f32;
-        if coef < 1.0 {
-            grads.iter_mut().for_each(|g| *g *= coef);
-        }
-    }
-
-    /// One bias-corrected Adam update, step for step as PyTorch's single-tensor Adam.
-    fn adam_update(&mut self, grads: &[f32]) -> Result<(), Error> {
-        let OptimizerConfig {
-            learning_rate,
-            beta1,
-            beta2,
-            eps,
-            ..
-        } = self.optim;
-        let adam = &mut self.adam;
-        adam.step += 1;
-        // PyTorch computes the bias corrections in Python floats (f64).
-        let t = adam.step as f64;
-        let bc1 = 1.0 - f64::from(beta1).powf(t);
-        let bc2_sqrt = (1.0 - f64::from(beta2).powf(t)).sqrt();
-        let step_size = (f64::from(learning_rate) / bc1) as f32;
-        let bc2_sqrt = bc2_sqrt as f32;
-        let mut offset = 0;
-        for view in self.params.flat_views_mut() {
-            let mut p = view.as_vec();
-            let len = p.len();
-            let range = offset..offset + len;
-            offset += len;
-            for ((p, &g), (m, v)) in p
-                .iter_mut()
-                .zip(&grads[range.clone()])
-                .zip(adam.m[range.clone()].iter_mut().zip(&mut adam.v[range]))
-            {
-                *m += (g - *m) * (1.0 - beta1);
-                *v = *v * beta2 + (1.0 - beta2) * g * g;
-                let denom = v.sqrt() / bc2_sqrt + eps;
-                *p -= step_size * *m / denom;
-            }
-            view.set(&p);
-        }
-        Ok(())
-    }
-
     fn flat_to_weights(&self, flat: &[f32]) -> Result<Weights, Error> {
         let mut w = Weights::zeros(&self.model);
         w.unflatten_from(flat)?;
@@ -228,8 +166,10 @@ impl Trainer for DfdxTrainer {
             mut grads,
             next,
         } = self.taped(state, true)?;
-        self.clip(&mut grads);
-        self.adam_update(&grads)?;
+        let mut params = self.weights()?.flatten();
+        self.adam.update(&mut params, &mut grads, &self.optim);
+        let updated = self.flat_to_weights(&params)?;
+        self.set_weights(&updated)?;
         if let Some(next) = next {
             *state = next;
         }
@@ -237,21 +177,11 @@ impl Trainer for DfdxTrainer {
     }
 
     fn adam_state(&self) -> Result<AdamState, Error> {
-        Ok(AdamState {
-            step: self.adam.step,
-            m: self.flat_to_weights(&self.adam.m)?,
-            v: self.flat_to_weights(&self.adam.v)?,
-        })
+        Ok(self.adam.to_state(&self.model)?)
     }
 
     fn set_adam_state(&mut self, state: &AdamState) -> Result<(), Error> {
-        state.m.check(&self.model)?;
-        state.v.check(&self.model)?;
-        self.adam = Adam {
-            step: state.step,
-            m: state.m.flatten(),
-            v: state.v.flatten(),
-        };
+        self.adam = FlatAdam::from_state(state, &self.model)?;
         Ok(())
     }
 }

@@ -106,23 +106,6 @@ impl Params {
         Ok(w)
     }
 
-    /// Mutable access to the tensors, in the order of [`Params::flat_views`].
-    pub(crate) fn flat_views_mut(&mut self) -> Vec<FlatViewMut<'_>> {
-        let mut out = vec![
-            FlatViewMut::One(&mut self.wq),
-            FlatViewMut::Two(&mut self.bq),
-            FlatViewMut::One(&mut self.wk),
-            FlatViewMut::Two(&mut self.bk),
-            FlatViewMut::One(&mut self.wv),
-            FlatViewMut::Two(&mut self.bv),
-            FlatViewMut::One(&mut self.wo),
-            FlatViewMut::Two(&mut self.bo),
-        ];
-        out.extend(self.pk.iter_mut().map(FlatViewMut::One));
-        out.extend(self.pv.iter_mut().map(FlatViewMut::One));
-        out
-    }
-
     /// A copy of every parameter starting its own gradient tape.
     pub(crate) fn traced(&self) -> Params<Traced> {
         Params {
@@ -174,29 +157,6 @@ impl FlatView<'_> {
         match self {
             FlatView::One(t) => grads.get(*t).as_vec(),
             FlatView::Two(t) => grads.get(*t).as_vec(),
-        }
-    }
-}
-
-/// A parameter tensor of either rank, writable as a flat buffer.
-pub(crate) enum FlatViewMut<'a> {
-    One(&'a mut T2),
-    Two(&'a mut T1),
-}
-
-impl FlatViewMut<'_> {
-    pub(crate) fn as_vec(&self) -> Vec<f32> {
-        match self {
-            FlatViewMut::One(t) => t.as_vec(),
-            FlatViewMut::Two(t) => t.as_vec(),
-        }
-    }
-
-    /// Replaces the values; `data` has the tensor's length (both come from the same model).
-    pub(crate) fn set(self, data: &[f32]) {
-        match self {
-            FlatViewMut::One(t) => t.copy_from(data),
-            FlatViewMut::Two(t) => t.copy_from(data),
         }
     }
 }

@@ -30,8 +30,8 @@ use rayon::prelude::*;
 
 use nca_api::noise::{add_gaussian_block, NOISE_BLOCK};
 use nca_api::{
-    AdamState, HostTensor, ModelConfig, OptimizerConfig, TensorError, Trainer, Transition, Weights,
-    NEIGHBOURS,
+    AdamState, FlatAdam, HostTensor, ModelConfig, OptimizerConfig, TensorError, Trainer,
+    Transition, Weights, NEIGHBOURS,
 };
 
 use kernel::{Geometry, Layout, Mode, Workspace, MAX_CHANNELS, MAX_DIM};
@@ -67,13 +67,6 @@ pub enum Error {
 /// The state tensor of this backend: an NCHW `f32` array.
 pub type State = Array4<f32>;
 
-/// Adam's moments over the flat parameter vector.
-struct Adam {
-    step: u64,
-    m: Vec<f32>,
-    v: Vec<f32>,
-}
-
 /// The ndarray backend's [`Transition`] and [`Trainer`].
 pub struct NdarrayTrainer {
     model: ModelConfig,
@@ -86,7 +79,7 @@ pub struct NdarrayTrainer {
     layout: Layout,
     /// Gradient in [`Weights::flatten`] order.
     flat_grad: Vec<f32>,
-    adam: Adam,
+    adam: FlatAdam,
     /// Row-planar target and its `[B, H, W]`.
     target: Option<(Vec<f32>, [usize; 3])>,
     workspace: Workspace,
@@ -112,11 +105,7 @@ impl NdarrayTrainer {
             kernel_w: Vec::new(),
             layout: Layout::new(c, d),
             flat_grad: vec![0.0; n],
-            adam: Adam {
-                step: 0,
-                m: vec![0.0; n],
-                v: vec![0.0; n],
-            },
+            adam: FlatAdam::new(n),
             target: None,
             workspace: Workspace::default(),
         };
@@ -213,38 +202,8 @@ impl NdarrayTrainer {
     }
 
     fn apply_adam(&mut self) {
-        let o = self.optim;
-        if let Some(clip) = o.grad_clip {
-            let norm = self
-                .flat_grad
-                .iter()
-                .map(|g| f64::from(*g).powi(2))
-                .sum::<f64>()
-                .sqrt();
-            if norm > f64::from(clip) {
-                let scale = (f64::from(clip) / norm) as f32;
-                self.flat_grad.iter_mut().for_each(|g| *g *= scale);
-            }
-        }
-        let a = &mut self.adam;
-        a.step += 1;
-        let t = a.step as i32;
-        let bc1 = 1.0 - o.beta1.powi(t);
-        let bc2 = 1.0 - o.beta2.powi(t);
-        let step_size = o.learning_rate / bc1;
-        let bc2_sqrt = bc2.sqrt();
-        for (((p, g), m), v) in self
-            .params
-            .iter_mut()
-            .zip(&self.flat_grad)
-            .zip(&mut a.m)
-            .zip(&mut a.v)
-        {
-            *m = o.beta1 * *m + (1.0 - o.beta1) * g;
-            *v = o.beta2 * *v + (1.0 - o.beta2) * g * g;
-            // PyTorch's form: lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps).
-            *p -= step_size * *m / (v.sqrt() / bc2_sqrt + o.eps);
-        }
+        self.adam
+            .update(&mut self.params, &mut self.flat_grad, &self.optim);
         self.refresh_kernel_params();
     }
 }
@@ -377,25 +336,11 @@ impl Trainer for NdarrayTrainer {
     }
 
     fn adam_state(&self) -> Result<AdamState, Error> {
-        let mut m = self.template();
-        let mut v = self.template();
-        m.unflatten_from(&self.adam.m)?;
-        v.unflatten_from(&self.adam.v)?;
-        Ok(AdamState {
-            step: self.adam.step,
-            m,
-            v,
-        })
+        Ok(self.adam.to_state(&self.model)?)
     }
 
     fn set_adam_state(&mut self, state: &AdamState) -> Result<(), Error> {
-        state.m.check(&self.model)?;
-        state.v.check(&self.model)?;
-        self.adam = Adam {
-            step: state.step,
-            m: state.m.flatten(),
-            v: state.v.flatten(),
-        };
+        self.adam = FlatAdam::from_state(state, &self.model)?;
         Ok(())
     }
 }
