@@ -163,7 +163,7 @@ impl FlatView<'_> {
 
 /// The nine zero-padded neighbours of every cell, `[9, N, C]` with `n = 3·(dy+1) + (dx+1)`.
 ///
-/// Chosen by measurement (`tests/timing.rs`, dev profile, 2 shared cores, default model,
+/// Chosen by measurement (`benches/benches/dfdx_gather.rs`; first measured in the dev profile, 2 shared cores, default model,
 /// B = 1): this gather takes 0.13 ms at 32×32 and 0.29 ms at 64×64, against 15 ms and
 /// 176 ms for a dense one-hot `[9·HW, HW]` shift matrix applied by one matmul (building
 /// the matrix included; the matmul alone still grows with (H·W)²). A whole 32×32
