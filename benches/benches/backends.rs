@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use nca_api::{ConstantNoise, NcaConfig, NoiseSchedule, Trainer, Transition};
 use nca_benches::{full_workloads, model_and_optim, quick_workloads};
 
@@ -36,6 +38,9 @@ fn bench_backend<T: Trainer>(c: &mut Criterion, name: &str, make: Make<T>) {
             group.warm_up_time(Duration::from_secs(1));
             group.measurement_time(Duration::from_secs(4));
         }
+        // Flat sampling: ten timed iterations, however slow one is (a 256×256×8 step on an
+        // autodiff backend takes seconds, and linear sampling would need 55 of them).
+        group.sampling_mode(SamplingMode::Flat);
         group.sample_size(10);
         for w in &workloads {
             group.throughput(Throughput::Elements(w.cells()));

@@ -26,7 +26,14 @@ fn main() {
         println!("\n### {group}\n");
         println!("| workload | backend | steps/s | Mcells·steps/s | vs fastest |");
         println!("|---|---|---:|---:|---:|");
-        for (workload, backends) in &results {
+        let mut workloads: Vec<_> = results.iter().collect();
+        // Smallest grid first: order by cells, then by side.
+        workloads.sort_by(|a, b| {
+            cells_of(a.0)
+                .total_cmp(&cells_of(b.0))
+                .then(a.0.len().cmp(&b.0.len()))
+        });
+        for (workload, backends) in workloads {
             let best = backends.values().cloned().fold(0.0, f64::max);
             let mut rows: Vec<_> = backends.iter().collect();
             rows.sort_by(|a, b| b.1.total_cmp(a.1));
