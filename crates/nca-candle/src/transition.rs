@@ -67,8 +67,15 @@ impl CandleTrainer {
         {
             // With the feature compiled in candle reports CUDA as available even on a
             // machine without a GPU; only creating the device tells.
-            let device = Device::new_cuda(ordinal)
-                .map_err(|e| Error::CudaUnavailable(format!("CUDA device {ordinal}: {e}")))?;
+            let device = Device::new_cuda(ordinal).map_err(|e| {
+                // With RUST_BACKTRACE set candle attaches a backtrace to the message; the
+                // driver's words are what the user needs.
+                let e = match e {
+                    candle_core::Error::WithBacktrace { inner, .. } => *inner,
+                    e => e,
+                };
+                Error::CudaUnavailable(format!("CUDA device {ordinal}: {e}"))
+            })?;
             Self::with_device(model, optim, device)
         }
         #[cfg(not(feature = "cuda"))]
