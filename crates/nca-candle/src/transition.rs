@@ -332,4 +332,9 @@ impl Transition for CandleTrainer {
         *state = state.clamp(-limit, limit)?;
         Ok(())
     }
+
+    fn synchronize(&self) -> Result<(), Error> {
+        // CUDA kernels are queued asynchronously; benchmarks must wait for them.
+        Ok(self.device().synchronize()?)
+    }
 }
