@@ -40,6 +40,23 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// The backends compiled into this binary, default first.
+    pub fn compiled() -> Vec<Backend> {
+        let mut out = vec![Backend::Ndarray];
+        if cfg!(feature = "dfdx") {
+            out.push(Backend::Dfdx);
+        }
+        if cfg!(feature = "candle") {
+            out.push(Backend::Candle);
+        }
+        if cfg!(feature = "candle-cuda") {
+            out.push(Backend::CandleCuda);
+        }
+        out
+    }
+}
+
 /// Work to do with a trainer, whatever its backend.
 pub trait Job {
     /// What the work returns.

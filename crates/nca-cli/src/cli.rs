@@ -9,6 +9,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use crate::backend::Backend;
+use crate::bench::{bench_command, BenchArgs};
 use crate::rollout::{rollout_command, RolloutArgs};
 use crate::run::{train_command, Finish, TrainArgs};
 
@@ -20,7 +21,7 @@ use crate::run::{train_command, Finish, TrainArgs};
     version,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    after_help = "Examples:\n  nca-cli examples/red.ron\n  nca-cli --backend candle run.ron --out runs/try2\n  nca-cli run.ron --resume runs/run/checkpoint.safetensors\n  nca-cli rollout --checkpoint runs/red/checkpoint.safetensors --steps 200 --out runs/red-rollout"
+    after_help = "Examples:\n  nca-cli examples/red.ron\n  nca-cli --backend candle run.ron --out runs/try2\n  nca-cli run.ron --resume runs/run/checkpoint.safetensors\n  nca-cli rollout --checkpoint runs/red/checkpoint.safetensors --steps 200 --out runs/red-rollout\n  nca-cli bench --sizes 32,128 --batches 1,8"
 )]
 pub struct Cli {
     /// RON run file to train with (see crates/nca-cli/README.md for the format).
@@ -49,6 +50,25 @@ pub struct Cli {
 pub enum Command {
     /// Run a trained rule without training, from seeded N(0, 1) noise or a given state.
     Rollout(RolloutCli),
+    /// Measure training steps per second of every compiled backend on this machine.
+    Bench(BenchCli),
+}
+
+/// Arguments of `nca-cli bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchCli {
+    /// Backends to measure [default: every backend compiled into this binary].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub backends: Vec<Backend>,
+    /// Grid sides to measure (square grids).
+    #[arg(long, value_delimiter = ',', default_values_t = [32usize, 128])]
+    pub sizes: Vec<usize>,
+    /// Batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8])]
+    pub batches: Vec<usize>,
+    /// Wall time per measurement, in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    pub seconds: f64,
 }
 
 /// Arguments of `nca-cli rollout`.
@@ -90,6 +110,23 @@ pub struct RolloutCli {
 /// Runs the parsed command; `interrupt` is set by Ctrl-C.
 pub fn run(cli: Cli, interrupt: Arc<AtomicBool>) -> Result<Finish> {
     match cli.command {
+        Some(Command::Bench(b)) => {
+            if !(b.seconds.is_finite() && b.seconds > 0.0) {
+                anyhow::bail!("--seconds: expected a duration > 0, found {}", b.seconds);
+            }
+            let backends = if b.backends.is_empty() {
+                Backend::compiled()
+            } else {
+                b.backends
+            };
+            bench_command(&BenchArgs {
+                backends,
+                sizes: b.sizes,
+                batches: b.batches,
+                seconds: b.seconds,
+            })?;
+            Ok(Finish::Completed)
+        }
         Some(Command::Rollout(r)) => rollout_command(RolloutArgs {
             checkpoint: r.checkpoint,
             init: r.init,

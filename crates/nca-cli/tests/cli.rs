@@ -582,3 +582,33 @@ fn every_example_parses_validates_and_renders_its_target() {
     }
     assert!(seen >= 5, "found {seen} examples");
 }
+
+#[test]
+fn bench_reports_positive_throughput_for_the_default_backend() {
+    let o = run(&[
+        os("bench"),
+        os("--backends"),
+        os("ndarray"),
+        os("--sizes"),
+        os("8,16"),
+        os("--batches"),
+        os("2"),
+        os("--seconds"),
+        os("0.2"),
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "bench failed: {}", stderr(&o));
+    for grid in ["8x8x2", "16x16x2"] {
+        let line = out
+            .lines()
+            .find(|l| l.contains(grid))
+            .unwrap_or_else(|| panic!("no {grid} row in: {out}"));
+        let steps: f64 = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no steps/s in {line:?}"));
+        assert!(steps > 0.0 && line.starts_with("ndarray"), "{line}");
+    }
+    fails_with(&[os("bench"), os("--seconds"), os("0")], &["--seconds"]);
+}

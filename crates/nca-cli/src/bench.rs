@@ -1,0 +1,157 @@
+//! `nca-cli bench`: a quick training-throughput check of every compiled backend, so a
+//! user can pick one without reading criterion output.
+//!
+//! Each measurement runs the real training loop (`nca_api::train`: noise, step, Adam,
+//! spike check, clamp) on a solid-red target for a fixed wall time after a short warm-up.
+//! The criterion benches in `benches/` are the careful version of this.
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use nca_api::{ConstantNoise, HostTensor, LoopOptions, NcaConfig, Progress, StepContext, Trainer};
+
+use crate::backend::{dispatch, Backend, Job};
+
+/// Settings of one `bench` invocation.
+#[derive(Clone, Debug)]
+pub struct BenchArgs {
+    /// Backends to measure.
+    pub backends: Vec<Backend>,
+    /// Grid sides.
+    pub sizes: Vec<usize>,
+    /// Batch sizes.
+    pub batches: Vec<usize>,
+    /// Wall time per measurement.
+    pub seconds: f64,
+}
+
+/// One measured workload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Measurement {
+    /// Backend name.
+    pub backend: &'static str,
+    /// Grid side.
+    pub size: usize,
+    /// Batch size.
+    pub batch: usize,
+    /// Training steps per second.
+    pub steps_per_second: f64,
+}
+
+impl Measurement {
+    /// Cells updated per second (steps/s × B·H·W).
+    pub fn cells_per_second(&self) -> f64 {
+        self.steps_per_second * (self.size * self.size * self.batch) as f64
+    }
+}
+
+struct Measure {
+    cfg: NcaConfig,
+    budget: Duration,
+}
+
+impl Job for Measure {
+    type Output = f64;
+
+    fn run<T: Trainer>(self, mut trainer: T, _backend: Backend) -> Result<f64> {
+        let cfg = self.cfg;
+        let mut target = HostTensor::zeros(&cfg.target_shape());
+        let plane = cfg.grid.height * cfg.grid.width;
+        for b in 0..cfg.grid.batch {
+            let at = b * cfg.model.visible_channels * plane;
+            target.data_mut()[at..at + plane].fill(1.0);
+        }
+        let mut state = nca_api::start(&mut trainer, &cfg, &target)?;
+        let schedule = ConstantNoise::from(&cfg.noise);
+        let options = LoopOptions::from_config(&cfg);
+        let mut progress = Progress::default();
+        // Warm-up: buffers, caches, device kernels.
+        let mut warm = |ctx: &StepContext<'_, T>| {
+            Ok(if ctx.info.step >= 3 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            })
+        };
+        nca_api::train(
+            &mut trainer,
+            &mut state,
+            &schedule,
+            &options,
+            &mut progress,
+            &mut warm,
+        )?;
+        trainer.synchronize()?;
+        let start = Instant::now();
+        let first = progress.step;
+        let budget = self.budget;
+        let mut timed = |_: &StepContext<'_, T>| {
+            Ok(if start.elapsed() >= budget {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            })
+        };
+        nca_api::train(
+            &mut trainer,
+            &mut state,
+            &schedule,
+            &options,
+            &mut progress,
+            &mut timed,
+        )?;
+        trainer.synchronize()?;
+        Ok((progress.step - first) as f64 / start.elapsed().as_secs_f64())
+    }
+}
+
+/// Measures every backend × workload; a backend that cannot start (e.g. no GPU) is
+/// reported and skipped.
+pub fn bench_command(args: &BenchArgs) -> Result<Vec<Measurement>> {
+    let mut out = Vec::new();
+    println!(
+        "{:<12} {:>12} {:>12} {:>16}",
+        "backend", "grid", "steps/s", "Mcells·steps/s"
+    );
+    for &backend in &args.backends {
+        for &size in &args.sizes {
+            for &batch in &args.batches {
+                let mut cfg = NcaConfig::default();
+                cfg.grid.height = size;
+                cfg.grid.width = size;
+                cfg.grid.batch = batch;
+                // Long enough never to stop on `steps`; the observer stops on time.
+                cfg.training.steps = u64::MAX;
+                cfg.validate().context("benchmark grid")?;
+                let job = Measure {
+                    cfg: cfg.clone(),
+                    budget: Duration::from_secs_f64(args.seconds),
+                };
+                match dispatch(backend, &cfg.model, &cfg.training.optimizer(), job) {
+                    Ok(steps_per_second) => {
+                        let m = Measurement {
+                            backend: backend.name(),
+                            size,
+                            batch,
+                            steps_per_second,
+                        };
+                        println!(
+                            "{:<12} {:>12} {:>12.1} {:>16.2}",
+                            m.backend,
+                            format!("{size}x{size}x{batch}"),
+                            m.steps_per_second,
+                            m.cells_per_second() / 1e6
+                        );
+                        out.push(m);
+                    }
+                    Err(e) => {
+                        println!("{:<12} skipped: {e:#}", backend.name());
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
