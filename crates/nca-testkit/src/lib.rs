@@ -16,6 +16,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed check
 
 pub mod checks;
+pub mod cross;
 pub mod reference;
 
 use std::path::PathBuf;
