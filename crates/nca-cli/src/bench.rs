@@ -66,43 +66,33 @@ impl Job for Measure {
         let schedule = ConstantNoise::from(&cfg.noise);
         let options = LoopOptions::from_config(&cfg);
         let mut progress = Progress::default();
+        // Runs the real loop until `done` holds, then waits for queued device work.
+        let mut run_until = |done: &dyn Fn(&StepContext<'_, T>) -> bool| -> Result<()> {
+            let mut observer = |ctx: &StepContext<'_, T>| {
+                Ok(if done(ctx) {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                })
+            };
+            nca_api::train(
+                &mut trainer,
+                &mut state,
+                &schedule,
+                &options,
+                &mut progress,
+                &mut observer,
+            )?;
+            trainer.synchronize()?;
+            Ok(())
+        };
         // Warm-up: buffers, caches, device kernels.
-        let mut warm = |ctx: &StepContext<'_, T>| {
-            Ok(if ctx.info.step >= 3 {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            })
-        };
-        nca_api::train(
-            &mut trainer,
-            &mut state,
-            &schedule,
-            &options,
-            &mut progress,
-            &mut warm,
-        )?;
-        trainer.synchronize()?;
+        run_until(&|ctx| ctx.info.step >= 3)?;
         let start = Instant::now();
-        let first = progress.step;
         let budget = self.budget;
-        let mut timed = |_: &StepContext<'_, T>| {
-            Ok(if start.elapsed() >= budget {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            })
-        };
-        nca_api::train(
-            &mut trainer,
-            &mut state,
-            &schedule,
-            &options,
-            &mut progress,
-            &mut timed,
-        )?;
-        trainer.synchronize()?;
-        Ok((progress.step - first) as f64 / start.elapsed().as_secs_f64())
+        run_until(&|_| start.elapsed() >= budget)?;
+        let steps = progress.step - 3;
+        Ok(steps as f64 / start.elapsed().as_secs_f64())
     }
 }
 
