@@ -27,8 +27,8 @@ pub struct Cli {
     /// RON run file to train with (see crates/nca-cli/README.md for the format).
     #[arg(value_name = "RUN.ron", required = true)]
     pub config: Option<PathBuf>,
-    /// Run directory [default: output.dir of the run file, else runs/<run file stem>;
-    /// with --resume, the checkpoint's directory].
+    /// Run directory (default: output.dir of the run file, else runs/STEM where STEM is
+    /// the run file's name without extension; with --resume, the checkpoint's directory).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Continue training from a checkpoint written by an earlier run.

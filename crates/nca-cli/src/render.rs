@@ -19,7 +19,7 @@ use plotters::style::FontStyle;
 /// The font all text is drawn with (DejaVu Sans, Bitstream Vera licence in `assets/`).
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
-/// Font family name under which [`FONT`] is registered.
+/// Font family name under which the bundled DejaVu Sans is registered.
 pub const FONT_FAMILY: &str = "sans-serif";
 
 /// Gap in pixels between tiles of a sheet.

@@ -1,7 +1,7 @@
 //! The default `nca` backend: pure Rust, no autodiff crate.
 //!
 //! The convolutional-attention transition runs as one fused per-cell kernel whose
-//! backward pass is written by hand ([`kernel`] documents the derivation) and checked
+//! backward pass is written by hand (`src/kernel.rs` documents the derivation) and checked
 //! against the golden vectors and f64 finite differences by `nca-testkit`. Adam follows
 //! PyTorch (β = (0.9, 0.999), eps 1e-8, bias-corrected). Work is split across threads
 //! with rayon in units that depend only on the grid shape, so results are reproducible
