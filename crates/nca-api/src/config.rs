@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::ConfigError;
+use crate::error::{ConfigError, TensorError};
 
 /// The learning rate used when a config does not set one.
 ///
@@ -70,6 +70,17 @@ impl ModelConfig {
     /// Total channels C = visible + hidden.
     pub fn channels(&self) -> usize {
         self.visible_channels + self.hidden_channels
+    }
+
+    /// `[B, C, H, W]` of a state shape that fits this model: C channels, no empty axis.
+    pub fn check_state(&self, shape: &[usize]) -> Result<[usize; 4], TensorError> {
+        check_grid("state", shape, self.channels())
+    }
+
+    /// `[B, V, H, W]` of a target shape that fits this model: V visible channels, no
+    /// empty axis.
+    pub fn check_target(&self, shape: &[usize]) -> Result<[usize; 4], TensorError> {
+        check_grid("target", shape, self.visible_channels)
     }
 
     /// Checks ranges; the error names the field.
@@ -252,6 +263,27 @@ impl NcaConfig {
     }
 }
 
+fn check_grid(what: &str, shape: &[usize], channels: usize) -> Result<[usize; 4], TensorError> {
+    let [b, c, h, w] = match *shape {
+        [b, c, h, w] => [b, c, h, w],
+        _ => {
+            return Err(TensorError::WrongRank {
+                what: what.into(),
+                expected: 4,
+                found: shape.to_vec(),
+            })
+        }
+    };
+    if c != channels || b == 0 || h == 0 || w == 0 {
+        return Err(TensorError::WrongShape {
+            what: format!("{what} [B, C, H, W] (B, H, W must be non-zero)"),
+            expected: vec![b.max(1), channels, h.max(1), w.max(1)],
+            found: shape.to_vec(),
+        });
+    }
+    Ok([b, c, h, w])
+}
+
 fn positive(field: &str, value: usize) -> Result<(), ConfigError> {
     if value == 0 {
         Err(ConfigError {
@@ -300,6 +332,19 @@ mod tests {
         assert_eq!(cfg.training.steps, 10_000);
         assert_eq!(cfg.model.attention_dim, 16);
         assert!(cfg.model.position_embeddings);
+    }
+
+    #[test]
+    fn state_and_target_shapes_are_checked() {
+        let m = ModelConfig {
+            hidden_channels: 2,
+            ..ModelConfig::default()
+        };
+        assert_eq!(m.check_state(&[2, 5, 4, 3]), Ok([2, 5, 4, 3]));
+        assert_eq!(m.check_target(&[2, 3, 4, 3]), Ok([2, 3, 4, 3]));
+        assert!(m.check_state(&[2, 3, 4, 3]).is_err());
+        assert!(m.check_state(&[2, 5, 0, 3]).is_err());
+        assert!(m.check_target(&[3, 4, 3]).is_err());
     }
 
     #[test]

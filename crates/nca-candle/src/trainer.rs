@@ -109,15 +109,7 @@ impl CandleTrainer {
 
 impl Trainer for CandleTrainer {
     fn set_target(&mut self, target: &HostTensor) -> Result<(), Error> {
-        let [_, v, _, _] = target.dims4("target")?;
-        if v != self.model.visible_channels {
-            return Err(nca_api::TensorError::WrongShape {
-                what: "target channels".into(),
-                expected: vec![self.model.visible_channels],
-                found: vec![v],
-            }
-            .into());
-        }
+        self.model.check_target(target.shape())?;
         self.target = Some(self.to_device(target)?);
         Ok(())
     }

@@ -275,7 +275,7 @@ impl Transition for CandleTrainer {
     }
 
     fn upload(&self, host: &HostTensor) -> Result<Tensor, Error> {
-        host.dims4("state")?;
+        self.model.check_state(host.shape())?;
         let t = self.to_device(host)?;
         self.check_state(&t)?;
         Ok(t)

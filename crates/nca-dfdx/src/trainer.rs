@@ -7,8 +7,7 @@
 
 use dfdx::prelude::*;
 use nca_api::{
-    AdamState, FlatAdam, HostTensor, ModelConfig, OptimizerConfig, TensorError, Trainer,
-    Transition, Weights,
+    AdamState, FlatAdam, HostTensor, ModelConfig, OptimizerConfig, Trainer, Transition, Weights,
 };
 
 use crate::transition::{cells_to_state, forward, Params, State, T2};
@@ -132,15 +131,7 @@ impl DfdxTrainer {
 
 impl Trainer for DfdxTrainer {
     fn set_target(&mut self, target: &HostTensor) -> Result<(), Error> {
-        let [b, v, h, w] = target.dims4("target")?;
-        if v != self.model.visible_channels || b == 0 || h == 0 || w == 0 {
-            return Err(TensorError::WrongShape {
-                what: "target (B, H, W must be non-zero)".into(),
-                expected: vec![b.max(1), self.model.visible_channels, h.max(1), w.max(1)],
-                found: target.shape().to_vec(),
-            }
-            .into());
-        }
+        let [b, v, h, w] = self.model.check_target(target.shape())?;
         let plane = h * w;
         let mut cells = vec![0.0; target.len()];
         for (i, &x) in target.data().iter().enumerate() {

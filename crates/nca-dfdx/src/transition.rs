@@ -320,14 +320,7 @@ impl DfdxTrainer {
     /// Checks that `state` is `[B, C, H, W]` for this model with a non-empty grid.
     pub(crate) fn check_state(&self, shape: (usize, usize, usize, usize)) -> Result<(), Error> {
         let (b, c, h, w) = shape;
-        if c != self.model.channels() || b == 0 || h == 0 || w == 0 {
-            return Err(TensorError::WrongShape {
-                what: "state (B, H, W must be non-zero)".into(),
-                expected: vec![b.max(1), self.model.channels(), h.max(1), w.max(1)],
-                found: vec![b, c, h, w],
-            }
-            .into());
-        }
+        self.model.check_state(&[b, c, h, w])?;
         Ok(())
     }
 

@@ -125,15 +125,7 @@ impl NdarrayTrainer {
     }
 
     fn check_state(&self, state: &State) -> Result<Geometry, Error> {
-        let (b, c, h, w) = state.dim();
-        if c != self.model.channels() || h == 0 || w == 0 || b == 0 {
-            return Err(TensorError::WrongShape {
-                what: "state".into(),
-                expected: vec![b, self.model.channels(), h.max(1), w.max(1)],
-                found: vec![b, c, h, w],
-            }
-            .into());
-        }
+        let [b, _, h, w] = self.model.check_state(state.shape())?;
         Ok(Geometry::new(b, h, w))
     }
 
@@ -217,15 +209,7 @@ impl Transition for NdarrayTrainer {
     }
 
     fn upload(&self, host: &HostTensor) -> Result<State, Error> {
-        let [b, c, h, w] = host.dims4("state")?;
-        if c != self.model.channels() {
-            return Err(TensorError::WrongShape {
-                what: "state".into(),
-                expected: vec![b, self.model.channels(), h, w],
-                found: host.shape().to_vec(),
-            }
-            .into());
-        }
+        let [b, c, h, w] = self.model.check_state(host.shape())?;
         Array4::from_shape_vec((b, c, h, w), host.data().to_vec()).map_err(|_| {
             Error::Tensor(TensorError::ShapeMismatch {
                 expected: host.shape().to_vec(),
@@ -303,15 +287,7 @@ impl Transition for NdarrayTrainer {
 
 impl Trainer for NdarrayTrainer {
     fn set_target(&mut self, target: &HostTensor) -> Result<(), Error> {
-        let [b, v, h, w] = target.dims4("target")?;
-        if v != self.model.visible_channels {
-            return Err(TensorError::WrongShape {
-                what: "target".into(),
-                expected: vec![b, self.model.visible_channels, h, w],
-                found: target.shape().to_vec(),
-            }
-            .into());
-        }
+        let [b, v, h, w] = self.model.check_target(target.shape())?;
         let planar = kernel::row_planar_target(target.data(), b, v, h, w);
         self.target = Some((planar, [b, h, w]));
         Ok(())

@@ -583,3 +583,32 @@ pub fn weights_and_adam_state_round_trip<H: Harness>() {
         "mismatched shapes must be an error"
     );
 }
+
+/// Wrong shapes are errors, never panics or silent garbage: a state or target with the
+/// wrong channel count, an empty grid, and a target whose grid differs from the state's.
+pub fn wrong_shapes_are_errors<H: Harness>() {
+    let model = ModelConfig::default();
+    let mut t = build::<H>(&model, &OptimizerConfig::default());
+    assert!(
+        t.upload(&HostTensor::zeros(&[1, 4, 5, 5])).is_err(),
+        "4-channel state for a 3-channel model"
+    );
+    assert!(
+        t.upload(&HostTensor::zeros(&[1, 3, 0, 5])).is_err(),
+        "empty grid"
+    );
+    assert!(
+        t.upload(&HostTensor::zeros(&[3, 5, 5])).is_err(),
+        "rank-3 state"
+    );
+    assert!(
+        t.set_target(&HostTensor::zeros(&[1, 2, 5, 5])).is_err(),
+        "2-channel target"
+    );
+    t.set_target(&HostTensor::zeros(&[1, 3, 6, 5])).unwrap();
+    let mut state = t.upload(&HostTensor::zeros(&[1, 3, 5, 5])).unwrap();
+    assert!(
+        t.train_step(&mut state).is_err(),
+        "target grid 6×5 against a 5×5 state"
+    );
+}

@@ -109,6 +109,7 @@ macro_rules! conformance_tests {
             same_seed_same_losses,
             hidden_channels_do_not_enter_the_loss,
             weights_and_adam_state_round_trip,
+            wrong_shapes_are_errors,
         );
     };
     (@each $harness:ty [$($attr:tt)*] $check:ident, $($rest:ident,)*) => {
