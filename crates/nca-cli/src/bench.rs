@@ -96,15 +96,17 @@ impl Job for Measure {
     }
 }
 
-/// Measures every backend × workload; a backend that cannot start (e.g. no GPU) is
-/// reported and skipped.
+/// Measures every backend × workload. A failure is reported and the next workload tried
+/// (a large grid may not fit in memory), except that a backend whose first workload fails
+/// (e.g. no GPU) is skipped as a whole.
 pub fn bench_command(args: &BenchArgs) -> Result<Vec<Measurement>> {
     let mut out = Vec::new();
     println!(
         "{:<12} {:>12} {:>12} {:>16}",
         "backend", "grid", "steps/s", "Mcells·steps/s"
     );
-    for &backend in &args.backends {
+    'backends: for &backend in &args.backends {
+        let mut measured_any = false;
         for &size in &args.sizes {
             for &batch in &args.batches {
                 let mut cfg = NcaConfig::default();
@@ -134,10 +136,18 @@ pub fn bench_command(args: &BenchArgs) -> Result<Vec<Measurement>> {
                             m.cells_per_second() / 1e6
                         );
                         out.push(m);
+                        measured_any = true;
+                    }
+                    Err(e) if !measured_any => {
+                        println!("{:<12} skipped: {e:#}", backend.name());
+                        continue 'backends;
                     }
                     Err(e) => {
-                        println!("{:<12} skipped: {e:#}", backend.name());
-                        break;
+                        println!(
+                            "{:<12} {:>12} failed: {e:#}",
+                            backend.name(),
+                            format!("{size}x{size}x{batch}")
+                        );
                     }
                 }
             }

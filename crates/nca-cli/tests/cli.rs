@@ -612,3 +612,29 @@ fn bench_reports_positive_throughput_for_the_default_backend() {
     }
     fails_with(&[os("bench"), os("--seconds"), os("0")], &["--seconds"]);
 }
+
+#[test]
+fn bench_skips_a_backend_that_cannot_start_once_and_measures_the_rest() {
+    // candle-cuda is either not compiled in or has no GPU here; on a GPU machine it
+    // measures both grids instead.
+    let o = run(&[
+        os("bench"),
+        os("--backends"),
+        os("candle-cuda,ndarray"),
+        os("--sizes"),
+        os("8,16"),
+        os("--batches"),
+        os("1"),
+        os("--seconds"),
+        os("0.1"),
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "bench failed: {}", stderr(&o));
+    let rows = |prefix: &str| out.lines().filter(|l| l.starts_with(prefix)).count();
+    let skipped = out.lines().filter(|l| l.contains("skipped")).count();
+    assert!(
+        (skipped == 1 && rows("candle-cuda") == 1) || (skipped == 0 && rows("candle-cuda") == 2),
+        "candle-cuda must be skipped once or measured twice: {out}"
+    );
+    assert_eq!(rows("ndarray"), 2, "{out}");
+}
