@@ -1,35 +1,11 @@
 //! A checkpoint trained on candle rolls out to the same state on nca-ndarray, and the
-//! other way round (the check lives in `nca_testkit::cross`).
+//! other way round (the check lives in `nca_testkit::cross`); on CUDA too with
+//! `--features cuda` (ignored without a GPU).
 
-use nca_api::{ModelConfig, OptimizerConfig};
+mod common;
+
+use common::{CandleCpu, Ndarray};
 use nca_testkit::cross::checkpoint_rolls_out_identically;
-use nca_testkit::Harness;
-
-struct CandleCpu;
-
-impl Harness for CandleCpu {
-    type Backend = nca_candle::CandleTrainer;
-
-    fn create(
-        model: &ModelConfig,
-        optim: &OptimizerConfig,
-    ) -> Result<nca_candle::CandleTrainer, nca_candle::Error> {
-        nca_candle::CandleTrainer::cpu(model, optim)
-    }
-}
-
-struct Ndarray;
-
-impl Harness for Ndarray {
-    type Backend = nca_ndarray::NdarrayTrainer;
-
-    fn create(
-        model: &ModelConfig,
-        optim: &OptimizerConfig,
-    ) -> Result<nca_ndarray::NdarrayTrainer, nca_ndarray::Error> {
-        nca_ndarray::NdarrayTrainer::new(model, optim)
-    }
-}
 
 #[test]
 fn candle_checkpoint_rolls_out_the_same_on_ndarray() {
@@ -39,4 +15,22 @@ fn candle_checkpoint_rolls_out_the_same_on_ndarray() {
 #[test]
 fn ndarray_checkpoint_rolls_out_the_same_on_candle() {
     checkpoint_rolls_out_identically::<Ndarray, CandleCpu>();
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::common::{CandleCuda, Ndarray};
+    use nca_testkit::cross::checkpoint_rolls_out_identically;
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: run with --ignored on a CUDA machine"]
+    fn cuda_checkpoint_rolls_out_the_same_on_ndarray() {
+        checkpoint_rolls_out_identically::<CandleCuda, Ndarray>();
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: run with --ignored on a CUDA machine"]
+    fn ndarray_checkpoint_rolls_out_the_same_on_cuda() {
+        checkpoint_rolls_out_identically::<Ndarray, CandleCuda>();
+    }
 }
