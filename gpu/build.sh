@@ -3,7 +3,7 @@
 # machine without a GPU, into gpu/bundle/ (git-ignored), ready to be carried there and run
 # by gpu/run.sh. See gpu/README.md.
 #
-# Cost on 2 cores: ~20 min the first time (candle's CUDA kernels), then seconds.
+# Cost on 2 cores: ~15 min the first time (mostly candle's CUDA kernels), then seconds.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -16,18 +16,26 @@ bundle=gpu/bundle
 rm -rf "$bundle"
 mkdir -p "$bundle"
 
-# The test executables, named after their test file (conformance, cross_backend, api).
-cargo test -p nca-candle --features cuda --no-run --message-format=json \
+# One cargo invocation for every CUDA target, with the same packages and features as
+# .ci/cuda-check: different feature sets would compile candle's kernels again (~10 min).
+# Keeps nca-candle's test executables (conformance, cross_backend, api) and nca-cli.
+cargo test --no-run -p nca-candle -p nca-cli -p nca-benches \
+    --features nca-candle/cuda,nca-cli/candle-cuda,nca-benches/cuda --message-format=json-render-diagnostics \
     | python3 -c '
 import json, shutil, sys
 for line in sys.stdin:
     msg = json.loads(line)
-    if msg.get("reason") == "compiler-artifact" and msg.get("executable") \
-            and msg["profile"]["test"] and msg["target"]["kind"] == ["test"]:
-        shutil.copy(msg["executable"], sys.argv[1] + "/" + msg["target"]["name"])
+    if msg.get("reason") != "compiler-artifact" or not msg.get("executable"):
+        continue
+    target = msg["target"]
+    if target["kind"] == ["test"] and "nca-candle" in msg["package_id"]:
+        shutil.copy(msg["executable"], sys.argv[1] + "/" + target["name"])
+    elif target["kind"] == ["bin"] and target["name"] == "nca-cli":
+        shutil.copy(msg["executable"], sys.argv[1] + "/nca-cli")
 ' "$bundle"
-cargo build -p nca-cli --features candle-cuda
-cp "$CARGO_TARGET_DIR/debug/nca-cli" "$bundle/nca-cli"
+for name in api conformance cross_backend nca-cli; do
+    [ -f "$bundle/$name" ] || { echo "gpu/build.sh: no $name was built" >&2; exit 1; }
+done
 
 strip "$bundle"/*
 # ~50 MiB each stripped, mostly candle's kernels (PTX and cubins); xz makes that ~6 MiB.
