@@ -3,7 +3,7 @@
 # machine without a GPU, into gpu/bundle/ (git-ignored), ready to be carried there and run
 # by gpu/run.sh. See gpu/README.md.
 #
-# Cost on 2 cores: ~15 min the first time (mostly candle's CUDA kernels), then seconds.
+# Cost on 2 cores: ~15 min the first time (mostly candle's CUDA kernels), then 1-4 min.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
