@@ -77,6 +77,12 @@ impl Checkpoint {
             ("D", m.attention_dim.to_string()),
             ("visible_channels", m.visible_channels.to_string()),
             ("position_embeddings", m.position_embeddings.to_string()),
+            (
+                "position_octaves",
+                m.position_octaves
+                    .map_or_else(|| "none".to_string(), |l| l.to_string()),
+            ),
+            ("mlp_hidden", m.mlp_hidden.unwrap_or(0).to_string()),
         ];
         for (k, v) in meta {
             file.metadata.insert(k.into(), v);
@@ -103,7 +109,7 @@ impl Checkpoint {
                  be read with TensorFile and Weights::from_lookup)"
             ))
         })?;
-        let config: NcaConfig = serde_json::from_str(config_json)
+        let config = parse_config(config_json)
             .map_err(|e| format(format!("metadata `{META_CONFIG}`: {e}")))?;
         config
             .validate()
@@ -157,6 +163,19 @@ impl Checkpoint {
     }
 }
 
+/// Parses a checkpoint's stored config. Checkpoints written before the position inputs
+/// and the MLP existed lack those fields; they hold the plain model, so a missing field
+/// means "off" here rather than today's default.
+fn parse_config(json: &str) -> Result<NcaConfig, serde_json::Error> {
+    let mut value: serde_json::Value = serde_json::from_str(json)?;
+    if let Some(model) = value.get_mut("model").and_then(|m| m.as_object_mut()) {
+        for field in ["position_octaves", "mlp_hidden"] {
+            model.entry(field).or_insert(serde_json::Value::Null);
+        }
+    }
+    serde_json::from_value(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,7 +187,9 @@ mod tests {
         let config = NcaConfig::default();
         let mut adam = AdamState::new(&config.model);
         adam.step = 12;
-        adam.m.wq.data_mut()[0] = 0.5;
+        if let Some(wq) = adam.m.get_mut("wq") {
+            wq.data_mut()[0] = 0.5;
+        }
         let ckpt = Checkpoint {
             weights: Weights::init(&config.model, 3),
             adam: Some(adam),
@@ -187,5 +208,19 @@ mod tests {
         let leftovers = std::fs::read_dir(&dir).expect("list").count();
         assert_eq!(leftovers, 1, "no temporary file left behind");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_config_without_the_new_options_is_the_plain_model() {
+        let mut json: serde_json::Value =
+            serde_json::to_value(NcaConfig::default()).expect("serialise");
+        let model = json["model"].as_object_mut().expect("model");
+        model.remove("position_octaves");
+        model.remove("mlp_hidden");
+        let config = parse_config(&json.to_string()).expect("parse");
+        assert_eq!(config.model, crate::ModelConfig::plain());
+        let config = parse_config(&serde_json::to_string(&NcaConfig::default()).expect("json"))
+            .expect("parse");
+        assert_eq!(config, NcaConfig::default());
     }
 }

@@ -37,6 +37,9 @@ pub enum TensorError {
     /// A tensor needed by the model is absent.
     #[error("missing tensor `{0}`")]
     Missing(String),
+    /// A tensor the model does not have was given.
+    #[error("unexpected tensor `{0}`")]
+    Unexpected(String),
 }
 
 /// A configuration value is out of range or inconsistent.

@@ -16,6 +16,7 @@ pub mod error;
 pub mod io;
 pub mod noise;
 pub mod optim;
+pub mod position;
 pub mod tensor;
 pub mod train;
 pub mod traits;
@@ -24,7 +25,7 @@ pub mod weights;
 pub use checkpoint::Checkpoint;
 pub use config::{
     GridConfig, ModelConfig, NcaConfig, NoiseConfig, OptimizerConfig, TrainingConfig,
-    DEFAULT_LEARNING_RATE,
+    DEFAULT_GRAD_CLIP, DEFAULT_LEARNING_RATE, MAX_MLP_HIDDEN, MAX_POSITION_OCTAVES,
 };
 pub use error::{ConfigError, IoError, TensorError, TrainError};
 pub use io::TensorFile;
@@ -36,4 +37,4 @@ pub use train::{
     RolloutOptions, StepContext, StepInfo, StopReason, TrainOutcome,
 };
 pub use traits::{AdamState, NoiseSchedule, Trainer, Transition};
-pub use weights::{Weights, NEIGHBOURS, WEIGHT_NAMES};
+pub use weights::{FlatLayout, Init, ParamSpec, Weights, NEIGHBOURS, WEIGHT_NAMES};

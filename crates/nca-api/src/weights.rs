@@ -1,4 +1,5 @@
-//! The transition's parameters as plain tensors, with PyTorch-like initialisation.
+//! The transition's parameters as plain tensors: one parameter list derived from the
+//! model config ([`ModelConfig::parameters`]), with PyTorch-like initialisation.
 
 use rand::{Rng, SeedableRng};
 
@@ -6,167 +7,236 @@ use crate::config::ModelConfig;
 use crate::error::TensorError;
 use crate::tensor::HostTensor;
 
-/// Names of every weight tensor, in the order used by [`Weights::flatten`].
+/// Every parameter name a model can have, in the order of [`ModelConfig::parameters`]
+/// (and so of [`Weights::flatten`]).
 ///
 /// These are the tensor names of `testdata/README.md`, so files open unchanged in
-/// PyTorch or NumPy. `pk` and `pv` exist only with position embeddings.
-pub const WEIGHT_NAMES: [&str; 10] = ["wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "pk", "pv"];
+/// PyTorch or NumPy. `pk`/`pv` exist only with position embeddings, `w1`/`b1` only with
+/// the MLP update.
+pub const WEIGHT_NAMES: [&str; 12] = [
+    "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "pk", "pv", "w1", "b1",
+];
 
 /// Number of cells in the 3×3 neighbourhood.
 pub const NEIGHBOURS: usize = 9;
 
+/// How a parameter is initialised by [`Weights::init`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// All zeros (the output projection, so that `f(s) = 0` at first).
+    Zero,
+    /// Uniform in `[-bound, bound)`, like PyTorch's `nn.Linear` with `bound = 1/√fan_in`.
+    Uniform {
+        /// Half-width of the interval.
+        bound: f32,
+    },
+}
+
+/// One entry of a model's parameter list: name, shape and initialisation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    /// Tensor name (one of [`WEIGHT_NAMES`]).
+    pub name: &'static str,
+    /// Shape, outermost first.
+    pub shape: Vec<usize>,
+    /// How [`Weights::init`] draws it.
+    pub init: Init,
+}
+
+impl ParamSpec {
+    /// Number of scalars in the tensor.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// True for a tensor without elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where each parameter lives in the flat vector of [`Weights::flatten`].
+///
+/// Backends that keep all parameters in one buffer index it with this instead of
+/// writing the list out again.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlatLayout {
+    entries: Vec<(&'static str, usize, usize)>,
+    len: usize,
+}
+
+impl FlatLayout {
+    /// The layout of `model`'s parameters.
+    pub fn new(model: &ModelConfig) -> Self {
+        let mut entries = Vec::new();
+        let mut offset = 0;
+        for spec in model.parameters() {
+            entries.push((spec.name, offset, spec.len()));
+            offset += spec.len();
+        }
+        Self {
+            entries,
+            len: offset,
+        }
+    }
+
+    /// `(offset, len)` of `name`, or `None` when the model has no such parameter.
+    pub fn get(&self, name: &str) -> Option<(usize, usize)> {
+        self.entries
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|&(_, o, l)| (o, l))
+    }
+
+    /// Offset of `name`, or `None` when the model has no such parameter.
+    pub fn offset(&self, name: &str) -> Option<usize> {
+        self.get(name).map(|(o, _)| o)
+    }
+
+    /// Total number of scalars.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the model has no parameter (never for a valid model).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// Parameters of the convolutional-attention transition (or gradients / Adam moments of
-/// the same shapes).
+/// the same shapes), in the order of [`ModelConfig::parameters`].
+///
+/// ```
+/// use nca_api::{ModelConfig, Weights};
+/// let model = ModelConfig::default();
+/// let w = Weights::init(&model, 0);
+/// assert_eq!(w.get("wq").map(|t| t.shape().to_vec()), Some(vec![16, 3 + 26]));
+/// assert!(w.get("wo").is_some_and(|t| t.data().iter().all(|&x| x == 0.0)));
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Weights {
-    /// Query projection `[D, C]`.
-    pub wq: HostTensor,
-    /// Query bias `[D]`.
-    pub bq: HostTensor,
-    /// Key projection `[D, C]`.
-    pub wk: HostTensor,
-    /// Key bias `[D]`.
-    pub bk: HostTensor,
-    /// Value projection `[D, C]`.
-    pub wv: HostTensor,
-    /// Value bias `[D]`.
-    pub bv: HostTensor,
-    /// Output projection `[C, D]`.
-    pub wo: HostTensor,
-    /// Output bias `[C]`.
-    pub bo: HostTensor,
-    /// Per-offset key embeddings `[9, D]`, present with position embeddings.
-    pub pk: Option<HostTensor>,
-    /// Per-offset value embeddings `[9, D]`, present with position embeddings.
-    pub pv: Option<HostTensor>,
+    tensors: Vec<(&'static str, HostTensor)>,
 }
 
 impl Weights {
     /// All-zero weights for `model` (also the shape of gradients and Adam moments).
     pub fn zeros(model: &ModelConfig) -> Self {
-        let (c, d) = (model.channels(), model.attention_dim);
-        let pos = model
-            .position_embeddings
-            .then(|| HostTensor::zeros(&[NEIGHBOURS, d]));
         Self {
-            wq: HostTensor::zeros(&[d, c]),
-            bq: HostTensor::zeros(&[d]),
-            wk: HostTensor::zeros(&[d, c]),
-            bk: HostTensor::zeros(&[d]),
-            wv: HostTensor::zeros(&[d, c]),
-            bv: HostTensor::zeros(&[d]),
-            wo: HostTensor::zeros(&[c, d]),
-            bo: HostTensor::zeros(&[c]),
-            pk: pos.clone(),
-            pv: pos,
+            tensors: model
+                .parameters()
+                .into_iter()
+                .map(|p| (p.name, HostTensor::zeros(&p.shape)))
+                .collect(),
         }
     }
 
     /// Fresh weights for `model`, reproducible from `seed`.
     ///
-    /// Projections and biases are drawn like PyTorch's `nn.Linear`: uniform in
-    /// `±1/sqrt(fan_in)`. Position embeddings are uniform in `±1/sqrt(D)`. The output
-    /// projection `wo`, `bo` starts at zero so that `f(s) = 0` at first: with a random
-    /// output the trajectory blows up within 2,000 steps (`findings.md` §2).
+    /// Every non-zero parameter is drawn in the order of [`ModelConfig::parameters`] from
+    /// one seeded generator. Parameters added by newer model options come last in that
+    /// list, so a model without them gets exactly the weights it always got for a seed.
     pub fn init(model: &ModelConfig, seed: u64) -> Self {
         let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
         let mut w = Self::zeros(model);
-        let c_bound = 1.0 / (model.channels() as f32).sqrt();
-        let d_bound = 1.0 / (model.attention_dim as f32).sqrt();
-        for t in [
-            &mut w.wq, &mut w.bq, &mut w.wk, &mut w.bk, &mut w.wv, &mut w.bv,
-        ] {
-            fill_uniform(t, c_bound, &mut rng);
-        }
-        for t in [w.pk.as_mut(), w.pv.as_mut()].into_iter().flatten() {
-            fill_uniform(t, d_bound, &mut rng);
+        for (spec, (_, t)) in model.parameters().iter().zip(w.tensors.iter_mut()) {
+            if let Init::Uniform { bound } = spec.init {
+                for x in t.data_mut() {
+                    *x = rng.random_range(-bound..bound);
+                }
+            }
         }
         w
     }
 
-    /// The tensors with their names, in [`WEIGHT_NAMES`] order, skipping absent ones.
-    pub fn named(&self) -> Vec<(&'static str, &HostTensor)> {
-        let mut out = vec![
-            ("wq", &self.wq),
-            ("bq", &self.bq),
-            ("wk", &self.wk),
-            ("bk", &self.bk),
-            ("wv", &self.wv),
-            ("bv", &self.bv),
-            ("wo", &self.wo),
-            ("bo", &self.bo),
-        ];
-        if let Some(pk) = &self.pk {
-            out.push(("pk", pk));
-        }
-        if let Some(pv) = &self.pv {
-            out.push(("pv", pv));
-        }
-        out
+    /// The tensor `name`, or `None` when the model has no such parameter.
+    pub fn get(&self, name: &str) -> Option<&HostTensor> {
+        self.tensors
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| t)
     }
 
-    /// Mutable tensors with their names, in [`WEIGHT_NAMES`] order, skipping absent ones.
+    /// Mutable access to the tensor `name`, or `None` when the model has no such parameter.
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut HostTensor> {
+        self.tensors
+            .iter_mut()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| t)
+    }
+
+    /// The tensor `name`, or [`TensorError::Missing`].
+    pub fn tensor(&self, name: &str) -> Result<&HostTensor, TensorError> {
+        self.get(name)
+            .ok_or_else(|| TensorError::Missing(name.to_string()))
+    }
+
+    /// The tensors with their names, in parameter-list order.
+    pub fn named(&self) -> Vec<(&'static str, &HostTensor)> {
+        self.tensors.iter().map(|(n, t)| (*n, t)).collect()
+    }
+
+    /// Mutable tensors with their names, in parameter-list order.
     pub fn named_mut(&mut self) -> Vec<(&'static str, &mut HostTensor)> {
-        let mut out = vec![
-            ("wq", &mut self.wq),
-            ("bq", &mut self.bq),
-            ("wk", &mut self.wk),
-            ("bk", &mut self.bk),
-            ("wv", &mut self.wv),
-            ("bv", &mut self.bv),
-            ("wo", &mut self.wo),
-            ("bo", &mut self.bo),
-        ];
-        if let Some(pk) = self.pk.as_mut() {
-            out.push(("pk", pk));
-        }
-        if let Some(pv) = self.pv.as_mut() {
-            out.push(("pv", pv));
-        }
-        out
+        self.tensors.iter_mut().map(|(n, t)| (*n, t)).collect()
     }
 
     /// Builds weights for `model` by looking each name up with `get`; checks every shape.
-    ///
-    /// `pk`/`pv` are required exactly when `model.position_embeddings` is set.
     pub fn from_lookup(
         model: &ModelConfig,
         mut get: impl FnMut(&str) -> Option<HostTensor>,
     ) -> Result<Self, TensorError> {
-        let mut w = Self::zeros(model);
-        for (name, slot) in w.named_mut() {
-            let t = get(name).ok_or_else(|| TensorError::Missing(name.to_string()))?;
-            t.expect_shape(name, slot.shape())?;
-            *slot = t;
+        let mut tensors = Vec::new();
+        for spec in model.parameters() {
+            let t = get(spec.name).ok_or_else(|| TensorError::Missing(spec.name.to_string()))?;
+            t.expect_shape(spec.name, &spec.shape)?;
+            tensors.push((spec.name, t));
         }
-        Ok(w)
+        Ok(Self { tensors })
     }
 
-    /// Checks that every tensor has the shape `model` implies.
+    /// Checks that the tensors are exactly `model`'s parameter list: the same names in
+    /// the same order, each with the shape the model implies.
     pub fn check(&self, model: &ModelConfig) -> Result<(), TensorError> {
-        let expected = Self::zeros(model);
-        if self.pk.is_some() != expected.pk.is_some() {
-            return Err(TensorError::Missing(if expected.pk.is_some() {
-                "pk/pv (model.position_embeddings is true)".into()
-            } else {
-                "no pk/pv expected (model.position_embeddings is false)".into()
-            }));
+        let specs = model.parameters();
+        for spec in &specs {
+            if self.get(spec.name).is_none() {
+                return Err(TensorError::Missing(format!(
+                    "{} (required by {})",
+                    spec.name,
+                    requirement(spec.name)
+                )));
+            }
         }
-        for ((name, t), (_, e)) in self.named().into_iter().zip(expected.named()) {
-            t.expect_shape(name, e.shape())?;
+        for (name, _) in &self.tensors {
+            if !specs.iter().any(|s| s.name == *name) {
+                return Err(TensorError::Unexpected(format!(
+                    "{name} (the model has no such parameter: {} is off)",
+                    requirement(name)
+                )));
+            }
+        }
+        for (spec, (name, t)) in specs.iter().zip(&self.tensors) {
+            if spec.name != *name {
+                return Err(TensorError::Unexpected(format!(
+                    "{name} where {} belongs (parameters out of order)",
+                    spec.name
+                )));
+            }
+            t.expect_shape(name, &spec.shape)?;
         }
         Ok(())
     }
 
     /// Total number of scalar parameters.
     pub fn num_params(&self) -> usize {
-        self.named().iter().map(|(_, t)| t.len()).sum()
+        self.tensors.iter().map(|(_, t)| t.len()).sum()
     }
 
-    /// All parameters concatenated in [`WEIGHT_NAMES`] order.
+    /// All parameters concatenated in parameter-list order (see [`FlatLayout`]).
     pub fn flatten(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.num_params());
-        for (_, t) in self.named() {
+        for (_, t) in &self.tensors {
             out.extend_from_slice(t.data());
         }
         out
@@ -182,18 +252,26 @@ impl Weights {
             });
         }
         let mut offset = 0;
-        for (_, t) in self.named_mut() {
+        for (_, t) in &mut self.tensors {
             let n = t.len();
             t.data_mut().copy_from_slice(&flat[offset..offset + n]);
             offset += n;
         }
         Ok(())
     }
+
+    /// True when every parameter is finite.
+    pub fn is_finite(&self) -> bool {
+        self.tensors.iter().all(|(_, t)| t.is_finite())
+    }
 }
 
-fn fill_uniform(t: &mut HostTensor, bound: f32, rng: &mut impl Rng) {
-    for x in t.data_mut() {
-        *x = rng.random_range(-bound..bound);
+/// The model option a parameter belongs to, for error messages.
+fn requirement(name: &str) -> &'static str {
+    match name {
+        "pk" | "pv" => "model.position_embeddings",
+        "w1" | "b1" => "model.mlp_hidden",
+        _ => "every model",
     }
 }
 
@@ -201,20 +279,92 @@ fn fill_uniform(t: &mut HostTensor, bound: f32, rng: &mut impl Rng) {
 mod tests {
     use super::*;
 
+    fn plain() -> ModelConfig {
+        ModelConfig {
+            position_octaves: None,
+            mlp_hidden: None,
+            ..ModelConfig::default()
+        }
+    }
+
     #[test]
     fn init_zeroes_the_output_projection_only() {
-        let w = Weights::init(&ModelConfig::default(), 7);
-        assert!(w.wo.data().iter().all(|&x| x == 0.0));
-        assert!(w.bo.data().iter().all(|&x| x == 0.0));
-        assert!(w.wq.data().iter().any(|&x| x != 0.0));
-        assert!(w
-            .pk
-            .as_ref()
-            .is_some_and(|p| p.data().iter().any(|&x| x != 0.0)));
+        for model in [plain(), ModelConfig::default()] {
+            let w = Weights::init(&model, 7);
+            for (name, t) in w.named() {
+                let zero = t.data().iter().all(|&x| x == 0.0);
+                assert_eq!(zero, name == "wo" || name == "bo", "{name}");
+            }
+            assert_eq!(w, Weights::init(&model, 7));
+            assert_ne!(w, Weights::init(&model, 8));
+        }
+        let w = Weights::init(&plain(), 7);
         let bound = 1.0 / 3f32.sqrt();
-        assert!(w.wk.data().iter().all(|x| x.abs() <= bound));
-        assert_eq!(w, Weights::init(&ModelConfig::default(), 7));
-        assert_ne!(w, Weights::init(&ModelConfig::default(), 8));
+        assert!(w
+            .named()
+            .iter()
+            .all(|(_, t)| t.data().iter().all(|x| x.abs() <= bound)));
+    }
+
+    #[test]
+    fn new_options_do_not_change_the_old_draws() {
+        // The plain model's weights are a prefix of the draws of a model that adds the MLP.
+        let old = Weights::init(&plain(), 3);
+        let mlp = ModelConfig {
+            mlp_hidden: Some(8),
+            ..plain()
+        };
+        let new = Weights::init(&mlp, 3);
+        for (name, t) in old.named() {
+            if name != "wo" {
+                assert_eq!(Some(t), new.get(name), "{name}");
+            }
+        }
+        assert!(new
+            .get("w1")
+            .is_some_and(|t| t.data().iter().any(|&x| x != 0.0)));
+    }
+
+    #[test]
+    fn shapes_follow_the_options() {
+        let model = ModelConfig {
+            position_octaves: Some(2),
+            mlp_hidden: Some(12),
+            attention_dim: 8,
+            ..ModelConfig::default()
+        };
+        let w = Weights::zeros(&model);
+        let shape = |n: &str| w.get(n).map(|t| t.shape().to_vec());
+        assert_eq!(shape("wq"), Some(vec![8, 13]));
+        assert_eq!(shape("w1"), Some(vec![12, 21]));
+        assert_eq!(shape("wo"), Some(vec![3, 12]));
+        assert_eq!(shape("pk"), Some(vec![9, 8]));
+        let layout = FlatLayout::new(&model);
+        assert_eq!(layout.len(), w.num_params());
+        assert_eq!(layout.get("b1"), Some((w.num_params() - 12, 12)));
+    }
+
+    #[test]
+    fn check_compares_the_whole_list() {
+        let with = ModelConfig::default();
+        let without = ModelConfig {
+            position_embeddings: false,
+            ..ModelConfig::default()
+        };
+        assert!(Weights::zeros(&with).check(&with).is_ok());
+        assert!(Weights::zeros(&with).check(&without).is_err());
+        assert!(Weights::zeros(&without).check(&with).is_err());
+        // pk without pv is refused, not padded.
+        let mut half = Weights::zeros(&with);
+        half.tensors.retain(|(n, _)| *n != "pv");
+        let err = half.check(&with).expect_err("pv missing");
+        assert!(err.to_string().contains("pv"), "{err}");
+        let no_mlp = ModelConfig {
+            mlp_hidden: None,
+            ..ModelConfig::default()
+        };
+        let err = Weights::zeros(&with).check(&no_mlp).expect_err("w1 extra");
+        assert!(err.to_string().contains("w1"), "{err}");
     }
 
     #[test]

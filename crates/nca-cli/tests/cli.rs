@@ -261,7 +261,7 @@ fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
     assert!(err.contains("NaN") || err.contains("inf"), "{err}");
     let kept = Checkpoint::load(&ckpt).expect("last good checkpoint still loads");
     assert_eq!(kept.progress.step, 20);
-    assert!(kept.weights.wo.is_finite());
+    assert!(kept.weights.is_finite());
     let s = json(&run_dir.join("summary.json"));
     assert_eq!(s["status"], "diverged");
     let csv = std::fs::read_to_string(run_dir.join("loss.csv")).expect("csv");

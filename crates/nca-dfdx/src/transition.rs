@@ -66,18 +66,18 @@ fn host<S: Shape>(t: &Tensor<S, f32, Cpu>, shape: &[usize]) -> Result<HostTensor
 impl Params {
     /// Uploads weights whose shapes were already checked against the model.
     pub(crate) fn upload(dev: &Cpu, w: &Weights) -> Result<Self, Error> {
-        let opt = |t: &Option<HostTensor>| t.as_ref().map(|t| upload2(dev, t)).transpose();
+        let opt = |n: &str| w.get(n).map(|t| upload2(dev, t)).transpose();
         Ok(Self {
-            wq: upload2(dev, &w.wq)?,
-            bq: upload1(dev, &w.bq)?,
-            wk: upload2(dev, &w.wk)?,
-            bk: upload1(dev, &w.bk)?,
-            wv: upload2(dev, &w.wv)?,
-            bv: upload1(dev, &w.bv)?,
-            wo: upload2(dev, &w.wo)?,
-            bo: upload1(dev, &w.bo)?,
-            pk: opt(&w.pk)?,
-            pv: opt(&w.pv)?,
+            wq: upload2(dev, w.tensor("wq")?)?,
+            bq: upload1(dev, w.tensor("bq")?)?,
+            wk: upload2(dev, w.tensor("wk")?)?,
+            bk: upload1(dev, w.tensor("bk")?)?,
+            wv: upload2(dev, w.tensor("wv")?)?,
+            bv: upload1(dev, w.tensor("bv")?)?,
+            wo: upload2(dev, w.tensor("wo")?)?,
+            bo: upload1(dev, w.tensor("bo")?)?,
+            pk: opt("pk")?,
+            pv: opt("pv")?,
         })
     }
 

@@ -67,6 +67,15 @@ impl Golden {
             attention_dim: meta("D").parse().unwrap(),
             position_embeddings: meta("position_embeddings").to_lowercase() == "true",
             state_clamp: None,
+            position_octaves: file
+                .metadata
+                .get("position_octaves")
+                .and_then(|l| l.parse().ok()),
+            mlp_hidden: file
+                .metadata
+                .get("mlp_hidden")
+                .and_then(|m| m.parse().ok())
+                .filter(|&m: &usize| m > 0),
         };
         Self { model, file }
     }
@@ -254,6 +263,8 @@ pub fn finite_difference_gradients<H: Harness>() {
         attention_dim: 4,
         position_embeddings: true,
         state_clamp: None,
+        position_octaves: None,
+        mlp_hidden: None,
     };
     let mut t = build::<H>(&model, &OptimizerConfig::default());
     let weights = random_weights(&model, 21);
@@ -534,14 +545,13 @@ pub fn hidden_channels_do_not_enter_the_loss<H: Harness>() {
     let (loss_a, grads) = t.loss_and_gradients(&state).unwrap();
     let d = model.attention_dim;
     let hidden_rows = 3 * d..7 * d;
-    assert!(grads.wo.data()[hidden_rows.clone()]
-        .iter()
-        .all(|&g| g == 0.0));
-    assert!(grads.bo.data()[3..].iter().all(|&g| g == 0.0));
-    for x in &mut weights.wo.data_mut()[hidden_rows] {
+    let (gwo, gbo) = (grads.tensor("wo").unwrap(), grads.tensor("bo").unwrap());
+    assert!(gwo.data()[hidden_rows.clone()].iter().all(|&g| g == 0.0));
+    assert!(gbo.data()[3..].iter().all(|&g| g == 0.0));
+    for x in &mut weights.get_mut("wo").unwrap().data_mut()[hidden_rows] {
         *x *= -7.0;
     }
-    weights.bo.data_mut()[3..].fill(5.0);
+    weights.get_mut("bo").unwrap().data_mut()[3..].fill(5.0);
     t.set_weights(&weights).unwrap();
     let (loss_b, _) = t.loss_and_gradients(&state).unwrap();
     assert_eq!(loss_a, loss_b);

@@ -65,7 +65,12 @@ fn trained_checkpoint<T: Trainer>(t: &mut T, cfg: &NcaConfig) -> Weights {
         backend: "under test".into(),
     };
     assert!(
-        ckpt.weights.wo.data().iter().any(|&x| x != 0.0),
+        ckpt.weights
+            .tensor("wo")
+            .unwrap()
+            .data()
+            .iter()
+            .any(|&x| x != 0.0),
         "training must move the output projection away from its zero init"
     );
     let bytes = ckpt.to_file().to_bytes().unwrap();

@@ -25,20 +25,22 @@ fn to64(t: &HostTensor) -> Vec<f64> {
 
 impl W64 {
     fn new(w: &Weights) -> Self {
-        let [d, c] = [w.wq.shape()[0], w.wq.shape()[1]];
+        let get = |n: &str| w.get(n).map(to64).unwrap_or_default();
+        let wq = w.get("wq").map_or(&[0, 0][..], |t| t.shape());
+        let [d, c] = [wq[0], wq[1]];
         Self {
             c,
             d,
-            wq: to64(&w.wq),
-            bq: to64(&w.bq),
-            wk: to64(&w.wk),
-            bk: to64(&w.bk),
-            wv: to64(&w.wv),
-            bv: to64(&w.bv),
-            wo: to64(&w.wo),
-            bo: to64(&w.bo),
-            pk: w.pk.as_ref().map(to64),
-            pv: w.pv.as_ref().map(to64),
+            wq: get("wq"),
+            bq: get("bq"),
+            wk: get("wk"),
+            bk: get("bk"),
+            wv: get("wv"),
+            bv: get("bv"),
+            wo: get("wo"),
+            bo: get("bo"),
+            pk: w.get("pk").map(to64),
+            pv: w.get("pv").map(to64),
         }
     }
 }
