@@ -13,6 +13,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod io;
 pub mod noise;
 pub mod optim;
@@ -27,6 +28,7 @@ pub use config::{
     GridConfig, ModelConfig, NcaConfig, NoiseConfig, OptimizerConfig, TrainingConfig,
     DEFAULT_GRAD_CLIP, DEFAULT_LEARNING_RATE, MAX_MLP_HIDDEN, MAX_POSITION_OCTAVES,
 };
+pub use eval::{psnr_db, regrowth, RegrowthOptions, RegrowthScore, SeedScore};
 pub use error::{ConfigError, IoError, TensorError, TrainError};
 pub use io::TensorFile;
 pub use noise::ConstantNoise;
