@@ -28,8 +28,8 @@ pub use config::{
     GridConfig, ModelConfig, NcaConfig, NoiseConfig, OptimizerConfig, TrainingConfig,
     DEFAULT_GRAD_CLIP, DEFAULT_LEARNING_RATE, MAX_MLP_HIDDEN, MAX_POSITION_OCTAVES,
 };
-pub use eval::{psnr_db, regrowth, RegrowthOptions, RegrowthScore, SeedScore};
 pub use error::{ConfigError, IoError, TensorError, TrainError};
+pub use eval::{psnr_db, regrowth, RegrowthOptions, RegrowthScore, SeedScore};
 pub use io::TensorFile;
 pub use noise::ConstantNoise;
 pub use optim::FlatAdam;
