@@ -24,7 +24,7 @@
 
 use rayon::prelude::*;
 
-use nca_api::NEIGHBOURS;
+use nca_api::{FlatLayout, ModelConfig, NEIGHBOURS};
 
 use crate::simd::{Fused, MulAdd, Separate, F8, LANES};
 
@@ -33,8 +33,10 @@ pub const MAX_DIM: usize = 64;
 /// Largest channel count the per-block scratch supports.
 pub const MAX_CHANNELS: usize = 32;
 
-/// Offsets of each tensor in the flat parameter (and gradient) vector: [`nca_api::Weights`]
-/// order, with `pk`/`pv` always present (zero without position embeddings), then the loss.
+/// Offsets of each tensor in the kernel's parameter (and gradient) vector: the
+/// [`nca_api::FlatLayout`] offsets of the plain model, then, for a model without position
+/// embeddings, `pk`/`pv` appended as private zeros (the kernel always adds them), then
+/// the loss.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Layout {
     pub c: usize,
@@ -49,40 +51,44 @@ pub struct Layout {
     pub bo: usize,
     pub pk: usize,
     pub pv: usize,
+    /// Number of model parameters (the prefix shared with [`nca_api::Weights::flatten`]).
+    pub params: usize,
     pub loss: usize,
     pub len: usize,
 }
 
 impl Layout {
-    pub fn new(c: usize, d: usize) -> Self {
-        let cd = c * d;
-        let wq = 0;
-        let bq = wq + cd;
-        let wk = bq + d;
-        let bk = wk + cd;
-        let wv = bk + d;
-        let bv = wv + cd;
-        let wo = bv + d;
-        let bo = wo + cd;
-        let pk = bo + c;
-        let pv = pk + NEIGHBOURS * d;
-        let loss = pv + NEIGHBOURS * d;
-        Self {
+    /// The layout of a plain model (no position inputs, no MLP), or `None` for any other.
+    pub fn new(model: &ModelConfig) -> Option<Self> {
+        if model.position_octaves.is_some() || model.mlp_hidden.is_some() {
+            return None;
+        }
+        let flat = FlatLayout::new(model);
+        let at = |name: &str| flat.offset(name);
+        let (c, d) = (model.channels(), model.attention_dim);
+        let nd = NEIGHBOURS * d;
+        let params = flat.len();
+        let (pk, pv, loss) = match (at("pk"), at("pv")) {
+            (Some(pk), Some(pv)) => (pk, pv, params),
+            _ => (params, params + nd, params + 2 * nd),
+        };
+        Some(Self {
             c,
             d,
-            wq,
-            bq,
-            wk,
-            bk,
-            wv,
-            bv,
-            wo,
-            bo,
+            wq: at("wq")?,
+            bq: at("bq")?,
+            wk: at("wk")?,
+            bk: at("bk")?,
+            wv: at("wv")?,
+            bv: at("bv")?,
+            wo: at("wo")?,
+            bo: at("bo")?,
             pk,
             pv,
+            params,
             loss,
             len: loss + 1,
-        }
+        })
     }
 }
 
@@ -124,11 +130,11 @@ impl Geometry {
         self.b * self.h * self.w
     }
 
-    fn padded_rows(&self) -> usize {
+    pub fn padded_rows(&self) -> usize {
         self.b * (self.h + 2)
     }
 
-    fn units(&self) -> usize {
+    pub fn units(&self) -> usize {
         self.b * self.units_per_item
     }
 }
@@ -315,7 +321,7 @@ impl Workspace {
 }
 
 /// `[B][H][K][wr]` → `[B][K][H][W]`.
-fn planar_to_nchw(src: &[f32], geo: Geometry, k: usize, dst: &mut [f32]) {
+pub fn planar_to_nchw(src: &[f32], geo: Geometry, k: usize, dst: &mut [f32]) {
     let (h, w, wr) = (geo.h, geo.w, geo.wr);
     dst.par_chunks_mut(h * w)
         .enumerate()

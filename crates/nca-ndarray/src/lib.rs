@@ -22,6 +22,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod dense;
 mod kernel;
 mod simd;
 
@@ -34,6 +35,7 @@ use nca_api::{
     Transition, Weights, NEIGHBOURS,
 };
 
+use dense::{DenseLayout, DenseWorkspace};
 use kernel::{Geometry, Layout, Mode, Workspace, MAX_CHANNELS, MAX_DIM};
 
 /// Errors of the ndarray backend.
@@ -51,6 +53,12 @@ pub enum Error {
         /// Attention dimension requested.
         dim: usize,
     },
+    /// The model's parameter list is not one this backend knows how to compute.
+    #[error("the ndarray backend cannot run this model: {reason}")]
+    Unsupported {
+        /// What is missing.
+        reason: &'static str,
+    },
     /// Training was asked for before a target was set.
     #[error("no target set: call set_target before computing a loss")]
     NoTarget,
@@ -67,22 +75,39 @@ pub enum Error {
 /// The state tensor of this backend: an NCHW `f32` array.
 pub type State = Array4<f32>;
 
+/// How the transition is computed: the fused kernel for the plain model, blocked GEMMs
+/// around a per-cell attention for the picture model.
+enum Engine {
+    /// Plain model (no position inputs, no MLP): one fused per-cell kernel.
+    Fused {
+        /// The parameters in the kernel's [`Layout`] (zero `pk`/`pv` appended without
+        /// position embeddings).
+        kernel_w: Vec<f32>,
+        layout: Layout,
+        workspace: Workspace,
+    },
+    /// Position inputs and/or the MLP update ([`dense`]).
+    Dense {
+        /// `pk` then `pv` (9·D each) as the cells use them: zero without position
+        /// embeddings.
+        pkv: Vec<f32>,
+        layout: DenseLayout,
+        workspace: DenseWorkspace,
+    },
+}
+
 /// The ndarray backend's [`Transition`] and [`Trainer`].
 pub struct NdarrayTrainer {
     model: ModelConfig,
     optim: OptimizerConfig,
     /// Parameters in [`Weights::flatten`] order: the optimiser's view.
     params: Vec<f32>,
-    /// The same parameters in the kernel's [`Layout`] (zero `pk`/`pv` without position
-    /// embeddings).
-    kernel_w: Vec<f32>,
-    layout: Layout,
     /// Gradient in [`Weights::flatten`] order.
     flat_grad: Vec<f32>,
     adam: FlatAdam,
     /// Row-planar target and its `[B, H, W]`.
     target: Option<(Vec<f32>, [usize; 3])>,
-    workspace: Workspace,
+    engine: Engine,
 }
 
 impl NdarrayTrainer {
@@ -96,18 +121,33 @@ impl NdarrayTrainer {
                 dim: d,
             });
         }
+        let engine = match Layout::new(model) {
+            Some(layout) => Engine::Fused {
+                kernel_w: Vec::new(),
+                layout,
+                workspace: Workspace::default(),
+            },
+            None => {
+                let layout = DenseLayout::new(model).ok_or(Error::Unsupported {
+                    reason: "the parameter list lacks a projection",
+                })?;
+                Engine::Dense {
+                    pkv: Vec::new(),
+                    layout,
+                    workspace: DenseWorkspace::new(layout, model.position_octaves),
+                }
+            }
+        };
         let weights = Weights::init(model, 0);
         let n = weights.num_params();
         let mut t = Self {
             model: model.clone(),
             optim: *optim,
             params: weights.flatten(),
-            kernel_w: Vec::new(),
-            layout: Layout::new(c, d),
             flat_grad: vec![0.0; n],
             adam: FlatAdam::new(n),
             target: None,
-            workspace: Workspace::default(),
+            engine,
         };
         t.refresh_kernel_params();
         Ok(t)
@@ -117,11 +157,28 @@ impl NdarrayTrainer {
         Weights::zeros(&self.model)
     }
 
-    /// Rebuilds the kernel's parameter vector from the flat parameters.
+    /// Rebuilds the engine's view of the parameters from the flat parameters.
     fn refresh_kernel_params(&mut self) {
-        self.kernel_w.clear();
-        self.kernel_w.extend_from_slice(&self.params);
-        self.kernel_w.resize(self.layout.loss, 0.0);
+        match &mut self.engine {
+            Engine::Fused {
+                kernel_w, layout, ..
+            } => {
+                kernel_w.clear();
+                kernel_w.extend_from_slice(&self.params);
+                kernel_w.resize(layout.loss, 0.0);
+            }
+            Engine::Dense { pkv, layout, .. } => {
+                let nd = NEIGHBOURS * layout.d;
+                pkv.clear();
+                match layout.pkv() {
+                    Some((pk, pv)) => {
+                        pkv.extend_from_slice(&self.params[pk..pk + nd]);
+                        pkv.extend_from_slice(&self.params[pv..pv + nd]);
+                    }
+                    None => pkv.resize(2 * nd, 0.0),
+                }
+            }
+        }
     }
 
     fn check_state(&self, state: &State) -> Result<Geometry, Error> {
@@ -129,24 +186,11 @@ impl NdarrayTrainer {
         Ok(Geometry::new(b, h, w))
     }
 
-    /// Sizes the buffers for the state's grid (no allocation when it is unchanged) and
-    /// runs the projection pass.
-    fn prepare(&mut self, state: &State) -> Result<Geometry, Error> {
+    /// Runs a pass over the state: sizes the buffers for its grid (no allocation when it
+    /// is unchanged), checks the target in train mode, and computes the output (and in
+    /// train mode the loss and gradients).
+    fn run(&mut self, state: &State, mode: Mode, attention: bool) -> Result<Geometry, Error> {
         let geo = self.check_state(state)?;
-        self.workspace.ensure(geo, self.layout);
-        match state.as_slice() {
-            Some(flat) => self.workspace.prepare(&self.kernel_w, flat),
-            None => {
-                let owned = state.as_standard_layout();
-                self.workspace
-                    .prepare(&self.kernel_w, owned.as_slice().unwrap_or(&[]));
-            }
-        }
-        Ok(geo)
-    }
-
-    /// Runs the cell pass; train mode checks the target against the grid.
-    fn run_cells(&mut self, geo: Geometry, mode: Mode, attention: bool) -> Result<(), Error> {
         let target: &[f32] = match (&self.target, mode) {
             (Some((t, dims)), Mode::Train) => {
                 if *dims != [geo.b, geo.h, geo.w] {
@@ -160,36 +204,75 @@ impl NdarrayTrainer {
             (None, Mode::Train) => return Err(Error::NoTarget),
             _ => &[],
         };
+        let owned;
+        let flat = match state.as_slice() {
+            Some(flat) => flat,
+            None => {
+                owned = state.as_standard_layout().to_owned();
+                owned.as_slice().unwrap_or(&[])
+            }
+        };
         let visible = self.model.visible_channels;
-        self.workspace
-            .cells(&self.kernel_w, mode, target, visible, attention);
-        Ok(())
+        match &mut self.engine {
+            Engine::Fused {
+                kernel_w,
+                layout,
+                workspace,
+            } => {
+                workspace.ensure(geo, *layout);
+                workspace.prepare(kernel_w, flat);
+                workspace.cells(kernel_w, mode, target, visible, attention);
+            }
+            Engine::Dense { pkv, workspace, .. } => {
+                workspace.ensure(geo);
+                workspace.run(&self.params, pkv, flat, target, mode, attention);
+            }
+        }
+        Ok(geo)
     }
 
     /// Reduces the gradients into [`Weights::flatten`] order; returns the loss.
     fn reduce_gradients(&mut self, geo: Geometry) -> f32 {
-        self.workspace.reduce();
-        let g = &self.workspace.grads;
         let n = self.flat_grad.len();
-        self.flat_grad.copy_from_slice(&g[..n]);
-        g[self.layout.loss] / (geo.cells() * self.model.visible_channels) as f32
+        let sum = match &mut self.engine {
+            Engine::Fused {
+                layout, workspace, ..
+            } => {
+                workspace.reduce();
+                self.flat_grad.copy_from_slice(&workspace.grads[..n]);
+                workspace.grads[layout.loss]
+            }
+            Engine::Dense {
+                layout, workspace, ..
+            } => {
+                workspace.reduce();
+                self.flat_grad.copy_from_slice(&workspace.grads[..n]);
+                workspace.grads[layout.params]
+            }
+        };
+        sum / (geo.cells() * self.model.visible_channels) as f32
     }
 
-    /// Copies the last kernel output into an NCHW array of the same grid.
-    fn write_out(&self, dst: &mut State) {
+    /// Copies the last output into an NCHW array of the same grid.
+    fn write_out(&self, geo: Geometry, dst: &mut State) {
         if !dst.is_standard_layout() {
             *dst = dst.as_standard_layout().to_owned();
         }
+        let c = self.model.channels();
         if let Some(flat) = dst.as_slice_mut() {
-            self.workspace.write_output(flat);
+            match &self.engine {
+                Engine::Fused { workspace, .. } => workspace.write_output(flat),
+                Engine::Dense { workspace, .. } => {
+                    kernel::planar_to_nchw(workspace.output(), geo, c, flat)
+                }
+            }
         }
     }
 
     fn forward(&mut self, state: &State, mode: Mode) -> Result<State, Error> {
-        let geo = self.prepare(state)?;
-        self.run_cells(geo, mode, false)?;
+        let geo = self.run(state, mode, false)?;
         let mut out = Array4::zeros(state.raw_dim());
-        self.write_out(&mut out);
+        self.write_out(geo, &mut out);
         Ok(out)
     }
 
@@ -233,10 +316,14 @@ impl Transition for NdarrayTrainer {
     }
 
     fn attention(&mut self, state: &State) -> Result<HostTensor, Error> {
-        let geo = self.prepare(state)?;
-        self.run_cells(geo, Mode::Update, true)?;
+        let geo = self.run(state, Mode::Update, true)?;
         let mut out = vec![0.0; geo.b * NEIGHBOURS * geo.h * geo.w];
-        self.workspace.write_attention(&mut out);
+        match &self.engine {
+            Engine::Fused { workspace, .. } => workspace.write_attention(&mut out),
+            Engine::Dense { workspace, .. } => {
+                kernel::planar_to_nchw(workspace.attention(), geo, NEIGHBOURS, &mut out)
+            }
+        }
         Ok(HostTensor::new(&[geo.b, NEIGHBOURS, geo.h, geo.w], out)?)
     }
 
@@ -294,8 +381,7 @@ impl Trainer for NdarrayTrainer {
     }
 
     fn loss_and_gradients(&mut self, state: &State) -> Result<(f32, Weights), Error> {
-        let geo = self.prepare(state)?;
-        self.run_cells(geo, Mode::Train, false)?;
+        let geo = self.run(state, Mode::Train, false)?;
         let loss = self.reduce_gradients(geo);
         let mut grads = self.template();
         grads.unflatten_from(&self.flat_grad)?;
@@ -303,10 +389,9 @@ impl Trainer for NdarrayTrainer {
     }
 
     fn train_step(&mut self, state: &mut State) -> Result<f32, Error> {
-        let geo = self.prepare(state)?;
-        self.run_cells(geo, Mode::Train, false)?;
+        let geo = self.run(state, Mode::Train, false)?;
         let loss = self.reduce_gradients(geo);
-        self.write_out(state);
+        self.write_out(geo, state);
         self.apply_adam();
         Ok(loss)
     }
