@@ -1,7 +1,7 @@
 //! Shortsighted training: loss, gradients by candle autograd, clipping and Adam.
 
 use candle_core::Tensor;
-use nca_api::{AdamState, HostTensor, Trainer, Weights};
+use nca_api::{AdamState, FlatLayout, HostTensor, TensorError, Trainer, Weights};
 
 use crate::transition::CandleTrainer;
 use crate::Error;
@@ -12,8 +12,9 @@ const CLIP_EPS: f64 = 1e-6;
 impl CandleTrainer {
     /// `s + f(s)`, the loss against the target, and the gradient of every parameter (in
     /// `params` order), with the state treated as a constant.
-    fn loss_grads(&self, state: &Tensor) -> Result<(Tensor, Tensor, Vec<Tensor>), Error> {
-        let target = self.target.as_ref().ok_or(Error::NoTarget)?;
+    fn loss_grads(&mut self, state: &Tensor) -> Result<(Tensor, Tensor, Vec<Tensor>), Error> {
+        // A candle tensor is a shared handle: cloning it copies no data.
+        let target = self.target.clone().ok_or(Error::NoTarget)?;
         self.check_state(state)?;
         let (b, _, h, w) = state.dims4()?;
         let v = self.model.visible_channels;
@@ -29,7 +30,7 @@ impl CandleTrainer {
         let state = state.detach();
         let fwd = self.forward(&self.tracked_params(), &state)?;
         let next = (&state + &fwd.update)?;
-        let loss = next.narrow(1, 0, v)?.sub(target)?.sqr()?.mean_all()?;
+        let loss = next.narrow(1, 0, v)?.sub(&target)?.sqr()?.mean_all()?;
         let grads = loss.backward()?;
         let grads = self
             .params
@@ -77,11 +78,12 @@ impl CandleTrainer {
         let denom = v.sqrt()?.affine(1.0 / bias2_sqrt, f64::from(o.eps))?;
         let params = flat(&self.detached_params())?;
         let params = (params - (m.affine(step_size, 0.0)? / denom)?)?;
-        let mut offset = 0;
-        for var in &self.params {
-            let n = var.elem_count();
-            var.set(&params.narrow(0, offset, n)?.reshape(var.shape())?)?;
-            offset += n;
+        let layout = FlatLayout::new(&self.model);
+        for (spec, var) in self.model.parameters().iter().zip(&self.params) {
+            let (offset, len) = layout
+                .get(spec.name)
+                .ok_or_else(|| TensorError::Missing(spec.name.to_string()))?;
+            var.set(&params.narrow(0, offset, len)?.reshape(var.shape())?)?;
         }
         self.adam_m = m;
         self.adam_v = v;

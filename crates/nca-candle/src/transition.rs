@@ -8,18 +8,54 @@ use nca_api::{
 
 use crate::Error;
 
-// Positions of the parameters in `CandleTrainer::params`, which follows `Weights::named`
-// order so that host weights, gradients and Adam moments zip with it.
-pub(crate) const WQ: usize = 0;
-pub(crate) const BQ: usize = 1;
-pub(crate) const WK: usize = 2;
-pub(crate) const BK: usize = 3;
-pub(crate) const WV: usize = 4;
-pub(crate) const BV: usize = 5;
-pub(crate) const WO: usize = 6;
-pub(crate) const BO: usize = 7;
-pub(crate) const PK: usize = 8;
-pub(crate) const PV: usize = 9;
+/// Where each parameter sits in `CandleTrainer::params`, derived from
+/// [`ModelConfig::parameters`] (the order host weights, gradients and Adam moments share),
+/// so that a new parameter or a reordering there cannot silently misalign this backend.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ParamIndex {
+    pub(crate) wq: usize,
+    pub(crate) bq: usize,
+    pub(crate) wk: usize,
+    pub(crate) bk: usize,
+    pub(crate) wv: usize,
+    pub(crate) bv: usize,
+    pub(crate) wo: usize,
+    pub(crate) bo: usize,
+    /// `pk`, `pv`: present exactly with `model.position_embeddings`.
+    pub(crate) pk_pv: Option<(usize, usize)>,
+    /// `w1`, `b1`: present exactly with `model.mlp_hidden`.
+    pub(crate) w1_b1: Option<(usize, usize)>,
+}
+
+impl ParamIndex {
+    /// The indices of `model`'s parameters; an error if the list lacks one the model's
+    /// options require (so a model this code cannot run is refused, never run wrongly).
+    pub(crate) fn new(model: &ModelConfig) -> Result<Self, Error> {
+        let names: Vec<&str> = model.parameters().iter().map(|p| p.name).collect();
+        let find = |name: &str| names.iter().position(|n| *n == name);
+        let need = |name: &str| find(name).ok_or_else(|| TensorError::Missing(name.to_string()));
+        let pair = |a: &str, b: &str, on: bool| -> Result<Option<(usize, usize)>, Error> {
+            match (on, find(a), find(b)) {
+                (true, Some(i), Some(j)) => Ok(Some((i, j))),
+                (false, None, None) => Ok(None),
+                (true, _, _) => Err(TensorError::Missing(format!("{a}/{b}")).into()),
+                (false, _, _) => Err(TensorError::Unexpected(format!("{a}/{b}")).into()),
+            }
+        };
+        Ok(Self {
+            wq: need("wq")?,
+            bq: need("bq")?,
+            wk: need("wk")?,
+            bk: need("bk")?,
+            wv: need("wv")?,
+            bv: need("bv")?,
+            wo: need("wo")?,
+            bo: need("bo")?,
+            pk_pv: pair("pk", "pv", model.position_embeddings)?,
+            w1_b1: pair("w1", "b1", model.mlp_hidden.is_some())?,
+        })
+    }
+}
 
 /// The candle transition and its Adam trainer, on the CPU or a CUDA device.
 ///
@@ -31,6 +67,11 @@ pub struct CandleTrainer {
     pub(crate) device: Device,
     /// One variable per weight tensor, in `Weights::named` order.
     pub(crate) params: Vec<Var>,
+    /// Where each parameter sits in `params`.
+    pub(crate) index: ParamIndex,
+    /// The position features `[P, H, W]` of the last grid size seen, on the device: they
+    /// are fixed, so they are computed and uploaded once per grid size, not per step.
+    pub(crate) positions: Option<((usize, usize), Tensor)>,
     pub(crate) adam_step: u64,
     /// Adam's first moment over all parameters, flat in `Weights::flatten` order.
     pub(crate) adam_m: Tensor,
@@ -95,6 +136,7 @@ impl CandleTrainer {
         device: Device,
     ) -> Result<Self, Error> {
         model.validate()?;
+        let index = ParamIndex::new(model)?;
         let init = Weights::init(model, 0);
         let params = init
             .named()
@@ -108,6 +150,8 @@ impl CandleTrainer {
             optim: *optim,
             device,
             params,
+            index,
+            positions: None,
             adam_step: 0,
             adam_m,
             adam_v,
@@ -155,20 +199,41 @@ impl CandleTrainer {
         }
     }
 
+    /// The position features `[P, H, W]` of an `h`×`w` grid on the device, or `None`
+    /// without position inputs; computed on the host and uploaded only when the grid size
+    /// changes.
+    fn positions(&mut self, h: usize, w: usize) -> Result<Option<Tensor>, Error> {
+        let Some(octaves) = self.model.position_octaves else {
+            return Ok(None);
+        };
+        match &self.positions {
+            Some((size, t)) if *size == (h, w) => Ok(Some(t.clone())),
+            _ => {
+                let t = self.to_device(&nca_api::position::features(octaves, h, w))?;
+                self.positions = Some(((h, w), t.clone()));
+                Ok(Some(t))
+            }
+        }
+    }
+
     /// The forward pass with parameters `p` (tracked or detached).
     ///
-    /// With `S_n` the 9 shifted states (zero outside the grid), the rule is rewritten
-    /// exactly as
-    /// * `q · k_n = (wkᵀ q) · S_n + q · (bk + pk[n])`,
-    /// * `u = Σ a_n v_n = wv (Σ a_n S_n) + bv + Σ a_n pv[n]` (the `a_n` sum to one),
+    /// Every cell's input is `x = [s; pos]` (X = C + P channels; just `s` without position
+    /// inputs). With `X_n` the 9 shifted inputs (zero outside the grid, features included),
+    /// the attention is rewritten exactly as
+    /// * `q · k_n = (wkᵀ q) · X_n + q · (bk + pk[n])`,
+    /// * `u = Σ a_n v_n = wv (Σ a_n X_n) + bv + Σ a_n pv[n]` (the `a_n` sum to one),
     ///
-    /// so the only 9-neighbour tensors have C channels instead of D, and keys and values
-    /// are never materialised; everything else is a per-cell matmul. Out-of-grid neighbours
-    /// come out right by construction: their `S_n` is 0, so their key is `bk + pk[n]` and
-    /// their value `bv + pv[n]`.
+    /// so the only 9-neighbour tensor has X channels instead of D, keys and values are
+    /// never materialised, and everything else is a per-cell matmul over all cells at once
+    /// (the MLP is two: `w1·[u; x]` and `wo·h`). Out-of-grid neighbours come out right by
+    /// construction: their `X_n` is 0, so their key is `bk + pk[n]` and their value
+    /// `bv + pv[n]`. The shifted inputs depend on no parameter, so autograd never
+    /// differentiates through them.
     ///
-    /// Measured against the two direct layouts (10 `train_step`s after 5 warm-up ones, CPU,
-    /// D = 16, ms per `train_step`; machine shared with a compile, so ratios matter):
+    /// Measured against the two direct layouts on the plain model (10 `train_step`s after
+    /// 5 warm-up ones, CPU, D = 16, ms per `train_step`; machine shared with a compile, so
+    /// ratios matter):
     ///
     /// | state `[B, C, H, W]` | project K/V, shift them | shift s, project | this |
     /// | --- | --- | --- | --- |
@@ -178,26 +243,34 @@ impl CandleTrainer {
     /// | 4×16×64×64 | 479 | 444 | 334 |
     ///
     /// Both direct layouts build and differentiate `[B, 9, 2D, H, W]` tensors (one stack,
-    /// bias add, product and reduction each); this one's largest is `[B, 9, C, H·W]`.
-    pub(crate) fn forward(&self, p: &[Tensor], s: &Tensor) -> Result<Forward, Error> {
+    /// bias add, product and reduction each); this one's largest is `[B, 9, X, H·W]`.
+    pub(crate) fn forward(&mut self, p: &[Tensor], s: &Tensor) -> Result<Forward, Error> {
         self.check_state(s)?;
         let (b, c, h, w) = s.dims4()?;
         let d = self.model.attention_dim;
+        let xw = self.model.input_width();
         let hw = h * w;
-        let s3 = s.reshape((b, c, hw))?;
-        let shifted = neighbours(s)?.reshape((b, NEIGHBOURS, c, hw))?;
+        let ix = self.index;
+        let x = match self.positions(h, w)? {
+            Some(pos) => {
+                let pos = pos.unsqueeze(0)?.broadcast_as((b, xw - c, h, w))?;
+                Tensor::cat(&[s, &pos], 1)?
+            }
+            None => s.clone(),
+        };
+        let x3 = x.reshape((b, xw, hw))?;
+        let shifted = neighbours(&x)?.reshape((b, NEIGHBOURS, xw, hw))?;
 
-        let q = p[WQ]
-            .broadcast_matmul(&s3)?
-            .broadcast_add(&p[BQ].reshape((1, d, 1))?)?;
-        let q_state = p[WK].t()?.broadcast_matmul(&q)?;
-        let key_bias = if self.model.position_embeddings {
-            p[PK].broadcast_add(&p[BK].unsqueeze(0)?)?
-        } else {
-            p[BK].unsqueeze(0)?
+        let q = p[ix.wq]
+            .broadcast_matmul(&x3)?
+            .broadcast_add(&p[ix.bq].reshape((1, d, 1))?)?;
+        let q_input = p[ix.wk].t()?.broadcast_matmul(&q)?;
+        let key_bias = match ix.pk_pv {
+            Some((pk, _)) => p[pk].broadcast_add(&p[ix.bk].unsqueeze(0)?)?,
+            None => p[ix.bk].unsqueeze(0)?,
         };
         let scores = shifted
-            .broadcast_mul(&q_state.unsqueeze(1)?)?
+            .broadcast_mul(&q_input.unsqueeze(1)?)?
             .sum(2)?
             .broadcast_add(&key_bias.broadcast_matmul(&q)?)?
             .affine(1.0 / (d as f64).sqrt(), 0.0)?;
@@ -207,15 +280,28 @@ impl CandleTrainer {
         let attention = e.broadcast_div(&e.sum_keepdim(1)?)?;
 
         let mixed = shifted.broadcast_mul(&attention.unsqueeze(2)?)?.sum(1)?;
-        let mut u = p[WV]
+        let mut u = p[ix.wv]
             .broadcast_matmul(&mixed)?
-            .broadcast_add(&p[BV].reshape((1, d, 1))?)?;
-        if self.model.position_embeddings {
-            u = (u + p[PV].t()?.broadcast_matmul(&attention)?)?;
+            .broadcast_add(&p[ix.bv].reshape((1, d, 1))?)?;
+        if let Some((_, pv)) = ix.pk_pv {
+            u = (u + p[pv].t()?.broadcast_matmul(&attention)?)?;
         }
-        let update = p[WO]
-            .broadcast_matmul(&u)?
-            .broadcast_add(&p[BO].reshape((1, c, 1))?)?
+        let out = match ix.w1_b1 {
+            Some((w1, b1)) => {
+                let m = self.model.output_width();
+                let pre = p[w1]
+                    .broadcast_matmul(&Tensor::cat(&[&u, &x3], 1)?)?
+                    .broadcast_add(&p[b1].reshape((1, m, 1))?)?;
+                // relu as a product with a constant mask: candle's own `relu` passes the
+                // gradient at exactly 0 (it tests `>= 0`), the model says relu'(0) = 0.
+                let mask = pre.detach().gt(0.0)?.to_dtype(pre.dtype())?;
+                (pre * mask)?
+            }
+            None => u,
+        };
+        let update = p[ix.wo]
+            .broadcast_matmul(&out)?
+            .broadcast_add(&p[ix.bo].reshape((1, c, 1))?)?
             .reshape((b, c, h, w))?;
         Ok(Forward {
             attention: attention.reshape((b, NEIGHBOURS, h, w))?,
