@@ -26,8 +26,9 @@ pub struct DfdxTrainer {
     pub(crate) dev: Cpu,
     pub(crate) model: ModelConfig,
     pub(crate) params: Params,
-    /// Offset one-hot columns of the last grid size seen (see `Neighbourhood`).
-    pub(crate) one_hot: Option<T2>,
+    /// Position and offset one-hot columns of the last `(B, H, W)` seen (see
+    /// `Neighbourhood`): constant per grid size, so built once.
+    pub(crate) constant_columns: Option<((usize, usize, usize), T2)>,
     optim: OptimizerConfig,
     target: Option<Target>,
     adam: FlatAdam,
@@ -60,13 +61,13 @@ impl DfdxTrainer {
         // (off by default) page faults and zeroing of fresh memory cost ~10% of a step.
         dev.try_enable_cache()?;
         let weights = Weights::init(model, 0);
-        let params = Params::upload(&dev, &weights)?;
+        let params = Params::upload(&dev, model, &weights)?;
         let n = weights.num_params();
         Ok(Self {
             dev,
             model: model.clone(),
             params,
-            one_hot: None,
+            constant_columns: None,
             optim: *optim,
             target: None,
             adam: FlatAdam::new(n),
@@ -109,12 +110,7 @@ impl DfdxTrainer {
         let loss = diff.try_square()?.try_mean::<(), Axes2<0, 1>>()?;
         let value = loss.as_vec().first().copied().unwrap_or(f32::NAN);
         let grads = loss.try_backward()?;
-        let grads = self
-            .params
-            .flat_views()
-            .iter()
-            .flat_map(|p| p.grad(&grads))
-            .collect();
+        let grads = self.params.iter().flat_map(|p| p.grad(&grads)).collect();
         Ok(Taped {
             loss: value,
             grads,

@@ -27,34 +27,69 @@ pub(crate) type T2<T = NoneTape> = Tensor<(usize, usize), f32, Cpu, T>;
 pub type T3<T = NoneTape> = Tensor<(usize, usize, usize), f32, Cpu, T>;
 pub(crate) type Traced = OwnedTape<f32, Cpu>;
 
-/// The transition's parameters as dfdx tensors, optionally carrying a gradient tape.
-pub(crate) struct Params<T = NoneTape> {
-    pub wq: T2<T>,
-    pub bq: T1<T>,
-    pub wk: T2<T>,
-    pub bk: T1<T>,
-    pub wv: T2<T>,
-    pub bv: T1<T>,
-    pub wo: T2<T>,
-    pub bo: T1<T>,
-    pub pk: Option<T2<T>>,
-    pub pv: Option<T2<T>>,
+/// One parameter tensor: a vector (biases) or a matrix (projections, embeddings).
+pub(crate) enum Param<T = NoneTape> {
+    Vector(T1<T>),
+    Matrix(T2<T>),
 }
 
-fn upload1(dev: &Cpu, t: &HostTensor) -> Result<T1, Error> {
-    Ok(dev.try_tensor_from_vec(t.data().to_vec(), (t.len(),))?)
-}
-
-fn upload2(dev: &Cpu, t: &HostTensor) -> Result<T2, Error> {
-    match *t.shape() {
-        [r, c] => Ok(dev.try_tensor_from_vec(t.data().to_vec(), (r, c))?),
-        _ => Err(TensorError::WrongRank {
-            what: "weight matrix".into(),
-            expected: 2,
-            found: t.shape().to_vec(),
+impl<T: Tape<f32, Cpu>> Param<T> {
+    fn shape(&self) -> Vec<usize> {
+        match self {
+            Param::Vector(t) => vec![t.shape().0],
+            Param::Matrix(t) => vec![t.shape().0, t.shape().1],
         }
-        .into()),
     }
+}
+
+impl Param {
+    /// The values as a flat buffer (both kinds are kept contiguous).
+    pub(crate) fn as_vec(&self) -> Vec<f32> {
+        match self {
+            Param::Vector(t) => t.as_vec(),
+            Param::Matrix(t) => t.as_vec(),
+        }
+    }
+
+    /// This parameter's gradient as a flat buffer.
+    pub(crate) fn grad(&self, grads: &Gradients<f32, Cpu>) -> Vec<f32> {
+        match self {
+            Param::Vector(t) => grads.get(t).as_vec(),
+            Param::Matrix(t) => grads.get(t).as_vec(),
+        }
+    }
+
+    fn traced(&self) -> Param<Traced> {
+        match self {
+            Param::Vector(t) => Param::Vector(t.leaky_trace()),
+            Param::Matrix(t) => Param::Matrix(t.leaky_trace()),
+        }
+    }
+
+    fn untraced(&self) -> Param {
+        match self {
+            Param::Vector(t) => Param::Vector(t.clone()),
+            Param::Matrix(t) => Param::Matrix(t.clone()),
+        }
+    }
+}
+
+/// The transition's parameters as dfdx tensors, optionally carrying a gradient tape.
+///
+/// The list is built from [`ModelConfig::parameters`], so it holds exactly the model's
+/// parameters (`pk`/`pv` and `w1`/`b1` only when their option is on) in
+/// [`Weights::flatten`] order; the forward pass takes them out by name.
+pub(crate) struct Params<T = NoneTape> {
+    list: Vec<(&'static str, Param<T>)>,
+}
+
+fn rank_error(name: &str, expected: usize, found: Vec<usize>) -> Error {
+    TensorError::WrongRank {
+        what: name.to_string(),
+        expected,
+        found,
+    }
+    .into()
 }
 
 fn host<S: Shape>(t: &Tensor<S, f32, Cpu>, shape: &[usize]) -> Result<HostTensor, Error> {
@@ -64,44 +99,31 @@ fn host<S: Shape>(t: &Tensor<S, f32, Cpu>, shape: &[usize]) -> Result<HostTensor
 }
 
 impl Params {
-    /// Uploads weights whose shapes were already checked against the model.
-    pub(crate) fn upload(dev: &Cpu, w: &Weights) -> Result<Self, Error> {
-        let opt = |n: &str| w.get(n).map(|t| upload2(dev, t)).transpose();
-        Ok(Self {
-            wq: upload2(dev, w.tensor("wq")?)?,
-            bq: upload1(dev, w.tensor("bq")?)?,
-            wk: upload2(dev, w.tensor("wk")?)?,
-            bk: upload1(dev, w.tensor("bk")?)?,
-            wv: upload2(dev, w.tensor("wv")?)?,
-            bv: upload1(dev, w.tensor("bv")?)?,
-            wo: upload2(dev, w.tensor("wo")?)?,
-            bo: upload1(dev, w.tensor("bo")?)?,
-            pk: opt("pk")?,
-            pv: opt("pv")?,
-        })
+    /// Uploads `model`'s parameters from weights already checked against the model.
+    pub(crate) fn upload(dev: &Cpu, model: &ModelConfig, w: &Weights) -> Result<Self, Error> {
+        let mut list = Vec::new();
+        for spec in model.parameters() {
+            let t = w.tensor(spec.name)?;
+            let data = t.data().to_vec();
+            let param = match *t.shape() {
+                [n] => Param::Vector(dev.try_tensor_from_vec(data, (n,))?),
+                [r, c] => Param::Matrix(dev.try_tensor_from_vec(data, (r, c))?),
+                _ => return Err(rank_error(spec.name, spec.shape.len(), t.shape().to_vec())),
+            };
+            list.push((spec.name, param));
+        }
+        Ok(Self { list })
     }
 
-    /// The tensors in [`nca_api::WEIGHT_NAMES`] order (absent embeddings skipped).
-    pub(crate) fn flat_views(&self) -> Vec<FlatView<'_>> {
-        let mut out = vec![
-            FlatView::One(&self.wq),
-            FlatView::Two(&self.bq),
-            FlatView::One(&self.wk),
-            FlatView::Two(&self.bk),
-            FlatView::One(&self.wv),
-            FlatView::Two(&self.bv),
-            FlatView::One(&self.wo),
-            FlatView::Two(&self.bo),
-        ];
-        out.extend(self.pk.iter().map(FlatView::One));
-        out.extend(self.pv.iter().map(FlatView::One));
-        out
+    /// The parameters in [`Weights::flatten`] order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Param> {
+        self.list.iter().map(|(_, p)| p)
     }
 
     /// The parameters as plain tensors.
     pub(crate) fn download(&self, model: &ModelConfig) -> Result<Weights, Error> {
         let mut w = Weights::zeros(model);
-        let flat: Vec<f32> = self.flat_views().iter().flat_map(|v| v.as_vec()).collect();
+        let flat: Vec<f32> = self.iter().flat_map(Param::as_vec).collect();
         w.unflatten_from(&flat)?;
         Ok(w)
     }
@@ -109,55 +131,49 @@ impl Params {
     /// A copy of every parameter starting its own gradient tape.
     pub(crate) fn traced(&self) -> Params<Traced> {
         Params {
-            wq: self.wq.leaky_trace(),
-            bq: self.bq.leaky_trace(),
-            wk: self.wk.leaky_trace(),
-            bk: self.bk.leaky_trace(),
-            wv: self.wv.leaky_trace(),
-            bv: self.bv.leaky_trace(),
-            wo: self.wo.leaky_trace(),
-            bo: self.bo.leaky_trace(),
-            pk: self.pk.as_ref().map(|t| t.leaky_trace()),
-            pv: self.pv.as_ref().map(|t| t.leaky_trace()),
+            list: self.list.iter().map(|(n, p)| (*n, p.traced())).collect(),
         }
     }
 
     /// A cheap copy (the buffers are shared) without a tape.
     pub(crate) fn untraced(&self) -> Params {
         Params {
-            wq: self.wq.clone(),
-            bq: self.bq.clone(),
-            wk: self.wk.clone(),
-            bk: self.bk.clone(),
-            wv: self.wv.clone(),
-            bv: self.bv.clone(),
-            wo: self.wo.clone(),
-            bo: self.bo.clone(),
-            pk: self.pk.clone(),
-            pv: self.pv.clone(),
+            list: self.list.iter().map(|(n, p)| (*n, p.untraced())).collect(),
         }
     }
 }
 
-/// A parameter tensor of either rank, seen as a flat buffer.
-pub(crate) enum FlatView<'a> {
-    One(&'a T2),
-    Two(&'a T1),
-}
+impl<T: Tape<f32, Cpu>> Params<T> {
+    /// Removes `name` from the list; `None` when the model has no such parameter.
+    fn take(&mut self, name: &str) -> Option<Param<T>> {
+        let i = self.list.iter().position(|(n, _)| *n == name)?;
+        Some(self.list.swap_remove(i).1)
+    }
 
-impl FlatView<'_> {
-    pub(crate) fn as_vec(&self) -> Vec<f32> {
-        match self {
-            FlatView::One(t) => t.as_vec(),
-            FlatView::Two(t) => t.as_vec(),
+    fn opt_matrix(&mut self, name: &str) -> Result<Option<T2<T>>, Error> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Param::Matrix(t)) => Ok(Some(t)),
+            Some(p) => Err(rank_error(name, 2, p.shape())),
         }
     }
 
-    pub(crate) fn grad(&self, grads: &Gradients<f32, Cpu>) -> Vec<f32> {
-        match self {
-            FlatView::One(t) => grads.get(*t).as_vec(),
-            FlatView::Two(t) => grads.get(*t).as_vec(),
+    fn opt_vector(&mut self, name: &str) -> Result<Option<T1<T>>, Error> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Param::Vector(t)) => Ok(Some(t)),
+            Some(p) => Err(rank_error(name, 1, p.shape())),
         }
+    }
+
+    fn matrix(&mut self, name: &str) -> Result<T2<T>, Error> {
+        self.opt_matrix(name)?
+            .ok_or_else(|| TensorError::Missing(name.to_string()).into())
+    }
+
+    fn vector(&mut self, name: &str) -> Result<T1<T>, Error> {
+        self.opt_vector(name)?
+            .ok_or_else(|| TensorError::Missing(name.to_string()).into())
     }
 }
 
@@ -240,39 +256,50 @@ fn offset_bias<T: Tape<f32, Cpu>>(
     })
 }
 
-/// The projections' input: each neighbour's state followed by a one-hot of its offset,
-/// `[9·N, C + 9]` rows in `(n, b, y, x)` order; a constant of the tape.
+/// The projections' input: each neighbour's input vector `x = [s; p]` (zero outside the
+/// grid) followed by a one-hot of its offset, `[9·N, C + P + 9]` rows in `(n, b, y, x)`
+/// order; a constant of the tape.
 ///
 /// The one-hot columns fold the biases and per-offset embeddings into the projection
 /// matmuls (`[wᵀ; b + p_n]`), instead of broadcast-adding them to the `[9, N, D]` keys and
 /// values: dfdx's broadcasting binary ops (and their backward) were the largest item of
-/// a training step's profile.
+/// a training step's profile. The centre rows (`n = 4`) are the cells' own inputs, so the
+/// same rows feed the query and the MLP (whose bias `b1` rides on the one-hot likewise).
 pub(crate) struct Neighbourhood {
     pub rows: T2,
     pub cells: usize,
 }
 
-/// `[wᵀ; bias]`: a `[C + 9, D]` projection acting on [`Neighbourhood`] rows.
+/// `[wᵀ; bias]`: a `[K + 9, D]` projection acting on rows `[input (K); one-hot (9)]`.
 fn projection<T: Tape<f32, Cpu>>(w: T2<T>, bias: T2<T>) -> Result<T2<T>, Error> {
     let wt = w.try_permute::<(usize, usize), Axes2<1, 0>>()?;
     Ok((wt, bias).try_concat_along(Axis::<0>)?)
 }
 
-/// The attention rule on a gathered neighbourhood.
+/// The attention rule (and the MLP update when the model has one) on a gathered
+/// neighbourhood.
 pub(crate) fn forward<T: Tape<f32, Cpu>>(
-    p: Params<T>,
+    mut p: Params<T>,
     nb: &Neighbourhood,
 ) -> Result<Forward<T>, Error> {
     let n = nb.cells;
-    let c = p.wo.shape().0;
-    let d = p.wq.shape().0;
+    let (wq, bq) = (p.matrix("wq")?, p.vector("bq")?);
+    let (wk, bk, pk) = (p.matrix("wk")?, p.vector("bk")?, p.opt_matrix("pk")?);
+    let (wv, bv, pv) = (p.matrix("wv")?, p.vector("bv")?, p.opt_matrix("pv")?);
+    let (wo, bo) = (p.matrix("wo")?, p.vector("bo")?);
+    let mlp = match (p.opt_matrix("w1")?, p.opt_vector("b1")?) {
+        (Some(w1), Some(b1)) => Some((w1, b1)),
+        (None, None) => None,
+        (Some(_), None) => return Err(TensorError::Missing("b1".into()).into()),
+        (None, Some(_)) => return Err(TensorError::Missing("w1".into()).into()),
+    };
+    let d = wq.shape().0;
+    let c = wo.shape().0;
     // The constants go on the left only because dfdx merges tapes from the left operand.
     let centre = nb.rows.clone().try_slice((4 * n..5 * n, ..))?;
-    let wq = projection(
-        p.wq,
-        p.bq.try_broadcast_like::<_, Axis<0>>(&(NEIGHBOURS, d))?,
-    )?;
+    let wq = projection(wq, bq.try_broadcast_like::<_, Axis<0>>(&(NEIGHBOURS, d))?)?;
     let q = centre
+        .clone()
         .retaped::<T>()
         .try_matmul(wq.try_mul(1.0 / (d as f32).sqrt())?)?;
 
@@ -280,7 +307,7 @@ pub(crate) fn forward<T: Tape<f32, Cpu>>(
     let k = nb
         .rows
         .retaped::<T>()
-        .try_matmul(projection(p.wk, offset_bias(p.bk, p.pk, d)?)?)?
+        .try_matmul(projection(wk, offset_bias(bk, pk, d)?)?)?
         .try_reshape_like(&big)?;
     let scores = k
         .try_mul(q.try_broadcast_like::<_, Axis<0>>(&big)?)?
@@ -291,13 +318,24 @@ pub(crate) fn forward<T: Tape<f32, Cpu>>(
     let v = nb
         .rows
         .retaped::<T>()
-        .try_matmul(projection(p.wv, offset_bias(p.bv, p.pv, d)?)?)?
+        .try_matmul(projection(wv, offset_bias(bv, pv, d)?)?)?
         .try_reshape_like(&big)?;
     let u = v
         .try_mul(a.try_broadcast_like::<_, Axis<2>>(&big)?)?
         .try_sum::<(usize, usize), Axis<0>>()?;
-    let f = u.try_matmul(p.wo.try_permute::<(usize, usize), Axes2<1, 0>>()?)?;
-    let f = f.try_add(p.bo.try_broadcast_like::<_, Axis<0>>(&(n, c))?)?;
+    // With the MLP, `h = relu(w1·[u; x_c] + b1)` for all cells as one matmul: the rows
+    // `[u | x_c | one-hot]` against `[w1ᵀ; b1 …]` (w1's columns are already u, then x).
+    let h = match mlp {
+        Some((w1, b1)) => {
+            let m = w1.shape().0;
+            let input = (u, centre.retaped::<T>()).try_concat_along(Axis::<1>)?;
+            let w1 = projection(w1, b1.try_broadcast_like::<_, Axis<0>>(&(NEIGHBOURS, m))?)?;
+            input.try_matmul(w1)?.try_relu()?
+        }
+        None => u,
+    };
+    let f = h.try_matmul(wo.try_permute::<(usize, usize), Axes2<1, 0>>()?)?;
+    let f = f.try_add(bo.try_broadcast_like::<_, Axis<0>>(&(n, c))?)?;
     Ok(Forward {
         attention,
         update: f,
@@ -332,29 +370,56 @@ impl DfdxTrainer {
 
     /// Checks `state` and gathers its [`Neighbourhood`].
     pub(crate) fn neighbourhood(&mut self, state: &State) -> Result<Neighbourhood, Error> {
+        let (b, _, h, w) = *state.shape();
         self.check_state(*state.shape())?;
         let nb = gather_by_slices(&self.dev, state)?;
         let (_, n, c) = *nb.shape();
-        let one_hot = match &self.one_hot {
-            Some(t) if t.shape().0 == NEIGHBOURS * n => t.clone(),
+        let constant = match &self.constant_columns {
+            Some((key, t)) if *key == (b, h, w) => t.clone(),
             _ => {
-                let mut data = vec![0.0; NEIGHBOURS * n * NEIGHBOURS];
-                for (row, x) in data.chunks_exact_mut(NEIGHBOURS).enumerate() {
-                    x[row / n] = 1.0;
-                }
-                let t = self
-                    .dev
-                    .try_tensor_from_vec(data, (NEIGHBOURS * n, NEIGHBOURS))?;
-                self.one_hot = Some(t.clone());
+                let t = constant_columns(&self.dev, &self.model, b, h, w)?;
+                self.constant_columns = Some(((b, h, w), t.clone()));
                 t
             }
         };
         let rows = nb.try_reshape_like(&(NEIGHBOURS * n, c))?;
         Ok(Neighbourhood {
-            rows: (rows, one_hot).try_concat_along(Axis::<1>)?,
+            rows: (rows, constant).try_concat_along(Axis::<1>)?,
             cells: n,
         })
     }
+}
+
+/// The columns of [`Neighbourhood`] rows that do not depend on the state: each
+/// neighbour's position features (zero outside the grid, like its state) and the one-hot
+/// of its offset, `[9·N, P + 9]`. Built on the host once per grid size.
+fn constant_columns(
+    dev: &Cpu,
+    model: &ModelConfig,
+    b: usize,
+    h: usize,
+    w: usize,
+) -> Result<T2, Error> {
+    let p = model.position_features();
+    let features = model
+        .position_octaves
+        .map(|l| nca_api::position::features(l, h, w));
+    let (plane, n) = (h * w, b * h * w);
+    let width = p + NEIGHBOURS;
+    let mut data = vec![0.0; NEIGHBOURS * n * width];
+    for (row, out) in data.chunks_exact_mut(width).enumerate() {
+        let (offset, cell) = (row / n, row % n);
+        out[p + offset] = 1.0;
+        let (y, x) = ((cell % plane) / w, cell % w);
+        let sy = (y + offset / 3).wrapping_sub(1);
+        let sx = (x + offset % 3).wrapping_sub(1);
+        if let (Some(f), true) = (&features, sy < h && sx < w) {
+            for (i, v) in out[..p].iter_mut().enumerate() {
+                *v = f.data()[i * plane + sy * w + sx];
+            }
+        }
+    }
+    Ok(dev.try_tensor_from_vec(data, (NEIGHBOURS * n, width))?)
 }
 
 impl Transition for DfdxTrainer {
@@ -403,7 +468,7 @@ impl Transition for DfdxTrainer {
 
     fn set_weights(&mut self, weights: &Weights) -> Result<(), Error> {
         weights.check(&self.model)?;
-        self.params = Params::upload(&self.dev, weights)?;
+        self.params = Params::upload(&self.dev, &self.model, weights)?;
         Ok(())
     }
 }
