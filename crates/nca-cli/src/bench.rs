@@ -2,14 +2,17 @@
 //! user can pick one without reading criterion output.
 //!
 //! Each measurement runs the real training loop (`nca_api::train`: noise, step, Adam,
-//! spike check, clamp) on a solid-red target for a fixed wall time after a short warm-up.
+//! spike check, clamp) on a solid-red target for a fixed wall time after a short warm-up,
+//! with the default model or a run file's (`--config`), which it names in its output.
 //! The criterion benches in `benches/` are the careful version of this.
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use nca_api::{ConstantNoise, HostTensor, LoopOptions, NcaConfig, Progress, StepContext, Trainer};
+use nca_api::{
+    ConstantNoise, HostTensor, LoopOptions, ModelConfig, NcaConfig, Progress, StepContext, Trainer,
+};
 
 use crate::backend::{dispatch, Backend, Job};
 
@@ -18,8 +21,10 @@ use crate::backend::{dispatch, Backend, Job};
 pub struct BenchArgs {
     /// Backends to measure.
     pub backends: Vec<Backend>,
-    /// Grid sides.
-    pub sizes: Vec<usize>,
+    /// Model, noise and optimiser settings measured (the default config, or a run file's).
+    pub base: NcaConfig,
+    /// Grids `(height, width)` to measure.
+    pub grids: Vec<(usize, usize)>,
     /// Batch sizes.
     pub batches: Vec<usize>,
     /// Wall time per measurement.
@@ -31,8 +36,8 @@ pub struct BenchArgs {
 pub struct Measurement {
     /// Backend name.
     pub backend: &'static str,
-    /// Grid side.
-    pub size: usize,
+    /// Grid `(height, width)`.
+    pub grid: (usize, usize),
     /// Batch size.
     pub batch: usize,
     /// Training steps per second.
@@ -42,7 +47,7 @@ pub struct Measurement {
 impl Measurement {
     /// Cells updated per second (steps/s × B·H·W).
     pub fn cells_per_second(&self) -> f64 {
-        self.steps_per_second * (self.size * self.size * self.batch) as f64
+        self.steps_per_second * (self.grid.0 * self.grid.1 * self.batch) as f64
     }
 }
 
@@ -96,22 +101,40 @@ impl Job for Measure {
     }
 }
 
+/// The model in words, as bench and the training log print it: "picture model L=6 M=128
+/// D=16 C=3" or "plain model D=16 C=3" (C = visible + hidden channels).
+pub fn describe_model(m: &ModelConfig) -> String {
+    let kind = match (m.position_octaves, m.mlp_hidden) {
+        (None, None) => "plain model".to_string(),
+        (Some(l), Some(h)) => format!("picture model L={l} M={h}"),
+        (Some(l), None) => format!("model with position inputs L={l}"),
+        (None, Some(h)) => format!("model with MLP M={h}"),
+    };
+    let pos = if m.position_embeddings {
+        ""
+    } else {
+        " no-pk/pv"
+    };
+    format!("{kind} D={} C={}{pos}", m.attention_dim, m.channels())
+}
+
 /// Measures every backend × workload. A failure is reported and the next workload tried
 /// (a large grid may not fit in memory), except that a backend whose first workload fails
 /// (e.g. no GPU) is skipped as a whole.
 pub fn bench_command(args: &BenchArgs) -> Result<Vec<Measurement>> {
     let mut out = Vec::new();
+    println!("model: {}", describe_model(&args.base.model));
     println!(
         "{:<12} {:>12} {:>12} {:>16}",
         "backend", "grid", "steps/s", "Mcells·steps/s"
     );
     'backends: for &backend in &args.backends {
         let mut measured_any = false;
-        for &size in &args.sizes {
+        for &(height, width) in &args.grids {
             for &batch in &args.batches {
-                let mut cfg = NcaConfig::default();
-                cfg.grid.height = size;
-                cfg.grid.width = size;
+                let mut cfg = args.base.clone();
+                cfg.grid.height = height;
+                cfg.grid.width = width;
                 cfg.grid.batch = batch;
                 // Long enough never to stop on `steps`; the observer stops on time.
                 cfg.training.steps = u64::MAX;
@@ -124,14 +147,14 @@ pub fn bench_command(args: &BenchArgs) -> Result<Vec<Measurement>> {
                     Ok(steps_per_second) => {
                         let m = Measurement {
                             backend: backend.name(),
-                            size,
+                            grid: (height, width),
                             batch,
                             steps_per_second,
                         };
                         println!(
                             "{:<12} {:>12} {:>12.1} {:>16.2}",
                             m.backend,
-                            format!("{size}x{size}x{batch}"),
+                            format!("{height}x{width}x{batch}"),
                             m.steps_per_second,
                             m.cells_per_second() / 1e6
                         );
@@ -146,7 +169,7 @@ pub fn bench_command(args: &BenchArgs) -> Result<Vec<Measurement>> {
                         println!(
                             "{:<12} {:>12} failed: {e:#}",
                             backend.name(),
-                            format!("{size}x{size}x{batch}")
+                            format!("{height}x{width}x{batch}")
                         );
                     }
                 }

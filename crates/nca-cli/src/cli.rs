@@ -21,7 +21,9 @@ use crate::run::{train_command, Finish, TrainArgs};
     version,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    after_help = "Examples:\n  nca-cli examples/red.ron\n  nca-cli --backend candle run.ron --out runs/try2\n  nca-cli run.ron --resume runs/run/checkpoint.safetensors\n  nca-cli rollout --checkpoint runs/red/checkpoint.safetensors --steps 200 --out runs/red-rollout\n  nca-cli bench --sizes 32,128 --batches 1,8"
+    after_help = "`nca-cli` is the binary of this crate: run it as `cargo run -p nca-cli -- ARGS` \
+                  from the repository, or install it with `cargo install --path crates/nca-cli` \
+                  (it lands in ~/.cargo/bin).\n\nExamples:\n  nca-cli examples/cat.ron\n  nca-cli examples/red.ron\n  nca-cli --backend candle run.ron --out runs/try2\n  nca-cli run.ron --resume runs/run/checkpoint.safetensors\n  nca-cli rollout --checkpoint runs/red/checkpoint.safetensors --steps 200 --out runs/red-rollout\n  nca-cli bench --sizes 32,128 --batches 1,8"
 )]
 pub struct Cli {
     /// RON run file to train with (see crates/nca-cli/README.md for the format).
@@ -37,9 +39,9 @@ pub struct Cli {
     /// Replace the results of a previous run in the output directory.
     #[arg(long)]
     pub force: bool,
-    /// Backend to compute with; all but ndarray need their cargo feature.
-    #[arg(long, value_enum, default_value = "ndarray", global = true)]
-    pub backend: Backend,
+    /// Backend to compute with [default: ndarray]; all but ndarray need their cargo feature.
+    #[arg(long, value_enum, global = true)]
+    pub backend: Option<Backend>,
     /// A subcommand instead of training.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -57,14 +59,19 @@ pub enum Command {
 /// Arguments of `nca-cli bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchCli {
-    /// Backends to measure [default: every backend compiled into this binary].
+    /// Backends to measure [default: --backend if given, else every backend compiled into
+    /// this binary].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub backends: Vec<Backend>,
-    /// Grid sides to measure (square grids).
-    #[arg(long, value_delimiter = ',', default_values_t = [32usize, 128])]
+    /// Measure this run file's model, noise and optimiser, on its grid and batch unless
+    /// --sizes / --batches say otherwise [default: the default (picture) model].
+    #[arg(long, value_name = "RUN.ron")]
+    pub config: Option<PathBuf>,
+    /// Grid sides to measure (square grids) [default: 32,128, or the run file's grid].
+    #[arg(long, value_delimiter = ',')]
     pub sizes: Vec<usize>,
-    /// Batch sizes to measure.
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8])]
+    /// Batch sizes to measure [default: 1,8, or the run file's batch].
+    #[arg(long, value_delimiter = ',')]
     pub batches: Vec<usize>,
     /// Wall time per measurement, in seconds.
     #[arg(long, default_value_t = 1.0)]
@@ -105,6 +112,14 @@ pub struct RolloutCli {
     /// Delay between GIF frames in milliseconds.
     #[arg(long, default_value_t = 60)]
     pub gif_frame_ms: u32,
+    /// Rollout steps of the regrowth score [default: the run file's evaluation.steps,
+    /// else 100].
+    #[arg(long, value_name = "N")]
+    pub eval_steps: Option<u64>,
+    /// Fresh-noise starts of the regrowth score [default: the run file's
+    /// evaluation.seeds, else 3].
+    #[arg(long, value_name = "N")]
+    pub eval_seeds: Option<usize>,
 }
 
 /// Runs the parsed command; `interrupt` is set by Ctrl-C.
@@ -114,15 +129,35 @@ pub fn run(cli: Cli, interrupt: Arc<AtomicBool>) -> Result<Finish> {
             if !(b.seconds.is_finite() && b.seconds > 0.0) {
                 anyhow::bail!("--seconds: expected a duration > 0, found {}", b.seconds);
             }
-            let backends = if b.backends.is_empty() {
-                Backend::compiled()
-            } else {
-                b.backends
+            let backends = match (cli.backend, b.backends.is_empty()) {
+                (None, true) => Backend::compiled(),
+                (None, false) => b.backends,
+                (Some(one), true) => vec![one],
+                (Some(one), false) => anyhow::bail!(
+                    "--backend {} and --backends both given; use --backends for several",
+                    one.name()
+                ),
+            };
+            let run_file = match &b.config {
+                Some(path) => Some(crate::config::RunConfig::load(path)?),
+                None => None,
+            };
+            let base = run_file.as_ref().map(|r| r.nca()).unwrap_or_default();
+            let grids = match (b.sizes.is_empty(), &run_file) {
+                (false, _) => b.sizes.iter().map(|&s| (s, s)).collect(),
+                (true, Some(r)) => vec![(r.grid.height, r.grid.width)],
+                (true, None) => vec![(32, 32), (128, 128)],
+            };
+            let batches = match (b.batches.is_empty(), &run_file) {
+                (false, _) => b.batches,
+                (true, Some(r)) => vec![r.grid.batch],
+                (true, None) => vec![1, 8],
             };
             bench_command(&BenchArgs {
                 backends,
-                sizes: b.sizes,
-                batches: b.batches,
+                base,
+                grids,
+                batches,
                 seconds: b.seconds,
             })?;
             Ok(Finish::Completed)
@@ -135,10 +170,12 @@ pub fn run(cli: Cli, interrupt: Arc<AtomicBool>) -> Result<Finish> {
             seed: r.seed,
             out: r.out,
             force: r.force,
-            backend: cli.backend,
+            backend: cli.backend.unwrap_or(Backend::Ndarray),
             frame_every: r.frame_every,
             scale: r.scale,
             gif_frame_ms: r.gif_frame_ms,
+            eval_steps: r.eval_steps,
+            eval_seeds: r.eval_seeds,
             interrupt,
         }),
         None => {
@@ -150,7 +187,7 @@ pub fn run(cli: Cli, interrupt: Arc<AtomicBool>) -> Result<Finish> {
                 out: cli.out,
                 resume: cli.resume,
                 force: cli.force,
-                backend: cli.backend,
+                backend: cli.backend.unwrap_or(Backend::Ndarray),
                 progress_bar: std::io::stderr().is_terminal(),
                 interrupt,
             })

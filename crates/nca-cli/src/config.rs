@@ -34,6 +34,55 @@ pub struct RunConfig {
     /// Where and how often results are written.
     #[serde(default)]
     pub output: OutputConfig,
+    /// The regrowth score at the end of the run (and optionally during it).
+    #[serde(default)]
+    pub evaluation: EvaluationConfig,
+}
+
+/// The regrowth score: roll the trained rule out from fresh noise and compare with the
+/// target (see `nca_api::eval`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvaluationConfig {
+    /// Rollout steps from fresh noise before scoring.
+    pub steps: u64,
+    /// Fresh-noise starts scored (batch elements of one rollout).
+    pub seeds: usize,
+    /// Also score every this many training steps (`psnr.csv`, `psnr.png`); `None`: only at
+    /// the end.
+    pub every: Option<u64>,
+}
+
+impl Default for EvaluationConfig {
+    fn default() -> Self {
+        Self {
+            steps: nca_api::eval::DEFAULT_EVAL_STEPS,
+            seeds: nca_api::eval::DEFAULT_EVAL_SEEDS,
+            every: None,
+        }
+    }
+}
+
+/// Most fresh-noise starts the score may use (they are one batch).
+pub const MAX_EVAL_SEEDS: usize = 64;
+
+impl EvaluationConfig {
+    /// Checks ranges; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            bail!("invalid config field `evaluation.steps`: expected >= 1, found 0");
+        }
+        if !(1..=MAX_EVAL_SEEDS).contains(&self.seeds) {
+            bail!(
+                "invalid config field `evaluation.seeds`: expected 1..={MAX_EVAL_SEEDS}, found {}",
+                self.seeds
+            );
+        }
+        if self.every == Some(0) {
+            bail!("invalid config field `evaluation.every`: expected >= 1 or None, found 0");
+        }
+        Ok(())
+    }
 }
 
 /// Where a run writes its results and how often.
@@ -51,6 +100,9 @@ pub struct OutputConfig {
     pub scale: u32,
     /// Delay between GIF frames in milliseconds.
     pub gif_frame_ms: u32,
+    /// Frames of `trajectory.gif` over the whole run (written to `frames/`), independent of
+    /// `snapshot_every`.
+    pub gif_frames: u64,
 }
 
 impl Default for OutputConfig {
@@ -60,7 +112,8 @@ impl Default for OutputConfig {
             snapshot_every: 100,
             checkpoint_every: 1000,
             scale: 8,
-            gif_frame_ms: 100,
+            gif_frame_ms: 80,
+            gif_frames: 100,
         }
     }
 }
@@ -129,6 +182,13 @@ impl RunConfig {
         if o.gif_frame_ms == 0 {
             bail!("invalid config field `output.gif_frame_ms`: expected >= 1, found 0");
         }
+        if !(2..=1000).contains(&o.gif_frames) {
+            bail!(
+                "invalid config field `output.gif_frames`: expected 2..=1000, found {}",
+                o.gif_frames
+            );
+        }
+        self.evaluation.validate()?;
         self.target.validate()
     }
 
@@ -195,6 +255,25 @@ mod tests {
         let text = cfg.to_ron("resolved\nby a test").expect("serialises");
         assert!(text.starts_with("// resolved\n// by a test\n"), "{text}");
         assert_eq!(RunConfig::from_ron(&text, "back").expect("reads back"), cfg);
+    }
+
+    #[test]
+    fn evaluation_fields_are_checked_by_name() {
+        for (bad, field) in [
+            ("steps: 0", "evaluation.steps"),
+            ("seeds: 0", "evaluation.seeds"),
+            ("seeds: 65", "evaluation.seeds"),
+            ("every: 0", "evaluation.every"),
+        ] {
+            let text = format!("(evaluation: ({bad}), target: Solid(1.0, 0.0, 0.0))");
+            let cfg = RunConfig::from_ron(&text, "t.ron").expect("parses");
+            let msg = format!("{:#}", cfg.validate().expect_err("rejected"));
+            assert!(msg.contains(field), "{msg}");
+        }
+        let text = "(evaluation: (steps: 50, seeds: 4, every: 500), target: Solid(1.0, 0.0, 0.0))";
+        let cfg = RunConfig::from_ron(text, "t.ron").expect("parses");
+        cfg.validate().expect("valid");
+        assert_eq!(cfg.evaluation.every, Some(500));
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub const TARGET_TENSOR: &str = "target";
 
 /// Files and folders the CLI writes into a run or rollout directory; `--force` removes
 /// only these, never anything else a user keeps there.
-const ARTEFACTS: [&str; 12] = [
+const ARTEFACTS: [&str; 16] = [
     "config.ron",
     "target.png",
     "loss.csv",
@@ -27,6 +27,10 @@ const ARTEFACTS: [&str; 12] = [
     "final.png",
     "rollout.gif",
     "rollout.json",
+    "regrowth.png",
+    "regrowth.gif",
+    "psnr.csv",
+    "psnr.png",
 ];
 
 /// Folders of numbered frames the CLI writes.
@@ -84,6 +88,31 @@ pub fn remove_frames_after(dir: &Path, step: Option<u64>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `base` if it is free (absent or an empty directory), else the first free `base-2`,
+/// `base-3`, …: a default run directory never overwrites an earlier run.
+pub fn next_free_dir(base: &Path) -> Result<PathBuf> {
+    let free = |p: &Path| -> bool {
+        !p.exists() || std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_none())
+    };
+    if free(base) {
+        return Ok(base.to_path_buf());
+    }
+    let name = base
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into());
+    for i in 2..10_000 {
+        let p = base.with_file_name(format!("{name}-{i}"));
+        if free(&p) {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "{} and its numbered successors up to -9999 are all taken; pass --out DIR",
+        base.display()
+    )
 }
 
 /// Whether two paths name the same existing directory.
@@ -148,6 +177,14 @@ pub fn checkpoint_target(path: &Path) -> Result<Option<HostTensor>> {
     Ok(file.tensors.remove(TARGET_TENSOR))
 }
 
+/// The resolved run file stored in a checkpoint written by the CLI, if it has one that
+/// still parses.
+pub fn checkpoint_run_config(path: &Path) -> Option<crate::config::RunConfig> {
+    let file = TensorFile::read(path).ok()?;
+    let text = file.metadata.get(META_RUN_CONFIG)?;
+    crate::config::RunConfig::from_ron(text, &path.display().to_string()).ok()
+}
+
 /// Writes `value` as pretty JSON.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
@@ -157,6 +194,24 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_free_dir_counts_up_past_used_ones() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let base = tmp.path().join("cat");
+        assert_eq!(next_free_dir(&base).expect("free"), base);
+        std::fs::create_dir_all(&base).expect("mkdir");
+        assert_eq!(next_free_dir(&base).expect("empty is free"), base);
+        std::fs::write(base.join("summary.json"), "{}").expect("write");
+        let second = tmp.path().join("cat-2");
+        assert_eq!(next_free_dir(&base).expect("next"), second);
+        std::fs::create_dir_all(&second).expect("mkdir");
+        std::fs::write(second.join("x"), "").expect("write");
+        assert_eq!(
+            next_free_dir(&base).expect("next"),
+            tmp.path().join("cat-3")
+        );
+    }
 
     #[test]
     fn refuses_non_empty_dirs_and_force_keeps_foreign_files() {

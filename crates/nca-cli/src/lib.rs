@@ -16,4 +16,5 @@ pub mod plot;
 pub mod render;
 pub mod rollout;
 pub mod run;
+pub mod score;
 pub mod target;

@@ -74,6 +74,66 @@ pub fn write_csv(path: &Path, records: &[LossRecord]) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Draws the mean regrowth PSNR against the training step (`psnr.png`); writes nothing
+/// without points.
+pub fn plot_psnr(path: &Path, points: &[(u64, f64)]) -> Result<()> {
+    if points.is_empty() {
+        return Ok(());
+    }
+    register_font()?;
+    let pts: Vec<(f64, f64)> = points.iter().map(|&(s, p)| (s as f64, p)).collect();
+    let (mut x0, mut x1) = (pts[0].0, pts[pts.len() - 1].0);
+    if x1 <= x0 {
+        x0 -= 1.0;
+        x1 += 1.0;
+    }
+    let hi = pts.iter().map(|p| p.1).fold(10.0, f64::max);
+    let hi = (hi / 5.0).ceil() * 5.0 + 5.0;
+    let (w, h) = (960u32, 540u32);
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    let draw = |e: &dyn std::fmt::Debug| anyhow!("drawing {}: {e:?}", path.display());
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| draw(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("regrowth from fresh noise (mean PSNR)", (FONT_FAMILY, 22))
+            .margin(12)
+            .x_label_area_size(42)
+            .y_label_area_size(72)
+            .build_cartesian_2d(x0..x1, 0.0..hi)
+            .map_err(|e| draw(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("training step")
+            .y_desc("PSNR (dB)")
+            .label_style((FONT_FAMILY, 14))
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .draw()
+            .map_err(|e| draw(&e))?;
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), BLUE.stroke_width(2)))
+            .map_err(|e| draw(&e))?;
+        chart
+            .draw_series(pts.iter().map(|&p| Circle::new(p, 3, BLUE.filled())))
+            .map_err(|e| draw(&e))?;
+        root.present().map_err(|e| draw(&e))?;
+    }
+    save_rgb(path, &buf, w, h)
+}
+
+fn save_rgb(path: &Path, buf: &[u8], w: u32, h: u32) -> Result<()> {
+    image::save_buffer_with_format(
+        path,
+        buf,
+        w,
+        h,
+        image::ExtendedColorType::Rgb8,
+        image::ImageFormat::Png,
+    )
+    .with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Draws log-scale loss against step with the ε line and the spike steps marked; writes
 /// nothing when no step has a finite, positive loss.
 pub fn plot_loss(path: &Path, records: &[LossRecord], epsilon: f32) -> Result<()> {
@@ -93,7 +153,8 @@ pub fn plot_loss(path: &Path, records: &[LossRecord], epsilon: f32) -> Result<()
         x1 += 1.0;
     }
     let lo = pts.iter().map(|p| p.1).fold(eps, f64::min) / 2.0;
-    let hi = pts.iter().map(|p| p.1).fold(eps, f64::max) * 2.0;
+    // A decade of headroom above the curve keeps the legend (upper right) off it.
+    let hi = pts.iter().map(|p| p.1).fold(eps, f64::max) * 20.0;
     let (w, h) = (960u32, 540u32);
     let mut buf = vec![255u8; (w * h * 3) as usize];
     let draw = |e: &dyn std::fmt::Debug| anyhow!("drawing {}: {e:?}", path.display());
@@ -139,12 +200,13 @@ pub fn plot_loss(path: &Path, records: &[LossRecord], epsilon: f32) -> Result<()
             .collect();
         let orange = RGBColor(230, 120, 0);
         chart
-            .draw_series(spikes.iter().map(|&p| Circle::new(p, 3, orange.filled())))
+            .draw_series(spikes.iter().map(|&p| Circle::new(p, 2, orange.filled())))
             .map_err(|e| draw(&e))?
             .label(format!("spike ({})", spikes.len()))
             .legend(move |(x, y)| Circle::new((x + 10, y), 3, orange.filled()));
         chart
             .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
             .label_font((FONT_FAMILY, 14))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
@@ -152,15 +214,7 @@ pub fn plot_loss(path: &Path, records: &[LossRecord], epsilon: f32) -> Result<()
             .map_err(|e| draw(&e))?;
         root.present().map_err(|e| draw(&e))?;
     }
-    image::save_buffer_with_format(
-        path,
-        &buf,
-        w,
-        h,
-        image::ExtendedColorType::Rgb8,
-        image::ImageFormat::Png,
-    )
-    .with_context(|| format!("cannot write {}", path.display()))
+    save_rgb(path, &buf, w, h)
 }
 
 #[cfg(test)]

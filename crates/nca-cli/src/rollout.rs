@@ -10,9 +10,11 @@ use nca_api::{Checkpoint, HostTensor, RolloutOptions, TensorFile, Trainer};
 use serde::Serialize;
 
 use crate::backend::{dispatch, Backend, Job};
+use crate::config::EvaluationConfig;
 use crate::files;
 use crate::render;
 use crate::run::Finish;
+use crate::score;
 
 /// Options of a rollout, from the command line.
 #[derive(Clone, Debug)]
@@ -39,6 +41,10 @@ pub struct RolloutArgs {
     pub scale: u32,
     /// Delay between GIF frames in milliseconds.
     pub gif_frame_ms: u32,
+    /// Rollout steps of the regrowth score; `None`: the run file's `evaluation.steps`.
+    pub eval_steps: Option<u64>,
+    /// Fresh-noise starts of the score; `None`: the run file's `evaluation.seeds`.
+    pub eval_seeds: Option<usize>,
     /// Set by Ctrl-C: stop after the current step.
     pub interrupt: Arc<AtomicBool>,
 }
@@ -60,6 +66,9 @@ pub struct RolloutSummary {
     pub seed: u64,
     /// Mean squared error of the final visible channels against the stored target.
     pub final_loss: Option<f32>,
+    /// The rule's regrowth score from fresh noise (as in the run's `summary.json`), or
+    /// `null` when the checkpoint holds no target.
+    pub regrowth: Option<nca_api::RegrowthScore>,
     /// Whether Ctrl-C stopped it early.
     pub interrupted: bool,
     /// Wall-clock seconds.
@@ -82,6 +91,25 @@ pub fn rollout_command(args: RolloutArgs) -> Result<Finish> {
     let ckpt = Checkpoint::load(&args.checkpoint)
         .with_context(|| format!("cannot load checkpoint {}", args.checkpoint.display()))?;
     let target = files::checkpoint_target(&args.checkpoint)?;
+    // The run's own evaluation settings, so the score matches its summary.json.
+    let mut evaluation = files::checkpoint_run_config(&args.checkpoint)
+        .map(|r| r.evaluation)
+        .unwrap_or_default();
+    if let Some(s) = args.eval_steps {
+        evaluation.steps = s;
+    }
+    if let Some(s) = args.eval_seeds {
+        evaluation.seeds = s;
+    }
+    evaluation.every = None;
+    evaluation.validate().map_err(|e| {
+        anyhow!(
+            "{}",
+            format!("{e:#}")
+                .replace("config field `evaluation.steps`", "--eval-steps")
+                .replace("config field `evaluation.seeds`", "--eval-seeds")
+        )
+    })?;
     let cfg = &ckpt.config;
     let v = cfg.model.visible_channels;
     if v != 1 && v != 3 {
@@ -120,6 +148,7 @@ pub fn rollout_command(args: RolloutArgs) -> Result<Finish> {
     let job = RolloutJob {
         args: &args,
         ckpt: &ckpt,
+        evaluation,
         target,
         init,
         options,
@@ -131,6 +160,7 @@ pub fn rollout_command(args: RolloutArgs) -> Result<Finish> {
 struct RolloutJob<'a> {
     args: &'a RolloutArgs,
     ckpt: &'a Checkpoint,
+    evaluation: EvaluationConfig,
     target: Option<HostTensor>,
     init: HostTensor,
     options: RolloutOptions,
@@ -211,6 +241,25 @@ impl Job for RolloutJob<'_> {
             Some(tg) => Some(visible_mse(&last, tg)?),
             None => None,
         };
+        let regrowth = match target {
+            Some(tg) if !interrupted => {
+                let cfg = &self.ckpt.config;
+                let r = score::run(
+                    &mut t,
+                    tg,
+                    &self.evaluation,
+                    cfg.training.seed,
+                    cfg.model.state_clamp,
+                    true,
+                )?;
+                score::write_picture(&r, tg, v, scale, &out.join("regrowth.png"))?;
+                let half = (scale / 2).max(1);
+                let gif = out.join("regrowth.gif");
+                score::write_gif(&r, tg, v, half, self.args.gif_frame_ms, &gif)?;
+                Some(r.score)
+            }
+            _ => None,
+        };
         let summary = RolloutSummary {
             backend: backend.name().into(),
             checkpoint: self.args.checkpoint.display().to_string(),
@@ -219,6 +268,7 @@ impl Job for RolloutJob<'_> {
             sigma: self.options.sigma,
             seed: self.options.seed,
             final_loss,
+            regrowth,
             interrupted,
             wall_seconds: self.started.elapsed().as_secs_f64(),
         };
@@ -229,6 +279,13 @@ impl Job for RolloutJob<'_> {
             backend.name(),
             self.options.sigma
         );
+        match &summary.regrowth {
+            Some(r) => println!("{}", score::line(r)),
+            None if target.is_none() => {
+                println!("no regrowth score: the checkpoint holds no target")
+            }
+            None => {}
+        }
         println!("results in {}", display(out));
         Ok(if interrupted {
             Finish::Interrupted

@@ -21,6 +21,7 @@ use crate::config::RunConfig;
 use crate::files::{self, CheckpointParts};
 use crate::plot::{self, LossRecord};
 use crate::render;
+use crate::score;
 
 /// How a command ended when it did not fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +82,8 @@ pub struct Summary {
     pub train_seconds: f64,
     /// `steps_run / train_seconds`.
     pub steps_per_second: f64,
+    /// The regrowth score of the final rule (`null` when the run failed).
+    pub regrowth: Option<nca_api::RegrowthScore>,
 }
 
 /// Runs `nca-cli run.ron`.
@@ -100,14 +103,22 @@ pub fn train_command(args: TrainArgs) -> Result<Finish> {
     let out = match (&args.out, &args.resume, &cfg.output.dir) {
         (Some(o), ..) => o.clone(),
         (None, Some(r), _) => files::parent_dir(r),
-        (None, None, Some(d)) => d.clone(),
-        (None, None, None) => {
-            let stem = args
-                .config
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "run".into());
-            Path::new("runs").join(stem)
+        (None, None, dir) => {
+            let base = dir.clone().unwrap_or_else(|| {
+                let stem = args
+                    .config
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "run".into());
+                Path::new("runs").join(stem)
+            });
+            // Without --out a second run goes next to the first instead of failing;
+            // --force still means "replace the default directory".
+            if args.force {
+                base
+            } else {
+                files::next_free_dir(&base)?
+            }
         }
     };
     let in_place = args
@@ -170,33 +181,31 @@ fn load_resume(path: &Path, nca: &NcaConfig, config_path: &Path) -> Result<Resum
         r.grid.batch.to_string(),
     );
     let (cm, rm) = (&c.model, &r.model);
-    diff(
-        "model.visible_channels",
-        cm.visible_channels.to_string(),
-        rm.visible_channels.to_string(),
-    );
-    diff(
-        "model.hidden_channels",
-        cm.hidden_channels.to_string(),
-        rm.hidden_channels.to_string(),
-    );
-    diff(
-        "model.attention_dim",
-        cm.attention_dim.to_string(),
-        rm.attention_dim.to_string(),
-    );
-    diff(
-        "model.position_embeddings",
-        cm.position_embeddings.to_string(),
-        rm.position_embeddings.to_string(),
-    );
+    // One list of model fields for every check (nca-api's), so a new option is never
+    // forgotten here; "checkpoint A vs config B".
+    for d in cm.differences(rm) {
+        diffs.push(
+            d.replacen(": ", ": checkpoint ", 1)
+                .replacen(" vs ", ", config ", 1),
+        );
+    }
     if !diffs.is_empty() {
         bail!(
             "checkpoint {} does not match config {}: its shapes differ ({}); a run resumes \
-             only with the grid and model it was trained with",
+             only with the grid and model it was trained with{}",
             path.display(),
             config_path.display(),
-            diffs.join("; ")
+            diffs.join("; "),
+            if cm.position_octaves.is_none()
+                && cm.mlp_hidden.is_none()
+                && (rm.position_octaves.is_some() || rm.mlp_hidden.is_some())
+            {
+                " (the checkpoint holds the plain model, e.g. one written before \
+                 position_octaves and mlp_hidden existed: set `position_octaves: None, \
+                 mlp_hidden: None` in the run file's model section to continue it)"
+            } else {
+                ""
+            }
         );
     }
     if cm.state_clamp != rm.state_clamp {
@@ -255,8 +264,11 @@ impl Job for TrainJob<'_> {
             files::prepare_new_dir(out, self.args.force)?;
         }
         let snap_dir = out.join("snapshots");
-        std::fs::create_dir_all(&snap_dir)
-            .with_context(|| format!("cannot create {}", snap_dir.display()))?;
+        let frame_dir = out.join("frames");
+        for dir in [&snap_dir, &frame_dir] {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
         std::fs::write(out.join("config.ron"), &self.run_ron)
             .with_context(|| format!("cannot write {}", out.join("config.ron").display()))?;
         let v = self.nca.model.visible_channels;
@@ -266,10 +278,10 @@ impl Job for TrainJob<'_> {
             &out.join("target.png"),
         )?;
 
-        let (mut state, mut progress, history) = match &self.resume {
+        let (mut state, mut progress, history, mut psnr_rows) = match &self.resume {
             None => {
                 let state = nca_api::start(&mut trainer, self.nca, &self.target)?;
-                (state, Progress::default(), Vec::new())
+                (state, Progress::default(), Vec::new(), Vec::new())
             }
             Some(r) => {
                 let ckpt = &r.ckpt;
@@ -287,7 +299,8 @@ impl Job for TrainJob<'_> {
                     }
                 };
                 let state = trainer.upload(&host)?;
-                let old_csv = files::parent_dir(&r.path).join("loss.csv");
+                let dir = files::parent_dir(&r.path);
+                let old_csv = dir.join("loss.csv");
                 let history = if old_csv.is_file() {
                     let mut h = plot::read_csv(&old_csv)?;
                     h.retain(|rec| rec.step <= ckpt.progress.step);
@@ -295,7 +308,16 @@ impl Job for TrainJob<'_> {
                 } else {
                     Vec::new()
                 };
-                (state, ckpt.progress.clone(), history)
+                let old_psnr = dir.join("psnr.csv");
+                let psnr = if old_psnr.is_file() {
+                    let mut p = score::read_csv(&old_psnr)?;
+                    // The old run's end-of-run score at the resume step is recomputed.
+                    p.retain(|row| row.0 < ckpt.progress.step);
+                    p
+                } else {
+                    Vec::new()
+                };
+                (state, ckpt.progress.clone(), history, psnr)
             }
         };
 
@@ -312,35 +334,40 @@ impl Job for TrainJob<'_> {
             run_ron: &self.run_ron,
         };
         let start_step = progress.step;
+        let total = self.nca.training.steps;
         let mut obs = RunObserver {
             parts: &parts,
             out,
             snap_dir: &snap_dir,
+            frame_dir: &frame_dir,
             target: &self.target,
             visible: v,
             scale,
             snapshot_every: self.cfg.output.snapshot_every,
+            frame_every: total.div_ceil(self.cfg.output.gif_frames).max(1),
             checkpoint_every: self.cfg.output.checkpoint_every,
-            total: self.nca.training.steps,
+            total,
             csv: BufWriter::new(csv),
             records: history,
             last_snapshot: None,
+            last_frame: None,
             last_checkpoint: resume_step,
             interrupt: &self.args.interrupt,
             bar: None,
             last_log: (Instant::now(), start_step),
         };
         if self.resume.is_none() {
-            obs.snapshot(&trainer, &state, 0)
+            obs.snapshot(&trainer, &state, 0, false)
                 .map_err(anyhow::Error::msg)?;
         }
         if self.args.progress_bar {
-            obs.bar = Some(progress_bar(self.nca.training.steps, start_step));
+            obs.bar = Some(progress_bar(total, start_step));
         } else {
             tracing::info!(
-                "training {} steps on {} into {}",
-                self.nca.training.steps - start_step,
+                "training {} steps on {} ({}) into {}",
+                total - start_step,
                 backend.name(),
+                crate::bench::describe_model(&self.nca.model),
                 out.display()
             );
         }
@@ -348,14 +375,40 @@ impl Job for TrainJob<'_> {
         let train_started = Instant::now();
         let schedule = ConstantNoise::from(&self.nca.noise);
         let options = LoopOptions::from_config(self.nca);
-        let result = nca_api::train(
-            &mut trainer,
-            &mut state,
-            &schedule,
-            &options,
-            &mut progress,
-            &mut obs,
-        );
+        let eval_cfg = &self.cfg.evaluation;
+        let (seed, clamp) = (self.nca.training.seed, self.nca.model.state_clamp);
+        let result = loop {
+            // With `evaluation.every` the loop runs in chunks and the rule is scored in
+            // between; the noise is counter-based, so chunking changes no number.
+            let until = match eval_cfg.every {
+                Some(e) => (progress.step / e + 1).saturating_mul(e).min(total),
+                None => total,
+            };
+            let chunk = LoopOptions {
+                steps: until,
+                ..options
+            };
+            let r = nca_api::train(
+                &mut trainer,
+                &mut state,
+                &schedule,
+                &chunk,
+                &mut progress,
+                &mut obs,
+            );
+            match r {
+                Ok(outcome) if outcome.reason == StopReason::Steps && progress.step < total => {
+                    let reg = score::run(&mut trainer, &self.target, eval_cfg, seed, clamp, false)?;
+                    let msg = format!("step {}: {}", progress.step, score::line(&reg.score));
+                    match &obs.bar {
+                        Some(bar) => bar.println(msg),
+                        None => tracing::info!("{msg}"),
+                    }
+                    psnr_rows.push((progress.step, reg.score.mean_psnr_db, reg.score.mean_mse));
+                }
+                other => break other,
+            }
+        };
         let train_seconds = train_started.elapsed().as_secs_f64();
         if let Some(bar) = obs.bar.take() {
             bar.finish_and_clear();
@@ -364,8 +417,13 @@ impl Job for TrainJob<'_> {
         let mut failure: Option<anyhow::Error> = None;
         let status = match result {
             Ok(outcome) => {
+                let spiked = obs.records.last().is_some_and(|r| r.spiked);
                 if obs.last_snapshot != Some(progress.step) {
-                    obs.snapshot(&trainer, &state, progress.step)
+                    obs.snapshot(&trainer, &state, progress.step, spiked)
+                        .map_err(anyhow::Error::msg)?;
+                }
+                if obs.last_frame != Some(progress.step) {
+                    obs.frame(&trainer, &state, progress.step, spiked)
                         .map_err(anyhow::Error::msg)?;
                 }
                 parts.save(
@@ -413,15 +471,78 @@ impl Job for TrainJob<'_> {
 
         // Plots and summary are written even after a failure: that is when they matter.
         let mut late_errors = Vec::new();
+        let regrowth = if failure.is_none() {
+            match score::run(&mut trainer, &self.target, eval_cfg, seed, clamp, true) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    late_errors.push(e);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut regrown_tile = None;
+        if let Some(r) = &regrowth {
+            psnr_rows.push((progress.step, r.score.mean_psnr_db, r.score.mean_mse));
+            let frame_ms = self.cfg.output.gif_frame_ms;
+            let half = (scale / 2).max(1);
+            let pictures =
+                score::write_picture(r, &self.target, v, scale, &out.join("regrowth.png"))
+                    .and_then(|()| {
+                        score::write_gif(
+                            r,
+                            &self.target,
+                            v,
+                            half,
+                            frame_ms,
+                            &out.join("regrowth.gif"),
+                        )
+                    });
+            if let Err(e) = pictures {
+                late_errors.push(e);
+            }
+            if let Some((_, last)) = r.frames.last() {
+                match render::tile(last, 0, v, scale) {
+                    Ok(t) => {
+                        regrown_tile =
+                            Some((format!("regrown · {:.1} dB", r.score.mean_psnr_db), t))
+                    }
+                    Err(e) => late_errors.push(e),
+                }
+            }
+        }
+        if !psnr_rows.is_empty() && (eval_cfg.every.is_some() || psnr_rows.len() > 1) {
+            if let Err(e) = score::write_csv(&out.join("psnr.csv"), &psnr_rows) {
+                late_errors.push(e);
+            }
+            let pts: Vec<(u64, f64)> = psnr_rows.iter().map(|r| (r.0, r.1)).collect();
+            if let Err(e) = plot::plot_psnr(&out.join("psnr.png"), &pts) {
+                late_errors.push(e);
+            }
+        }
         let eps = self.nca.noise.epsilon;
         if let Err(e) = plot::plot_loss(&out.join("loss.png"), &obs.records, eps) {
             late_errors.push(e);
         }
         let frame_ms = self.cfg.output.gif_frame_ms;
-        if let Err(e) = render::gif_from_dir(&snap_dir, &out.join("trajectory.gif"), frame_ms) {
+        if let Err(e) = render::gif_from_dir(&frame_dir, &out.join("trajectory.gif"), frame_ms) {
             late_errors.push(e);
         }
-        if let Err(e) = write_contact_sheet(out, &snap_dir, &self.target, v, scale, self.nca) {
+        let spiked: Vec<u64> = obs
+            .records
+            .iter()
+            .filter(|r| r.spiked)
+            .map(|r| r.step)
+            .collect();
+        let sheet = SheetParts {
+            target: &self.target,
+            visible: v,
+            scale,
+            spiked: &spiked,
+            regrown: regrown_tile,
+        };
+        if let Err(e) = write_contact_sheet(out, &snap_dir, self.nca, sheet) {
             late_errors.push(e);
         }
         let steps_run = progress.step.saturating_sub(start_step);
@@ -445,6 +566,7 @@ impl Job for TrainJob<'_> {
             } else {
                 0.0
             },
+            regrowth: regrowth.map(|r| r.score),
         };
         files::write_json(&out.join("summary.json"), &summary)?;
         if let Some(e) = failure {
@@ -477,7 +599,13 @@ fn report(s: &Summary, out: &Path) {
          {} spikes",
         s.status, s.final_step, s.backend, s.steps_per_second, s.spikes
     );
-    println!("results in {}", out.display());
+    if let Some(r) = &s.regrowth {
+        println!("{}", score::line(r));
+    }
+    println!(
+        "results in {} (regrowth.png, contact_sheet.png, trajectory.gif, summary.json)",
+        out.display()
+    );
 }
 
 fn progress_bar(total: u64, start: u64) -> ProgressBar {
@@ -491,15 +619,26 @@ fn progress_bar(total: u64, start: u64) -> ProgressBar {
     bar
 }
 
-/// A grid of up to ten snapshots (first batch element) and the target, each labelled.
+/// What the contact sheet shows besides the snapshots.
+struct SheetParts<'a> {
+    target: &'a HostTensor,
+    visible: usize,
+    scale: u32,
+    /// Steps after which the state was spiked; their snapshots are labelled so.
+    spiked: &'a [u64],
+    /// The final rule's regrowth from fresh noise, labelled with its score.
+    regrown: Option<(String, image::RgbImage)>,
+}
+
+/// A grid of up to ten snapshots (first batch element), the regrowth and the target, each
+/// labelled.
 fn write_contact_sheet(
     out: &Path,
     snap_dir: &Path,
-    target: &HostTensor,
-    visible: usize,
-    scale: u32,
     nca: &NcaConfig,
+    parts: SheetParts<'_>,
 ) -> Result<()> {
+    let scale = parts.scale;
     let (tw, th) = (
         nca.grid.width as u32 * scale,
         nca.grid.height as u32 * scale,
@@ -513,12 +652,23 @@ fn write_contact_sheet(
             continue;
         }
         let tile = image::imageops::crop_imm(&img, 0, 0, tw, th).to_image();
-        tiles.push((format!("step {step}"), tile));
+        let label = if parts.spiked.binary_search(&step).is_ok() {
+            format!("step {step} (spiked)")
+        } else {
+            format!("step {step}")
+        };
+        tiles.push((label, tile));
     }
     if tiles.is_empty() {
         return Ok(());
     }
-    tiles.push(("target".into(), render::tile(target, 0, visible, scale)?));
+    if let Some(r) = parts.regrown {
+        tiles.push(r);
+    }
+    tiles.push((
+        "target".into(),
+        render::tile(parts.target, 0, parts.visible, scale)?,
+    ));
     let sheet = render::contact_sheet(&tiles, 6)?;
     render::save_png(&sheet, &out.join("contact_sheet.png"))
 }
@@ -528,15 +678,18 @@ struct RunObserver<'a> {
     parts: &'a CheckpointParts<'a>,
     out: &'a Path,
     snap_dir: &'a Path,
+    frame_dir: &'a Path,
     target: &'a HostTensor,
     visible: usize,
     scale: u32,
     snapshot_every: u64,
+    frame_every: u64,
     checkpoint_every: u64,
     total: u64,
     csv: BufWriter<File>,
     records: Vec<LossRecord>,
     last_snapshot: Option<u64>,
+    last_frame: Option<u64>,
     last_checkpoint: Option<u64>,
     interrupt: &'a AtomicBool,
     bar: Option<ProgressBar>,
@@ -550,13 +703,51 @@ impl RunObserver<'_> {
         Ok(())
     }
 
-    fn snapshot<T: Trainer>(&mut self, t: &T, state: &T::State, step: u64) -> Result<(), String> {
+    /// The picture of a state; a state just spiked gets an orange border, so a noisy
+    /// frame is not mistaken for the rule's work.
+    fn picture<T: Trainer>(
+        &self,
+        t: &T,
+        state: &T::State,
+        spiked: bool,
+    ) -> Result<image::RgbImage, String> {
         let host = t.download(state).map_err(|e| e.to_string())?;
-        let img = render::snapshot(&host, Some(self.target), self.visible, self.scale)
+        let mut img = render::snapshot(&host, Some(self.target), self.visible, self.scale)
             .map_err(|e| format!("{e:#}"))?;
+        if spiked {
+            render::mark_spiked(&mut img, self.scale);
+        }
+        Ok(img)
+    }
+
+    fn snapshot<T: Trainer>(
+        &mut self,
+        t: &T,
+        state: &T::State,
+        step: u64,
+        spiked: bool,
+    ) -> Result<(), String> {
+        let img = self.picture(t, state, spiked)?;
         render::save_png(&img, &render::step_path(self.snap_dir, step))
             .map_err(|e| format!("{e:#}"))?;
         self.last_snapshot = Some(step);
+        if step == 0 {
+            self.frame(t, state, step, spiked)?;
+        }
+        Ok(())
+    }
+
+    fn frame<T: Trainer>(
+        &mut self,
+        t: &T,
+        state: &T::State,
+        step: u64,
+        spiked: bool,
+    ) -> Result<(), String> {
+        let img = self.picture(t, state, spiked)?;
+        render::save_png(&img, &render::step_path(self.frame_dir, step))
+            .map_err(|e| format!("{e:#}"))?;
+        self.last_frame = Some(step);
         Ok(())
     }
 }
@@ -570,8 +761,11 @@ impl<T: Trainer> Observer<T> for RunObserver<'_> {
             spiked: info.spiked,
             spikes: info.spikes,
         })?;
+        if info.step % self.frame_every == 0 {
+            self.frame(ctx.trainer, ctx.state, info.step, info.spiked)?;
+        }
         if info.step % self.snapshot_every == 0 {
-            self.snapshot(ctx.trainer, ctx.state, info.step)?;
+            self.snapshot(ctx.trainer, ctx.state, info.step, info.spiked)?;
             self.csv
                 .flush()
                 .map_err(|e| format!("cannot write loss.csv: {e}"))?;

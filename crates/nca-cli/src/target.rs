@@ -33,13 +33,20 @@ pub enum Target {
     Solid(f32, f32, f32),
     /// A PNG file, path relative to the config file: `Image(path: "frame.png")`.
     ///
-    /// An image whose size differs from the grid is resized with a bilinear filter
-    /// (`Triangle`, which averages when shrinking) and a warning is logged. An opaque alpha
-    /// channel is dropped; a transparent pixel is an error. A grey image may train an RGB
-    /// model; a colour image with `visible_channels: 1` is an error.
+    /// Pixels with alpha are composited over `background` (white by default) and the log
+    /// says so. A picture whose aspect ratio differs from the grid's is centre-cropped to
+    /// it (`fit: Crop`, default) or stretched with a warning (`fit: Stretch`); then it is
+    /// resized (Lanczos) to the grid. A grey image may train an RGB model; a colour image
+    /// with `visible_channels: 1` is an error.
     Image {
         /// PNG file; a relative path is taken from the config file's directory.
         path: PathBuf,
+        /// Colour behind transparent pixels.
+        #[serde(default = "white")]
+        background: Rgb,
+        /// How a picture of another aspect ratio is fitted to the grid.
+        #[serde(default)]
+        fit: Fit,
     },
     /// A linear blend: `Gradient(from: (0.0, 0.0, 1.0), to: (1.0, 1.0, 0.0), direction: Horizontal)`.
     Gradient {
@@ -71,6 +78,20 @@ pub enum Target {
     },
 }
 
+/// How a picture whose aspect ratio differs from the grid's is fitted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Fit {
+    /// Cut the largest centred part with the grid's aspect ratio (keeps shapes).
+    #[default]
+    Crop,
+    /// Scale each axis on its own (keeps everything, distorts shapes; logs a warning).
+    Stretch,
+}
+
+fn white() -> Rgb {
+    (1.0, 1.0, 1.0)
+}
+
 fn default_direction() -> Direction {
     Direction::Horizontal
 }
@@ -94,7 +115,7 @@ impl Target {
         };
         match self {
             Target::Solid(r, g, b) => colour("Solid", (*r, *g, *b)),
-            Target::Image { .. } => Ok(()),
+            Target::Image { background, .. } => colour("Image.background", *background),
             Target::Gradient { from, to, .. } => {
                 colour("Gradient.from", *from)?;
                 colour("Gradient.to", *to)
@@ -129,10 +150,16 @@ impl Target {
     /// file's directory), so a copied config still finds it.
     pub fn resolved(&self, base: &Path) -> Self {
         match self {
-            Target::Image { path } if path.is_relative() => {
+            Target::Image {
+                path,
+                background,
+                fit,
+            } if path.is_relative() => {
                 let joined = base.join(path);
                 Target::Image {
                     path: std::fs::canonicalize(&joined).unwrap_or(joined),
+                    background: *background,
+                    fit: *fit,
                 }
             }
             other => other.clone(),
@@ -145,7 +172,11 @@ impl Target {
         let v = cfg.model.visible_channels;
         let plane: Vec<Rgb> = match self {
             Target::Solid(r, g, b) => vec![(*r, *g, *b); h * w],
-            Target::Image { path } => load_image(&base.join(path), h, w, v)?,
+            Target::Image {
+                path,
+                background,
+                fit,
+            } => load_image(&base.join(path), h, w, v, *background, *fit)?,
             Target::Gradient {
                 from,
                 to,
@@ -231,7 +262,14 @@ fn lerp(a: Rgb, b: Rgb, t: f32) -> Rgb {
     )
 }
 
-fn load_image(path: &Path, h: usize, w: usize, v: usize) -> Result<Vec<Rgb>> {
+fn load_image(
+    path: &Path,
+    h: usize,
+    w: usize,
+    v: usize,
+    background: Rgb,
+    fit: Fit,
+) -> Result<Vec<Rgb>> {
     let what = || format!("target image {}", path.display());
     let img = image::ImageReader::open(path)
         .with_context(|| format!("cannot open {}", what()))?
@@ -240,12 +278,6 @@ fn load_image(path: &Path, h: usize, w: usize, v: usize) -> Result<Vec<Rgb>> {
         .decode()
         .with_context(|| format!("cannot decode {} (expected a PNG file)", what()))?;
     let colour = img.color();
-    if colour.has_alpha() && img.pixels().any(|(_, _, p)| p.0[3] != u8::MAX) {
-        bail!(
-            "{} has transparent pixels; flatten it onto a background colour first",
-            what()
-        );
-    }
     if colour.has_color() && v == 1 {
         bail!(
             "{} is a colour image but model.visible_channels is 1 (grey); convert the image \
@@ -253,22 +285,25 @@ fn load_image(path: &Path, h: usize, w: usize, v: usize) -> Result<Vec<Rgb>> {
             what()
         );
     }
-    let rgb = DynamicImage::ImageRgb32F(img.to_rgb32f());
-    let (iw, ih) = rgb.dimensions();
-    let rgb = if (iw as usize, ih as usize) != (w, h) {
-        tracing::warn!(
-            "{} is {iw}x{ih} but the grid is {w}x{h}: resizing it (bilinear)",
-            what()
+    let rgba = img.to_rgba32f();
+    let see_through = rgba.pixels().filter(|p| p.0[3] < 1.0).count();
+    if see_through > 0 {
+        tracing::info!(
+            "{} has {see_through} (partly) transparent pixels: compositing them over the \
+             background ({}, {}, {})",
+            what(),
+            background.0,
+            background.1,
+            background.2
         );
-        let (w32, h32) = (
-            u32::try_from(w).context("grid too wide")?,
-            u32::try_from(h).context("grid too tall")?,
-        );
-        rgb.resize_exact(w32, h32, FilterType::Triangle)
-    } else {
-        rgb
-    };
-    let rgb = rgb.to_rgb32f();
+    }
+    let bg = [background.0, background.1, background.2];
+    let flat = image::Rgb32FImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let p = rgba.get_pixel(x, y).0;
+        let a = p[3].clamp(0.0, 1.0);
+        image::Rgb([0, 1, 2].map(|c| a * p[c] + (1.0 - a) * bg[c]))
+    });
+    let rgb = fit_to_grid(DynamicImage::ImageRgb32F(flat), h, w, fit, &what())?;
     Ok(rgb
         .pixels()
         .map(|p| {
@@ -279,6 +314,61 @@ fn load_image(path: &Path, h: usize, w: usize, v: usize) -> Result<Vec<Rgb>> {
             )
         })
         .collect())
+}
+
+/// The largest centred `(x, y, width, height)` of an `iw × ih` picture with the aspect
+/// ratio `w : h`.
+pub fn centre_crop(iw: u32, ih: u32, h: usize, w: usize) -> (u32, u32, u32, u32) {
+    // Compare iw/ih with w/h in integers: iw·h against ih·w.
+    let (iw64, ih64, h64, w64) = (u64::from(iw), u64::from(ih), h as u64, w as u64);
+    if iw64 * h64 > ih64 * w64 {
+        let cw = ((ih64 * w64 + h64 / 2) / h64).clamp(1, iw64) as u32;
+        ((iw - cw) / 2, 0, cw, ih)
+    } else {
+        let ch = ((iw64 * h64 + w64 / 2) / w64).clamp(1, ih64) as u32;
+        (0, (ih - ch) / 2, iw, ch)
+    }
+}
+
+fn fit_to_grid(
+    img: DynamicImage,
+    h: usize,
+    w: usize,
+    fit: Fit,
+    what: &str,
+) -> Result<image::Rgb32FImage> {
+    let (w32, h32) = (
+        u32::try_from(w).context("grid too wide")?,
+        u32::try_from(h).context("grid too tall")?,
+    );
+    let (iw, ih) = img.dimensions();
+    let same_aspect = u64::from(iw) * h as u64 == u64::from(ih) * w as u64;
+    let img = match fit {
+        Fit::Crop if !same_aspect => {
+            let (x, y, cw, ch) = centre_crop(iw, ih, h, w);
+            tracing::info!(
+                "{what} is {iw}x{ih}, the grid {w}x{h}: using its centred {cw}x{ch} part \
+                 (fit: Crop keeps the aspect ratio)"
+            );
+            img.crop_imm(x, y, cw, ch)
+        }
+        Fit::Stretch if !same_aspect => {
+            tracing::warn!(
+                "{what} is {iw}x{ih} but the grid is {w}x{h}: stretching it changes its \
+                 aspect ratio (fit: Stretch; fit: Crop would keep it)"
+            );
+            img
+        }
+        _ => img,
+    };
+    let (iw, ih) = img.dimensions();
+    let img = if (iw, ih) != (w32, h32) {
+        tracing::info!("{what}: resizing {iw}x{ih} to the grid's {w}x{h} (Lanczos)");
+        img.resize_exact(w32, h32, FilterType::Lanczos3)
+    } else {
+        img
+    };
+    Ok(img.to_rgb32f())
 }
 
 #[cfg(test)]
@@ -342,6 +432,35 @@ mod tests {
         .expect("renders");
         assert_eq!(disc.data()[5], 1.0, "centre is inside");
         assert_eq!(disc.data()[0], 0.0, "corner is outside");
+    }
+
+    #[test]
+    fn centre_crop_keeps_the_grid_aspect() {
+        assert_eq!(centre_crop(20, 12, 8, 8), (4, 0, 12, 12));
+        assert_eq!(centre_crop(12, 20, 8, 8), (0, 4, 12, 12));
+        assert_eq!(centre_crop(30, 10, 8, 16), (5, 0, 20, 10));
+        assert_eq!(centre_crop(16, 16, 8, 8), (0, 0, 16, 16));
+    }
+
+    #[test]
+    fn alpha_is_composited_over_the_background() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut img = image::RgbaImage::from_pixel(2, 2, image::Rgba([255, 0, 0, 255]));
+        img.put_pixel(1, 0, image::Rgba([255, 0, 0, 0]));
+        img.put_pixel(0, 1, image::Rgba([0, 0, 0, 128]));
+        img.save(dir.path().join("a.png")).expect("png");
+        let t = Target::Image {
+            path: "a.png".into(),
+            background: (0.0, 0.0, 1.0),
+            fit: Fit::Crop,
+        }
+        .render(&cfg(2, 2, 3, 1), dir.path())
+        .expect("renders");
+        let d = t.data();
+        // Red plane, then green, then blue; pixels (0,0) (1,0) (0,1) (1,1).
+        assert_eq!(&d[0..4], &[1.0, 0.0, 0.0, 1.0]);
+        assert_eq!(&d[8..10], &[0.0, 1.0]);
+        assert!((d[10] - (1.0 - 128.0 / 255.0)).abs() < 1e-6, "{}", d[10]);
     }
 
     #[test]
