@@ -262,3 +262,175 @@ where
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    //! The spike rule, checked on a scripted trainer so that every branch can be reached
+    //! (no real loss is ever negative, so "ε = 0 never spikes" cannot fail on a backend).
+
+    use super::*;
+    use crate::config::ModelConfig;
+    use crate::error::TensorError;
+    use crate::noise::ConstantNoise;
+    use crate::traits::AdamState;
+
+    /// Replaces the state by zeros at every step and reports scripted losses.
+    struct Scripted {
+        model: ModelConfig,
+        losses: Vec<f32>,
+        calls: usize,
+    }
+
+    impl Transition for Scripted {
+        type State = HostTensor;
+        type Error = TensorError;
+        fn model(&self) -> &ModelConfig {
+            &self.model
+        }
+        fn upload(&self, host: &HostTensor) -> Result<HostTensor, TensorError> {
+            Ok(host.clone())
+        }
+        fn download(&self, state: &HostTensor) -> Result<HostTensor, TensorError> {
+            Ok(state.clone())
+        }
+        fn update(&mut self, state: &HostTensor) -> Result<HostTensor, TensorError> {
+            Ok(HostTensor::zeros(state.shape()))
+        }
+        fn step(&mut self, state: &HostTensor) -> Result<HostTensor, TensorError> {
+            Ok(HostTensor::zeros(state.shape()))
+        }
+        fn attention(&mut self, state: &HostTensor) -> Result<HostTensor, TensorError> {
+            Ok(HostTensor::zeros(state.shape()))
+        }
+        fn weights(&self) -> Result<Weights, TensorError> {
+            Ok(Weights::zeros(&self.model))
+        }
+        fn set_weights(&mut self, _: &Weights) -> Result<(), TensorError> {
+            Ok(())
+        }
+    }
+
+    impl Trainer for Scripted {
+        fn set_target(&mut self, _: &HostTensor) -> Result<(), TensorError> {
+            Ok(())
+        }
+        fn loss_and_gradients(&mut self, _: &HostTensor) -> Result<(f32, Weights), TensorError> {
+            Ok((0.0, Weights::zeros(&self.model)))
+        }
+        fn train_step(&mut self, state: &mut HostTensor) -> Result<f32, TensorError> {
+            *state = HostTensor::zeros(state.shape());
+            self.calls += 1;
+            Ok(self.losses[self.calls - 1])
+        }
+        fn adam_state(&self) -> Result<AdamState, TensorError> {
+            Ok(AdamState::new(&self.model))
+        }
+        fn set_adam_state(&mut self, _: &AdamState) -> Result<(), TensorError> {
+            Ok(())
+        }
+    }
+
+    /// Runs the loop over `losses` with threshold `epsilon`; returns the progress, the
+    /// reason and the RMS of the carried state after every step.
+    fn run(
+        losses: &[f32],
+        epsilon: f32,
+        max_spikes: Option<u64>,
+    ) -> (Progress, StopReason, Vec<f32>) {
+        let mut t = Scripted {
+            model: ModelConfig::plain(),
+            losses: losses.to_vec(),
+            calls: 0,
+        };
+        let mut state = HostTensor::zeros(&[1, 3, 16, 16]);
+        let schedule = ConstantNoise {
+            sigma_small: 0.01,
+            sigma_large: 0.1,
+            epsilon,
+        };
+        let options = LoopOptions {
+            steps: losses.len() as u64,
+            max_spikes,
+            state_clamp: None,
+            seed: 9,
+        };
+        let mut progress = Progress::default();
+        let mut rms = Vec::new();
+        let mut observe = |ctx: &StepContext<'_, Scripted>| {
+            rms.push(ctx.state.rms());
+            Ok(ControlFlow::Continue(()))
+        };
+        let outcome = train(
+            &mut t,
+            &mut state,
+            &schedule,
+            &options,
+            &mut progress,
+            &mut observe,
+        )
+        .unwrap();
+        (progress, outcome.reason, rms)
+    }
+
+    #[test]
+    fn a_loss_below_epsilon_spikes_the_carried_state() {
+        let (progress, reason, rms) = run(&[0.5, 0.05, 0.2, 0.01], 0.1, None);
+        assert_eq!(reason, StopReason::Steps);
+        assert_eq!(progress.spikes, 2);
+        assert_eq!(progress.first_below_epsilon, Some(2));
+        // train_step leaves zeros: only a spike can make the carried state non-zero, and
+        // it has RMS σ_large = 0.1 over 768 samples.
+        assert_eq!(rms[0], 0.0);
+        assert!((rms[1] / 0.1 - 1.0).abs() < 0.1, "spike RMS {}", rms[1]);
+        assert_eq!(rms[2], 0.0);
+        assert!((rms[3] / 0.1 - 1.0).abs() < 0.1, "spike RMS {}", rms[3]);
+    }
+
+    #[test]
+    fn a_loss_equal_to_epsilon_does_not_spike() {
+        let (progress, _, rms) = run(&[0.0, 0.1, 0.0], 0.0, None);
+        assert_eq!(progress.spikes, 0);
+        assert_eq!(progress.first_below_epsilon, None);
+        assert!(rms.iter().all(|&r| r == 0.0));
+        let (progress, _, _) = run(&[0.1, 0.1], 0.1, None);
+        assert_eq!(progress.spikes, 0);
+    }
+
+    #[test]
+    fn max_spikes_stops_the_loop_after_the_spiking_step() {
+        let (progress, reason, rms) = run(&[0.5, 0.05, 0.2, 0.01], 0.1, Some(1));
+        assert_eq!(reason, StopReason::MaxSpikes);
+        assert_eq!((progress.step, progress.spikes), (2, 1));
+        assert_eq!(rms.len(), 2);
+    }
+
+    #[test]
+    fn a_non_finite_loss_is_an_error_naming_the_step() {
+        let mut t = Scripted {
+            model: ModelConfig::plain(),
+            losses: vec![0.5, f32::NAN],
+            calls: 0,
+        };
+        let mut state = HostTensor::zeros(&[1, 3, 4, 4]);
+        let options = LoopOptions {
+            steps: 5,
+            max_spikes: None,
+            state_clamp: None,
+            seed: 1,
+        };
+        let err = train(
+            &mut t,
+            &mut state,
+            &ConstantNoise::from(&crate::config::NoiseConfig::default()),
+            &options,
+            &mut Progress::default(),
+            &mut NoObserver,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, TrainError::NonFiniteLoss { step: 2, .. }),
+            "{err}"
+        );
+    }
+}

@@ -124,3 +124,92 @@ pub fn checkpoint_rolls_out_identically<Train: Harness, Other: Harness>() {
         );
     }
 }
+
+/// Training steps compared by [`training_matches`].
+pub const MATCHED_TRAINING_STEPS: u64 = 20;
+/// Largest relative difference of a step's loss between two backends in
+/// [`training_matches`].
+pub const MATCHED_LOSS_RTOL: f32 = 1e-3;
+/// Largest absolute difference of a weight between two backends after
+/// [`MATCHED_TRAINING_STEPS`] steps (learning rate 1e-3, so each step moves a weight by at
+/// most ~1e-3).
+pub const MATCHED_WEIGHT_ATOL: f32 = 2e-4;
+
+/// Trains `cfg` from the same seeded weights, target and noise for
+/// [`MATCHED_TRAINING_STEPS`] steps; returns every step's loss and the final weights.
+fn trained<T: Trainer>(t: &mut T, cfg: &NcaConfig) -> (Vec<f32>, Weights) {
+    let mut state = nca_api::start(t, cfg, &target(cfg)).unwrap();
+    let mut losses = Vec::new();
+    let mut record = |ctx: &nca_api::StepContext<'_, T>| {
+        losses.push(ctx.info.loss);
+        Ok(std::ops::ControlFlow::Continue(()))
+    };
+    train(
+        t,
+        &mut state,
+        &ConstantNoise::from(&cfg.noise),
+        &LoopOptions::from_config(cfg),
+        &mut Progress::default(),
+        &mut record,
+    )
+    .unwrap();
+    (losses, t.weights().unwrap())
+}
+
+/// Training, not only rollouts, agrees between backends: from the same weights, target
+/// and noise, [`MATCHED_TRAINING_STEPS`] steps of the shared loop on `A` and on `B` give
+/// the same loss at every step (relative [`MATCHED_LOSS_RTOL`]) and the same weights
+/// (absolute [`MATCHED_WEIGHT_ATOL`]), for the plain model and the default picture model.
+///
+/// `bk` is left out of the weight comparison: its gradient is exactly zero in theory
+/// (softmax ignores a shift shared by all nine scores), so what each backend computes for
+/// it is rounding noise that Adam's normalisation amplifies to ±lr per step; it has no
+/// effect on any output.
+pub fn training_matches<A: Harness, B: Harness>() {
+    let mut plain = config(0);
+    plain.model = nca_api::ModelConfig {
+        state_clamp: plain.model.state_clamp,
+        ..nca_api::ModelConfig::plain()
+    };
+    let picture = config(0);
+    for mut cfg in [plain, picture] {
+        cfg.training.steps = MATCHED_TRAINING_STEPS;
+        cfg.training.learning_rate = 1e-3;
+        let optim = cfg.training.optimizer();
+        let (la, wa) = trained(&mut A::create(&cfg.model, &optim).unwrap(), &cfg);
+        let (lb, wb) = trained(&mut B::create(&cfg.model, &optim).unwrap(), &cfg);
+        assert_eq!(la.len(), MATCHED_TRAINING_STEPS as usize);
+        assert_eq!(la.len(), lb.len());
+        let mut worst_loss = 0.0f32;
+        for (step, (a, b)) in la.iter().zip(&lb).enumerate() {
+            let rel = (a - b).abs() / b.abs().max(1e-12);
+            worst_loss = worst_loss.max(rel);
+            assert!(
+                rel <= MATCHED_LOSS_RTOL,
+                "{:?}: step {} loss {a} vs {b}",
+                cfg.model,
+                step + 1
+            );
+        }
+        let mut worst_weight = 0.0f32;
+        let (na, nb) = (wa.named(), wb.named());
+        assert_eq!(na.len(), nb.len());
+        for ((name, a), (name_b, b)) in na.into_iter().zip(nb) {
+            assert_eq!(name, name_b);
+            if name == "bk" {
+                continue;
+            }
+            let diff = a.max_abs_diff(b);
+            worst_weight = worst_weight.max(diff);
+            assert!(
+                diff <= MATCHED_WEIGHT_ATOL,
+                "{:?}: {name} differs by {diff} after {MATCHED_TRAINING_STEPS} steps",
+                cfg.model
+            );
+        }
+        eprintln!(
+            "{:?}: worst relative loss difference {worst_loss:e}, worst weight difference {worst_weight:e}",
+            cfg.model
+        );
+    }
+}

@@ -1,48 +1,19 @@
-//! A slow, obviously-correct float64 implementation of the transition and loss, used for
-//! finite-difference gradient checks.
+//! A slow, obviously-correct float64 implementation of the transition and loss, straight
+//! from the formulas of `testdata/README.md`, used for finite-difference gradient checks.
 
-use nca_api::{HostTensor, Weights, NEIGHBOURS};
-
-/// Weights converted to f64, indexed like the plain tensors.
-struct W64 {
-    c: usize,
-    d: usize,
-    wq: Vec<f64>,
-    bq: Vec<f64>,
-    wk: Vec<f64>,
-    bk: Vec<f64>,
-    wv: Vec<f64>,
-    bv: Vec<f64>,
-    wo: Vec<f64>,
-    bo: Vec<f64>,
-    pk: Option<Vec<f64>>,
-    pv: Option<Vec<f64>>,
-}
+use nca_api::{position, HostTensor, ModelConfig, Weights, NEIGHBOURS};
 
 fn to64(t: &HostTensor) -> Vec<f64> {
     t.data().iter().map(|&x| f64::from(x)).collect()
 }
 
-impl W64 {
-    fn new(w: &Weights) -> Self {
-        let get = |n: &str| w.get(n).map(to64).unwrap_or_default();
-        let wq = w.get("wq").map_or(&[0, 0][..], |t| t.shape());
-        let [d, c] = [wq[0], wq[1]];
-        Self {
-            c,
-            d,
-            wq: get("wq"),
-            bq: get("bq"),
-            wk: get("wk"),
-            bk: get("bk"),
-            wv: get("wv"),
-            bv: get("bv"),
-            wo: get("wo"),
-            bo: get("bo"),
-            pk: w.get("pk").map(to64),
-            pv: w.get("pv").map(to64),
-        }
-    }
+/// `m · v + bias` for a row-major `[rows, v.len()]` matrix.
+fn affine(m: &[f64], bias: &[f64], v: &[f64]) -> Vec<f64> {
+    let cols = v.len();
+    bias.iter()
+        .enumerate()
+        .map(|(i, b)| b + (0..cols).map(|j| m[i * cols + j] * v[j]).sum::<f64>())
+        .collect()
 }
 
 /// The f64 result of one transition.
@@ -51,49 +22,59 @@ pub struct Forward {
     pub update: Vec<f64>,
     /// Attention `[B, 9, H, W]`.
     pub attention: Vec<f64>,
+    /// MLP pre-activations `w1·[u; x] + b1` of every cell, `[B, H, W, M]` (empty without
+    /// the MLP): how far each is from relu's kink at 0.
+    pub pre_activations: Vec<f64>,
 }
 
-/// Computes `f(s)` and the attention in f64, straight from the formulas of
-/// `testdata/README.md`.
-pub fn forward(weights: &Weights, state: &HostTensor) -> Forward {
-    let w = W64::new(weights);
-    let shape = state.shape();
-    let (b, c, h, wd) = (shape[0], shape[1], shape[2], shape[3]);
-    assert_eq!(c, w.c, "state channels must match the weights");
+/// Computes `f(s)`, the attention and the MLP pre-activations of `model` in f64.
+///
+/// Panics when `weights` do not fit `model` or the state is not `[B, C, H, W]`.
+pub fn forward(model: &ModelConfig, weights: &Weights, state: &HostTensor) -> Forward {
+    weights.check(model).expect("weights must fit the model");
+    let get = |n: &str| weights.get(n).map(to64);
+    let need = |n: &str| get(n).expect("checked above");
+    let (wq, bq, wk, bk) = (need("wq"), need("bq"), need("wk"), need("bk"));
+    let (wv, bv, wo, bo) = (need("wv"), need("bv"), need("wo"), need("bo"));
+    let (pk, pv) = (get("pk"), get("pv"));
+    let mlp = get("w1").zip(get("b1"));
+    let [b, c, h, wd] = model.check_state(state.shape()).expect("state shape");
+    let (d, p) = (model.attention_dim, model.position_features());
+    let features = model
+        .position_octaves
+        .map(|l| to64(&position::features(l, h, wd)));
     let s = to64(state);
-    let d = w.d;
-    let at = |bi: usize, ch: usize, y: isize, x: isize| -> f64 {
+    // The cell's input vector [s; p], or all zeros outside the grid.
+    let input = |bi: usize, y: isize, x: isize| -> Vec<f64> {
         if y < 0 || x < 0 || y >= h as isize || x >= wd as isize {
-            0.0
-        } else {
-            s[((bi * c + ch) * h + y as usize) * wd + x as usize]
+            return vec![0.0; c + p];
         }
+        let (y, x) = (y as usize, x as usize);
+        let mut v: Vec<f64> = (0..c)
+            .map(|ch| s[((bi * c + ch) * h + y) * wd + x])
+            .collect();
+        if let Some(f) = &features {
+            v.extend((0..p).map(|i| f[(i * h + y) * wd + x]));
+        }
+        v
     };
     let mut update = vec![0.0; b * c * h * wd];
     let mut attention = vec![0.0; b * NEIGHBOURS * h * wd];
+    let mut pre_activations = Vec::new();
     let scale = 1.0 / (d as f64).sqrt();
     for bi in 0..b {
         for y in 0..h {
             for x in 0..wd {
-                let proj = |m: &[f64], bias: &[f64], cell: &[f64]| -> Vec<f64> {
-                    (0..d)
-                        .map(|i| bias[i] + (0..c).map(|j| m[i * c + j] * cell[j]).sum::<f64>())
-                        .collect()
-                };
-                let centre: Vec<f64> = (0..c)
-                    .map(|ch| at(bi, ch, y as isize, x as isize))
-                    .collect();
-                let q = proj(&w.wq, &w.bq, &centre);
+                let centre = input(bi, y as isize, x as isize);
+                let q = affine(&wq, &bq, &centre);
                 let mut keys = Vec::new();
                 let mut values = Vec::new();
                 for n in 0..NEIGHBOURS {
                     let (dy, dx) = (n as isize / 3 - 1, n as isize % 3 - 1);
-                    let cell: Vec<f64> = (0..c)
-                        .map(|ch| at(bi, ch, y as isize + dy, x as isize + dx))
-                        .collect();
-                    let mut k = proj(&w.wk, &w.bk, &cell);
-                    let mut v = proj(&w.wv, &w.bv, &cell);
-                    if let (Some(pk), Some(pv)) = (&w.pk, &w.pv) {
+                    let cell = input(bi, y as isize + dy, x as isize + dx);
+                    let mut k = affine(&wk, &bk, &cell);
+                    let mut v = affine(&wv, &bv, &cell);
+                    if let (Some(pk), Some(pv)) = (&pk, &pv) {
                         for i in 0..d {
                             k[i] += pk[n * d + i];
                             v[i] += pv[n * d + i];
@@ -117,19 +98,38 @@ pub fn forward(weights: &Weights, state: &HostTensor) -> Forward {
                         u[i] += a * values[n][i];
                     }
                 }
+                let hidden = match &mlp {
+                    Some((w1, b1)) => {
+                        let mut ux = u.clone();
+                        ux.extend_from_slice(&centre);
+                        let z = affine(w1, b1, &ux);
+                        pre_activations.extend_from_slice(&z);
+                        z.into_iter().map(|z| z.max(0.0)).collect()
+                    }
+                    None => u,
+                };
+                let f = affine(&wo, &bo, &hidden);
                 for ch in 0..c {
-                    let f = w.bo[ch] + (0..d).map(|i| w.wo[ch * d + i] * u[i]).sum::<f64>();
-                    update[((bi * c + ch) * h + y) * wd + x] = f;
+                    update[((bi * c + ch) * h + y) * wd + x] = f[ch];
                 }
             }
         }
     }
-    Forward { update, attention }
+    Forward {
+        update,
+        attention,
+        pre_activations,
+    }
 }
 
 /// `mean((s + f(s))[:, :V] - target)²` in f64.
-pub fn loss(weights: &Weights, state: &HostTensor, target: &HostTensor) -> f64 {
-    let f = forward(weights, state).update;
+pub fn loss(
+    model: &ModelConfig,
+    weights: &Weights,
+    state: &HostTensor,
+    target: &HostTensor,
+) -> f64 {
+    let f = forward(model, weights, state).update;
     let shape = state.shape();
     let (b, c, plane) = (shape[0], shape[1], shape[2] * shape[3]);
     let v = target.shape()[1];
@@ -149,12 +149,25 @@ pub fn loss(weights: &Weights, state: &HostTensor, target: &HostTensor) -> f64 {
 }
 
 /// Central-difference gradient of [`loss`] for every weight, in f64, with step `h`.
+///
+/// Panics when a bump moves any MLP pre-activation across relu's kink at 0: a central
+/// difference across a kink measures neither side's derivative, so such a test point must
+/// be replaced (another seed, a smaller `h`), never accepted with a looser tolerance.
 pub fn numerical_gradients(
+    model: &ModelConfig,
     weights: &Weights,
     state: &HostTensor,
     target: &HostTensor,
     h: f32,
 ) -> Vec<(&'static str, Vec<f64>)> {
+    let signs = |w: &Weights| -> Vec<bool> {
+        forward(model, w, state)
+            .pre_activations
+            .iter()
+            .map(|&z| z > 0.0)
+            .collect()
+    };
+    let base = signs(weights);
     let mut out = Vec::new();
     for (name, t) in weights.named() {
         let mut grads = Vec::with_capacity(t.len());
@@ -163,9 +176,17 @@ pub fn numerical_gradients(
             let mut minus = weights.clone();
             bump(&mut plus, name, i, h);
             bump(&mut minus, name, i, -h);
+            if !base.is_empty() {
+                assert!(
+                    signs(&plus) == base && signs(&minus) == base,
+                    "bumping {name}[{i}] by ±{h} crosses a relu kink: pick another test point"
+                );
+            }
             // The bumped weights are f32; use the exact perturbation actually applied.
             let applied = f64::from(value(&plus, name, i)) - f64::from(value(&minus, name, i));
-            grads.push((loss(&plus, state, target) - loss(&minus, state, target)) / applied);
+            grads.push(
+                (loss(model, &plus, state, target) - loss(model, &minus, state, target)) / applied,
+            );
         }
         out.push((name, grads));
     }
@@ -173,16 +194,11 @@ pub fn numerical_gradients(
 }
 
 fn bump(w: &mut Weights, name: &str, i: usize, h: f32) {
-    for (n, t) in w.named_mut() {
-        if n == name {
-            t.data_mut()[i] += h;
-        }
+    if let Some(t) = w.get_mut(name) {
+        t.data_mut()[i] += h;
     }
 }
 
 fn value(w: &Weights, name: &str, i: usize) -> f32 {
-    w.named()
-        .into_iter()
-        .find(|(n, _)| *n == name)
-        .map_or(0.0, |(_, t)| t.data()[i])
+    w.get(name).map_or(0.0, |t| t.data()[i])
 }
