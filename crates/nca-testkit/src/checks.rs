@@ -509,8 +509,10 @@ fn first_below_epsilon_on_red<H: Harness>(cfg: &NcaConfig, seed: u64) -> Option<
 /// output, no clipping): a solid red 32×32 target reaches loss < ε within 1,000 steps at
 /// exactly the documented steps for seeds 1 to 4.
 pub fn solid_red_converges<H: Harness>() {
-    let mut cfg = NcaConfig::default();
-    cfg.model = ModelConfig::plain();
+    let mut cfg = NcaConfig {
+        model: ModelConfig::plain(),
+        ..NcaConfig::default()
+    };
     cfg.training.grad_clip = None;
     for (seed, expected) in (1..).zip(SOLID_RED_PLAIN_FIRST_BELOW_EPSILON) {
         assert_eq!(
