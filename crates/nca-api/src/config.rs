@@ -1,4 +1,4 @@
-//! Serde configuration types with defaults from the design doc and validation.
+//! Serde configuration types with defaults from the original design (see docs/design-notes.md) and validation.
 //!
 //! Every struct rejects unknown fields so a misspelled key is an error, never ignored.
 
@@ -17,8 +17,8 @@ pub const MAX_MLP_HIDDEN: usize = 4096;
 
 /// The learning rate used when a config does not set one.
 ///
-/// The design doc's 1e-3 needs 795–1,819 steps to reach ε on the solid-red run
-/// (`findings.md`), too close to its own 1,000-step check; 3e-3 was measured to reach ε in
+/// The original design's 1e-3 needs 795–1,819 steps to reach ε on the solid-red run
+/// (`docs/design-notes.md`), too close to its own 1,000-step check; 3e-3 was measured to reach ε in
 /// well under 1,000 steps on every seed tried while staying stable (see README).
 pub const DEFAULT_LEARNING_RATE: f32 = 3e-3;
 
@@ -63,7 +63,7 @@ pub struct ModelConfig {
     /// Learned per-offset embeddings added to keys and values (`pk`, `pv`).
     ///
     /// Without them the 3×3 attention is isotropic and cannot single out the centre cell
-    /// (`findings.md` §4).
+    /// (`docs/design-notes.md` §1).
     pub position_embeddings: bool,
     /// Clamp the carried state to `[-limit, limit]` after every step; `None` disables.
     pub state_clamp: Option<f32>,
@@ -98,7 +98,7 @@ impl ModelConfig {
         self.visible_channels.saturating_add(self.hidden_channels)
     }
 
-    /// The design doc's model: no position inputs, linear output (per-offset embeddings
+    /// The original design's model: no position inputs, linear output (per-offset embeddings
     /// and the state clamp as by default).
     pub fn plain() -> Self {
         Self {

@@ -6,7 +6,7 @@
 //! * [`Transition`], [`Trainer`], [`NoiseSchedule`]: what a backend implements.
 //! * [`train()`] and [`rollout()`]: the single-trajectory training loop and the rollout
 //!   loop, written once over those traits.
-//! * [`NcaConfig`]: serde config with the design doc's defaults and validation.
+//! * [`NcaConfig`]: serde config with the original design's defaults and validation.
 //! * [`Checkpoint`]: weights, optimiser state, progress and state in one file.
 #![warn(missing_docs)]
 

@@ -1,4 +1,4 @@
-//! Reproducible Gaussian noise and the design doc's constant noise schedule.
+//! Reproducible Gaussian noise and the original design's constant noise schedule.
 
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -70,7 +70,7 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The design doc's schedule: constant σ_small every step, a σ_large spike whenever the
+/// The original design's schedule: constant σ_small every step, a σ_large spike whenever the
 /// loss drops below ε.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ConstantNoise {

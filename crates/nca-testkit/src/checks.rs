@@ -505,7 +505,7 @@ fn first_below_epsilon_on_red<H: Harness>(cfg: &NcaConfig, seed: u64) -> Option<
     first
 }
 
-/// The design doc's integration test with its plain model (no position inputs, linear
+/// The original design's integration test with its plain model (no position inputs, linear
 /// output, no clipping): a solid red 32×32 target reaches loss < ε within 1,000 steps at
 /// exactly the documented steps for seeds 1 to 4.
 pub fn solid_red_converges<H: Harness>() {
