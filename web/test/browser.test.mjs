@@ -89,7 +89,7 @@ async function waitForPicture(page, target, maxSteps, what) {
 
 test("the trained picture grows from noise, and regrows after a drag erases part of it", async () => {
   const page = await browser.newPage();
-  await page.goto(`${base}/good/`);
+  await page.goto(`${base}/good/?paused`);
   await page.waitFor("window.ncaPage && (window.ncaPage.ready || window.ncaPage.error)", 30000, "the page to load");
   assert.equal(await page.eval("window.ncaPage.error"), null);
   const target = await pixels(page, "target");
@@ -99,6 +99,8 @@ test("the trained picture grows from noise, and regrows after a drag erases part
   const start = await pixels(page, "grid");
   assert.ok(psnr(start, target) < 20, `the start should be noise, not the picture (${psnr(start, target).toFixed(1)} dB)`);
 
+  assert.equal(await steps(page), 0, "?paused opens paused");
+  await page.click("pause"); // play
   const [grown, grownAt] = await waitForPicture(page, target, GROW_STEPS, "growing from noise");
   console.log(`grown from noise: ${grown.toFixed(1)} dB at step ${grownAt}`);
   const shownPsnr = await page.eval(`document.getElementById("psnr").textContent`);

@@ -23,7 +23,7 @@ use crate::run::{train_command, Finish, TrainArgs};
     subcommand_negates_reqs = true,
     after_help = "`nca-cli` is the binary of this crate: run it as `cargo run -p nca-cli -- ARGS` \
                   from the repository, or install it with `cargo install --path crates/nca-cli` \
-                  (it lands in ~/.cargo/bin).\n\nExamples:\n  nca-cli examples/cat.ron\n  nca-cli examples/red.ron\n  nca-cli --backend candle run.ron --out runs/try2\n  nca-cli run.ron --resume runs/run/checkpoint.safetensors\n  nca-cli rollout --checkpoint runs/red/checkpoint.safetensors --steps 200 --out runs/red-rollout\n  nca-cli bench --sizes 32,128 --batches 1,8"
+                  (it lands in ~/.cargo/bin).\n\nExamples:\n  nca-cli examples/cat.ron\n  nca-cli examples/red.ron\n  nca-cli --backend candle run.ron --out runs/try2\n  nca-cli run.ron --resume runs/run/checkpoint.safetensors\n  nca-cli rollout --checkpoint runs/red/checkpoint.safetensors --steps 200 --out runs/red-rollout\n  nca-cli bench --sizes 32,128 --batches 1,8\n  nca-cli web --checkpoint runs/cat/checkpoint.safetensors --out runs/cat-web --serve"
 )]
 pub struct Cli {
     /// RON run file to train with (see crates/nca-cli/README.md for the format).
@@ -54,6 +54,31 @@ pub enum Command {
     Rollout(RolloutCli),
     /// Measure training steps per second of every compiled backend on this machine.
     Bench(BenchCli),
+    /// Write a static web page that runs a trained rule in the browser (WebAssembly).
+    Web(WebCli),
+}
+
+/// Arguments of `nca-cli web`.
+#[derive(Debug, clap::Args)]
+pub struct WebCli {
+    /// Checkpoint holding the trained rule.
+    #[arg(long, value_name = "CKPT")]
+    pub checkpoint: PathBuf,
+    /// Folder to write index.html, nca.js, nca.wasm and weights.safetensors to.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Replace the files of a non-empty folder.
+    #[arg(long)]
+    pub force: bool,
+    /// Use this built nca_web.wasm instead of building it with cargo [env: NCA_WEB_WASM].
+    #[arg(long, value_name = "WASM")]
+    pub wasm: Option<PathBuf>,
+    /// Then serve the folder on 127.0.0.1 and print the URL (Ctrl-C stops).
+    #[arg(long)]
+    pub serve: bool,
+    /// Port for --serve (0: any free port).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
 }
 
 /// Arguments of `nca-cli bench`.
@@ -162,6 +187,14 @@ pub fn run(cli: Cli, interrupt: Arc<AtomicBool>) -> Result<Finish> {
             })?;
             Ok(Finish::Completed)
         }
+        Some(Command::Web(w)) => crate::web::web_command(&crate::web::WebArgs {
+            checkpoint: w.checkpoint,
+            out: w.out,
+            force: w.force,
+            wasm: w.wasm,
+            serve: w.serve,
+            port: w.port,
+        }),
         Some(Command::Rollout(r)) => rollout_command(RolloutArgs {
             checkpoint: r.checkpoint,
             init: r.init,

@@ -18,3 +18,4 @@ pub mod rollout;
 pub mod run;
 pub mod score;
 pub mod target;
+pub mod web;

@@ -150,6 +150,9 @@
 
     labels();
     reset();
+    // `?paused` opens the page on the noise, waiting for Play (the browser test uses it to
+    // see the start).
+    setRunning(!new URLSearchParams(location.search).has("paused"));
     page.ready = true;
     requestAnimationFrame(frameSafe);
   }
