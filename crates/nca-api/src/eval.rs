@@ -127,6 +127,9 @@ pub fn eval_initial_state(shape: [usize; 4], run_seed: u64) -> HostTensor {
     state
 }
 
+/// A callback that sees the downloaded state after every step of [`regrowth`].
+pub type StepWatcher<'a> = &'a mut dyn FnMut(u64, &HostTensor);
+
 /// Rolls `transition` out from fresh noise (one batch element per start, no added noise)
 /// for `options.steps` steps and scores every start against batch element 0 of `target`
 /// (`[B, V, H, W]`).
@@ -137,7 +140,7 @@ pub fn regrowth<T: Transition>(
     transition: &mut T,
     target: &HostTensor,
     options: &RegrowthOptions,
-    mut on_step: Option<&mut dyn FnMut(u64, &HostTensor)>,
+    mut on_step: Option<StepWatcher<'_>>,
 ) -> Result<RegrowthScore, T::Error> {
     let [_, _, h, w] = target.dims4("target")?;
     let c = transition.model().channels();

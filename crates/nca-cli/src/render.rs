@@ -112,21 +112,6 @@ pub fn snapshot(
     Ok(row(&tiles))
 }
 
-/// Colour of the border that marks a state right after a spike.
-pub const SPIKE_MARK: Rgb<u8> = Rgb([255, 140, 0]);
-
-/// Draws an orange border (a quarter of a cell wide, at least 2 px) around `img`: the
-/// state it shows was just hit by a σ_large spike, not produced by the rule alone.
-pub fn mark_spiked(img: &mut RgbImage, scale: u32) {
-    let (w, h) = img.dimensions();
-    let t = (scale / 4).max(2).min(w.min(h) / 2);
-    for (x, y, p) in img.enumerate_pixels_mut() {
-        if x < t || y < t || x + t >= w || y + t >= h {
-            *p = SPIKE_MARK;
-        }
-    }
-}
-
 /// Saves an image as PNG, naming the file on failure.
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
     img.save_with_format(path, image::ImageFormat::Png)

@@ -22,6 +22,7 @@ use crate::files::{self, CheckpointParts};
 use crate::plot::{self, LossRecord};
 use crate::render;
 use crate::score;
+use nca_api::noise::{add_gaussian, stream_seed, Stream};
 
 /// How a command ended when it did not fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -352,6 +353,8 @@ impl Job for TrainJob<'_> {
             last_snapshot: None,
             last_frame: None,
             last_checkpoint: resume_step,
+            run_seed: self.nca.training.seed,
+            sigma_large: self.nca.noise.sigma_large,
             interrupt: &self.args.interrupt,
             bar: None,
             last_log: (Instant::now(), start_step),
@@ -653,7 +656,7 @@ fn write_contact_sheet(
         }
         let tile = image::imageops::crop_imm(&img, 0, 0, tw, th).to_image();
         let label = if parts.spiked.binary_search(&step).is_ok() {
-            format!("step {step} (spiked)")
+            format!("step {step} (pre-spike)")
         } else {
             format!("step {step}")
         };
@@ -691,6 +694,8 @@ struct RunObserver<'a> {
     last_snapshot: Option<u64>,
     last_frame: Option<u64>,
     last_checkpoint: Option<u64>,
+    run_seed: u64,
+    sigma_large: f32,
     interrupt: &'a AtomicBool,
     bar: Option<ProgressBar>,
     last_log: (Instant, u64),
@@ -703,21 +708,25 @@ impl RunObserver<'_> {
         Ok(())
     }
 
-    /// The picture of a state; a state just spiked gets an orange border, so a noisy
-    /// frame is not mistaken for the rule's work.
+    /// The picture of the state after `step`. A state just spiked is shown as it was
+    /// before the spike: the spike is simulated noise, not the rule's work, and late in a
+    /// run nearly every step spikes. The noise is counter-based, so subtracting the same
+    /// draw undoes it (up to rounding, and the ±state_clamp clamp on values a picture shows
+    /// as 0 or 1 anyway).
     fn picture<T: Trainer>(
         &self,
         t: &T,
         state: &T::State,
+        step: u64,
         spiked: bool,
     ) -> Result<image::RgbImage, String> {
-        let host = t.download(state).map_err(|e| e.to_string())?;
-        let mut img = render::snapshot(&host, Some(self.target), self.visible, self.scale)
-            .map_err(|e| format!("{e:#}"))?;
+        let mut host = t.download(state).map_err(|e| e.to_string())?;
         if spiked {
-            render::mark_spiked(&mut img, self.scale);
+            let seed = stream_seed(self.run_seed, step, Stream::Spike);
+            add_gaussian(host.data_mut(), -self.sigma_large, seed);
         }
-        Ok(img)
+        render::snapshot(&host, Some(self.target), self.visible, self.scale)
+            .map_err(|e| format!("{e:#}"))
     }
 
     fn snapshot<T: Trainer>(
@@ -727,7 +736,7 @@ impl RunObserver<'_> {
         step: u64,
         spiked: bool,
     ) -> Result<(), String> {
-        let img = self.picture(t, state, spiked)?;
+        let img = self.picture(t, state, step, spiked)?;
         render::save_png(&img, &render::step_path(self.snap_dir, step))
             .map_err(|e| format!("{e:#}"))?;
         self.last_snapshot = Some(step);
@@ -744,7 +753,7 @@ impl RunObserver<'_> {
         step: u64,
         spiked: bool,
     ) -> Result<(), String> {
-        let img = self.picture(t, state, spiked)?;
+        let img = self.picture(t, state, step, spiked)?;
         render::save_png(&img, &render::step_path(self.frame_dir, step))
             .map_err(|e| format!("{e:#}"))?;
         self.last_frame = Some(step);

@@ -33,7 +33,7 @@ pub struct Regrowth {
     pub score: RegrowthScore,
     /// `(step, [S, C, H, W] state)` at the steps of [`picture_steps`] (empty unless asked).
     pub frames: Vec<(u64, HostTensor)>,
-    /// Every state from step 0 to the end, thinned to about 100, for the GIF.
+    /// States for the GIF: every step up to 16, then about 25 more to the end.
     pub gif: Vec<(u64, HostTensor)>,
 }
 
@@ -53,19 +53,20 @@ pub fn run<T: Transition>(
         state_clamp,
     };
     let keep = picture_steps(cfg.steps);
-    let gif_every = cfg.steps.div_ceil(100).max(1);
+    // Every step while the picture forms, then about 25 more: the later frames barely
+    // change and a GIF pays for each one.
+    let gif_every = cfg.steps.div_ceil(25).max(1);
     let mut frames = Vec::new();
     let mut gif = Vec::new();
     let mut watch = |step: u64, s: &HostTensor| {
         if keep.contains(&step) {
             frames.push((step, s.clone()));
         }
-        if step % gif_every == 0 || step == cfg.steps {
+        if step <= 16 || step % gif_every == 0 || step == cfg.steps {
             gif.push((step, s.clone()));
         }
     };
-    let watcher: Option<&mut dyn FnMut(u64, &HostTensor)> =
-        if pictures { Some(&mut watch) } else { None };
+    let watcher: Option<eval::StepWatcher<'_>> = if pictures { Some(&mut watch) } else { None };
     let score = eval::regrowth(t, target, &options, watcher)
         .map_err(|e| anyhow::Error::new(e).context("computing the regrowth score"))?;
     Ok(Regrowth { score, frames, gif })

@@ -371,8 +371,10 @@ fn resuming_with_other_model_options_names_the_fields() {
 #[test]
 fn a_checkpoint_from_before_the_picture_model_loads_as_plain_and_rolls_out() {
     let tmp = TempDir::new().expect("tempdir");
-    let mut cfg = NcaConfig::default();
-    cfg.model = ModelConfig::plain();
+    let mut cfg = NcaConfig {
+        model: ModelConfig::plain(),
+        ..NcaConfig::default()
+    };
     cfg.grid.height = 8;
     cfg.grid.width = 8;
     let ckpt = Checkpoint {
