@@ -1,35 +1,68 @@
 //! Criterion comparison of every compiled backend: the forward step `s + f(s)` and the
-//! full training step (noise, forward, backward, Adam, spike check), in cells·steps/s.
+//! full training step (noise, forward, backward, Adam, spike check), in cells·steps/s,
+//! for the plain model (groups `forward`, `train_step`) and the default picture model
+//! with position inputs and the MLP update (groups `forward_picture`,
+//! `train_step_picture`).
 //!
 //! `cargo bench -p nca-benches` runs everything; `NCA_BENCH_QUICK=1` keeps two sizes and
-//! short measurement times. Results feed `cargo run -p nca-benches --bin bench-table`.
+//! short measurement times. A backend that cannot run a model (it returns an error) is
+//! skipped with a note. Results feed `cargo run -p nca-benches --bin bench-table`.
 
 use std::time::Duration;
 
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
-use nca_api::{ConstantNoise, NcaConfig, NoiseSchedule, Trainer, Transition};
-use nca_benches::{full_workloads, model_and_optim, quick_workloads};
+use nca_api::{
+    ConstantNoise, ModelConfig, NcaConfig, NoiseSchedule, OptimizerConfig, Trainer, Transition,
+};
+use nca_benches::{full_workloads, optim, quick_workloads, Model};
 
 fn quick() -> bool {
     std::env::var_os("NCA_BENCH_QUICK").is_some_and(|v| v != "0")
 }
 
-/// A constructor for one backend, or `None` when it cannot run here (e.g. no GPU).
-type Make<T> = fn() -> Option<T>;
+/// A constructor for one backend: `None` when it cannot run here at all (e.g. no GPU),
+/// `Some(Err)` when it cannot run this model.
+type Make<T> = fn(&ModelConfig, &OptimizerConfig) -> Option<Result<T, String>>;
 
-fn bench_backend<T: Trainer>(c: &mut Criterion, name: &str, make: Make<T>) {
-    let Some(mut probe) = make() else {
-        eprintln!("skipping {name}: not available on this machine");
-        return;
+/// Criterion group names of a model's rows.
+fn groups(model: Model) -> [&'static str; 2] {
+    match model {
+        Model::Plain => ["forward", "train_step"],
+        Model::Picture => ["forward_picture", "train_step_picture"],
+    }
+}
+
+/// Benchmarks `name` on `model`'s workloads of at most `max_cells` cells.
+fn bench_backend<T: Trainer>(
+    c: &mut Criterion,
+    name: &str,
+    make: Make<T>,
+    model: Model,
+    max_cells: u64,
+) {
+    let mut probe = match make(&model.config(), &optim()) {
+        None => {
+            eprintln!("skipping {name}: not available on this machine");
+            return;
+        }
+        Some(Err(e)) => {
+            eprintln!("skipping {name} on the {} model: {e}", model.name());
+            return;
+        }
+        Some(Ok(t)) => t,
     };
     let workloads = if quick() {
-        quick_workloads()
+        quick_workloads(model)
     } else {
-        full_workloads()
+        full_workloads(model)
     };
-    for group_name in ["forward", "train_step"] {
+    let workloads: Vec<_> = workloads
+        .into_iter()
+        .filter(|w| w.cells() <= max_cells)
+        .collect();
+    for group_name in groups(model) {
         let mut group = c.benchmark_group(group_name);
         if quick() {
             group.warm_up_time(Duration::from_millis(300));
@@ -49,11 +82,16 @@ fn bench_backend<T: Trainer>(c: &mut Criterion, name: &str, make: Make<T>) {
             let mut state = match nca_api::start(&mut probe, &cfg, &w.target()) {
                 Ok(s) => s,
                 Err(e) => {
-                    eprintln!("skipping {name}/{}: {e}", w.label());
+                    eprintln!("skipping {name}/{group_name}/{}: {e}", w.label());
                     continue;
                 }
             };
-            if group_name == "forward" {
+            // A backend may only find out at the first step that it cannot run a model.
+            if let Err(e) = probe.step(&state) {
+                eprintln!("skipping {name}/{group_name}/{}: {e}", w.label());
+                continue;
+            }
+            if group_name.starts_with("forward") {
                 group.bench_function(id, |b| {
                     b.iter(|| {
                         let next = probe.step(&state).expect("forward step");
@@ -62,6 +100,10 @@ fn bench_backend<T: Trainer>(c: &mut Criterion, name: &str, make: Make<T>) {
                     })
                 });
             } else {
+                if let Err(e) = probe.train_step(&mut state) {
+                    eprintln!("skipping {name}/{group_name}/{}: {e}", w.label());
+                    continue;
+                }
                 let schedule = ConstantNoise::from(&cfg.noise);
                 let mut step = 0u64;
                 group.bench_function(id, |b| {
@@ -111,26 +153,44 @@ fn sync<T: Transition>(t: &T, _s: &T::State) {
     t.synchronize().expect("device sync");
 }
 
+/// Largest picture-model workload (cells) for the slow autodiff backends.
+const SMALL: u64 = 32 * 32 * 8;
+
 fn backends(c: &mut Criterion) {
-    bench_backend::<nca_ndarray::NdarrayTrainer>(c, "ndarray", || {
-        let (m, o) = model_and_optim();
-        nca_ndarray::NdarrayTrainer::new(&m, &o).ok()
-    });
-    #[cfg(feature = "dfdx")]
-    bench_backend::<nca_dfdx::DfdxTrainer>(c, "dfdx", || {
-        let (m, o) = model_and_optim();
-        nca_dfdx::DfdxTrainer::new(&m, &o).ok()
-    });
-    #[cfg(feature = "candle")]
-    bench_backend::<nca_candle::CandleTrainer>(c, "candle-cpu", || {
-        let (m, o) = model_and_optim();
-        nca_candle::CandleTrainer::cpu(&m, &o).ok()
-    });
-    #[cfg(feature = "cuda")]
-    bench_backend::<nca_candle::CandleTrainer>(c, "candle-cuda", || {
-        let (m, o) = model_and_optim();
-        nca_candle::CandleTrainer::cuda(&m, &o, 0).ok()
-    });
+    for (model, small) in [(Model::Plain, u64::MAX), (Model::Picture, SMALL)] {
+        bench_backend::<nca_ndarray::NdarrayTrainer>(
+            c,
+            "ndarray",
+            |m, o| Some(nca_ndarray::NdarrayTrainer::new(m, o).map_err(|e| e.to_string())),
+            model,
+            u64::MAX,
+        );
+        #[cfg(feature = "dfdx")]
+        bench_backend::<nca_dfdx::DfdxTrainer>(
+            c,
+            "dfdx",
+            |m, o| Some(nca_dfdx::DfdxTrainer::new(m, o).map_err(|e| e.to_string())),
+            model,
+            small,
+        );
+        #[cfg(feature = "candle")]
+        bench_backend::<nca_candle::CandleTrainer>(
+            c,
+            "candle-cpu",
+            |m, o| Some(nca_candle::CandleTrainer::cpu(m, o).map_err(|e| e.to_string())),
+            model,
+            small,
+        );
+        #[cfg(feature = "cuda")]
+        bench_backend::<nca_candle::CandleTrainer>(
+            c,
+            "candle-cuda",
+            |m, o| nca_candle::CandleTrainer::cuda(m, o, 0).ok().map(Ok),
+            model,
+            u64::MAX,
+        );
+        let _ = small;
+    }
 }
 
 criterion_group!(benches, backends);

@@ -4,13 +4,42 @@
 
 use nca_api::{HostTensor, ModelConfig, NcaConfig, OptimizerConfig};
 
-/// One benchmarked grid: `batch` trajectories of `size`×`size` cells.
+/// Which model a workload trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Model {
+    /// No position inputs, linear output ([`ModelConfig::plain`]).
+    Plain,
+    /// The default model: position inputs (L = 6) and the MLP update (M = 128).
+    Picture,
+}
+
+impl Model {
+    /// Short name used in benchmark labels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Model::Plain => "plain",
+            Model::Picture => "picture",
+        }
+    }
+
+    /// The model config (C = 3, D = 16).
+    pub fn config(&self) -> ModelConfig {
+        match self {
+            Model::Plain => ModelConfig::plain(),
+            Model::Picture => ModelConfig::default(),
+        }
+    }
+}
+
+/// One benchmarked grid: `batch` trajectories of `size`×`size` cells of one model.
 #[derive(Clone, Copy, Debug)]
 pub struct Workload {
     /// Grid side in cells.
     pub size: usize,
     /// Batch size.
     pub batch: usize,
+    /// The model trained.
+    pub model: Model,
 }
 
 impl Workload {
@@ -19,14 +48,15 @@ impl Workload {
         (self.size * self.size * self.batch) as u64
     }
 
-    /// The criterion parameter label, e.g. `128x128x8`.
+    /// The criterion parameter label, e.g. `128x128x8` (the model is in the group name).
     pub fn label(&self) -> String {
         format!("{}x{}x{}", self.size, self.size, self.batch)
     }
 
-    /// The run config: C = 3, D = 16, defaults otherwise.
+    /// The run config: C = 3, D = 16, the workload's model, defaults otherwise.
     pub fn config(&self) -> NcaConfig {
         let mut cfg = NcaConfig::default();
+        cfg.model = self.model.config();
         cfg.grid.height = self.size;
         cfg.grid.width = self.size;
         cfg.grid.batch = self.batch;
@@ -45,30 +75,35 @@ impl Workload {
     }
 }
 
-/// The workloads of the full run: sides 32–256, batch 1 and 8.
-pub fn full_workloads() -> Vec<Workload> {
+/// The workloads of the full run for `model`: sides 32–256, batch 1 and 8.
+pub fn full_workloads(model: Model) -> Vec<Workload> {
     let mut out = Vec::new();
     for size in [32, 64, 128, 256] {
         for batch in [1, 8] {
-            out.push(Workload { size, batch });
+            out.push(Workload { size, batch, model });
         }
     }
     out
 }
 
-/// The workloads of the quick mode (`NCA_BENCH_QUICK=1`): the two target sizes.
-pub fn quick_workloads() -> Vec<Workload> {
+/// The workloads of the quick mode (`NCA_BENCH_QUICK=1`) for `model`: the two target
+/// sizes.
+pub fn quick_workloads(model: Model) -> Vec<Workload> {
     vec![
-        Workload { size: 32, batch: 1 },
+        Workload {
+            size: 32,
+            batch: 1,
+            model,
+        },
         Workload {
             size: 128,
             batch: 8,
+            model,
         },
     ]
 }
 
-/// Model and optimiser settings used by every benchmark.
-pub fn model_and_optim() -> (ModelConfig, OptimizerConfig) {
-    let cfg = NcaConfig::default();
-    (cfg.model.clone(), cfg.training.optimizer())
+/// Optimiser settings used by every benchmark (the defaults).
+pub fn optim() -> OptimizerConfig {
+    NcaConfig::default().training.optimizer()
 }

@@ -18,7 +18,12 @@ fn main() {
         );
         std::process::exit(1);
     }
-    for group in ["train_step", "forward"] {
+    for group in [
+        "train_step",
+        "forward",
+        "train_step_picture",
+        "forward_picture",
+    ] {
         let results = collect(&root.join(group));
         if results.is_empty() {
             continue;

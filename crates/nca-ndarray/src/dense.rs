@@ -37,44 +37,89 @@ use rayon::prelude::*;
 
 use nca_api::{FlatLayout, ModelConfig, NEIGHBOURS};
 
+use crate::gemm::{self, Epilogue, Start, Vector};
 use crate::kernel::{Geometry, Mode, MAX_DIM};
-use crate::simd::{Fused, MulAdd, Separate, F8, LANES};
+use crate::simd::{Fused, MulAdd, Separate, F16, F8, LANES};
 
-/// Calls `$f::<D>` (or `$f_fma::<D>` on CPUs with AVX2 and FMA) with D a compile-time
-/// constant for the common widths (0 = run-time).
+/// Which instructions the dense path is compiled for, chosen once per run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    /// Baseline x86-64 (or another architecture): separate multiply and add, [`F8`].
+    Base,
+    /// AVX2 + FMA: fused multiply-add, [`F8`] vectors.
+    Avx2,
+    /// AVX-512: fused multiply-add, [`F16`] vectors in the matrix products.
+    Avx512,
+}
+
+impl Isa {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 =
+                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+            let avx512 = std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512vl");
+            if avx2 && avx512 {
+                return Isa::Avx512;
+            }
+            if avx2 {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Base
+    }
+}
+
+/// Calls `$f::<D>` (baseline), `$f_fma::<D>` (AVX2 + FMA) or `$f_512::<D>` (AVX-512) as
+/// `$isa` says, with D a compile-time constant for the common widths (0 = run-time).
 macro_rules! dispatch {
-    ($fast:expr, $d:expr, $f:ident, $f_fma:ident, ($($arg:expr),*)) => {{
+    ($isa:expr, $d:expr, $f:ident, $f_fma:ident, $f_512:ident, ($($arg:expr),*)) => {{
         let d: usize = $d;
-        if $fast {
+        match $isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: the caller checked that the CPU supports AVX2 and FMA.
-            unsafe {
+            // SAFETY: `Isa::detect` checked that the CPU supports AVX-512, AVX2 and FMA.
+            Isa::Avx512 => unsafe {
+                match d {
+                    16 => $f_512::<16>($($arg),*),
+                    8 => $f_512::<8>($($arg),*),
+                    _ => $f_512::<0>($($arg),*),
+                }
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::detect` checked that the CPU supports AVX2 and FMA.
+            Isa::Avx2 => unsafe {
                 match d {
                     16 => $f_fma::<16>($($arg),*),
                     8 => $f_fma::<8>($($arg),*),
                     _ => $f_fma::<0>($($arg),*),
                 }
-            }
-        } else {
-            match d {
+            },
+            _ => match d {
                 16 => $f::<16>($($arg),*),
                 8 => $f::<8>($($arg),*),
                 _ => $f::<0>($($arg),*),
-            }
+            },
         }
     }};
 }
 
-/// Declares `$name` (baseline) and `$name_fma` (AVX2 + FMA) around one inlined body.
-macro_rules! twin_d {
-    ($name:ident, $name_fma:ident, $body:ident, ($($p:ident: $t:ty),*)) => {
+/// Declares `$name` (baseline), `$name_fma` (AVX2 + FMA) and `$name_512` (AVX-512)
+/// around one inlined body.
+macro_rules! triplet {
+    ($name:ident, $name_fma:ident, $name_512:ident, $body:ident, ($($p:ident: $t:ty),*)) => {
         fn $name<const D: usize>($($p: $t),*) {
-            $body::<D, Separate>($($p),*)
+            $body::<D, Separate, F8>($($p),*)
         }
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn $name_fma<const D: usize>($($p: $t),*) {
-            $body::<D, Fused>($($p),*)
+            $body::<D, Fused, F8>($($p),*)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+        unsafe fn $name_512<const D: usize>($($p: $t),*) {
+            $body::<D, Fused, F16>($($p),*)
         }
     };
 }
@@ -82,6 +127,10 @@ macro_rules! twin_d {
 /// Target number of cells in a chunk: large enough for efficient GEMMs, small enough
 /// that a chunk's matrices (about 1.7 KB per cell for the default model) stay in L2.
 const CHUNK_CELLS: usize = 256;
+
+/// Cells in the widest vector the products use ([`F16`]): row lengths and chunk widths
+/// are whole multiples of it.
+pub const ALIGN: usize = 16;
 
 /// Offsets of the model's parameters in the flat vector ([`FlatLayout`]) and its widths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,9 +194,26 @@ impl DenseLayout {
         })
     }
 
-    /// `pk`, `pv` offsets, when the model has position embeddings.
-    pub fn pkv(&self) -> Option<(usize, usize)> {
-        self.pkv
+    /// Rebuilds, from the flat parameters `w`, what the cells read besides them: `pk`
+    /// and `pv` (9·D each; zero without position embeddings), then `[wq; wk; wv]`
+    /// (3·D × (C+P)) and `[bq; bk; bv]` (3·D) as one projection.
+    pub fn derive(&self, w: &[f32], out: &mut Vec<f32>) {
+        let nd = NEIGHBOURS * self.d;
+        let dx = self.d * self.x;
+        out.clear();
+        match self.pkv {
+            Some((pk, pv)) => {
+                out.extend_from_slice(&w[pk..pk + nd]);
+                out.extend_from_slice(&w[pv..pv + nd]);
+            }
+            None => out.resize(2 * nd, 0.0),
+        }
+        for at in [self.wq, self.wk, self.wv] {
+            out.extend_from_slice(&w[at..at + dx]);
+        }
+        for at in [self.bq, self.bk, self.bv] {
+            out.extend_from_slice(&w[at..at + self.d]);
+        }
     }
 
     /// Length of a unit's gradient vector: the parameters, then the loss.
@@ -233,9 +299,12 @@ struct Ctx<'a> {
     /// `pk`, `pv` (9·D each): the model's, or zeros without position embeddings.
     pk: &'a [f32],
     pv: &'a [f32],
+    /// `[wq; wk; wv]` as one `[3·D × (C+P)]` matrix, and `[bq; bk; bv]`.
+    wqkv: &'a [f32],
+    bqkv: &'a [f32],
     target: &'a [f32],
     mode: Mode,
-    fast: bool,
+    isa: Isa,
 }
 
 impl DenseWorkspace {
@@ -273,7 +342,7 @@ impl DenseWorkspace {
         self.partials
             .resize(geo.b * geo.units_per_item * l.partial_len(), 0.0);
         self.grads.resize(l.partial_len(), 0.0);
-        let np = (self.chunk_rows + 2) * geo.wp;
+        let np = padded_cells(self.chunk_rows, geo.wp);
         let nc = self.chunk_rows * geo.wr;
         let threads = rayon::current_num_threads().max(1);
         self.scratch = (0..threads)
@@ -287,12 +356,12 @@ impl DenseWorkspace {
     }
 
     /// Runs forward (and in train mode backward) over every unit. `w` holds the
-    /// parameters in [`FlatLayout`] order, `pkv` the 18·D `pk`, `pv` values the cells
-    /// use, `state` is NCHW and `target` row-planar (train mode only).
+    /// parameters in [`FlatLayout`] order, `derived` what [`DenseLayout::derive`] made of
+    /// them, `state` is NCHW and `target` row-planar (train mode only).
     pub fn run(
         &mut self,
         w: &[f32],
-        pkv: &[f32],
+        derived: &[f32],
         state: &[f32],
         target: &[f32],
         mode: Mode,
@@ -304,10 +373,7 @@ impl DenseWorkspace {
             self.attention
                 .resize(geo.b * geo.h * NEIGHBOURS * geo.wr, 0.0);
         }
-        #[cfg(target_arch = "x86_64")]
-        let fast = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-        #[cfg(not(target_arch = "x86_64"))]
-        let fast = false;
+        let isa = Isa::detect();
         let nd = NEIGHBOURS * l.d;
         let ctx = Ctx {
             w,
@@ -316,11 +382,13 @@ impl DenseWorkspace {
             chunk_rows: self.chunk_rows,
             state,
             pos: &self.pos,
-            pk: &pkv[..nd],
-            pv: &pkv[nd..2 * nd],
+            pk: &derived[..nd],
+            pv: &derived[nd..2 * nd],
+            wqkv: &derived[2 * nd..2 * nd + 3 * l.d * l.x],
+            bqkv: &derived[2 * nd + 3 * l.d * l.x..],
             target,
             mode,
-            fast,
+            isa,
         };
         let scratch = &self.scratch;
         let plen = l.partial_len();
@@ -383,62 +451,30 @@ impl DenseWorkspace {
     }
 }
 
-/// A GEMM `C = α·A·B + β·C` on strided slices: `A` is `m × k` with strides `(rsa, csa)`,
-/// `B` is `k × n`, `C` is `m × n`.
-///
-/// The slice bounds are checked here so that the raw-pointer call below stays in bounds.
-fn gemm(
-    (m, k, n): (usize, usize, usize),
-    a: &[f32],
-    (rsa, csa): (usize, usize),
-    b: &[f32],
-    (rsb, csb): (usize, usize),
-    beta: f32,
-    c: &mut [f32],
-    (rsc, csc): (usize, usize),
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
-        (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
-    };
-    assert!(
-        k == 0 || (last(m, k, rsa, csa) < a.len() && last(k, n, rsb, csb) < b.len()),
-        "gemm operand out of bounds"
-    );
-    assert!(last(m, n, rsc, csc) < c.len(), "gemm output out of bounds");
-    // SAFETY: every index the GEMM touches was checked against its slice above; the
-    // output does not alias the inputs (distinct borrows).
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            rsa as isize,
-            csa as isize,
-            b.as_ptr(),
-            rsb as isize,
-            csb as isize,
-            beta,
-            c.as_mut_ptr(),
-            rsc as isize,
-            csc as isize,
-        );
-    }
-}
-
-/// Fills each of `rows` rows of length `len` of `dst` with `bias[row]`.
-fn fill_rows(dst: &mut [f32], bias: &[f32], len: usize) {
-    for (row, &b) in dst.chunks_exact_mut(len).zip(bias) {
-        row.fill(b);
-    }
-}
+triplet!(unit_pass_base, unit_pass_fma, unit_pass_512, unit_body,
+    (ctx: &Ctx<'_>, s: &mut Scratch, unit: usize, out: &mut [f32], att: &mut [f32], partial: &mut [f32]));
 
 /// One unit: its chunks in order, then the lane sums into the unit's gradient vector.
 fn unit_pass(
+    ctx: &Ctx<'_>,
+    s: &mut Scratch,
+    unit: usize,
+    out: &mut [f32],
+    att: &mut [f32],
+    partial: &mut [f32],
+) {
+    dispatch!(
+        ctx.isa,
+        ctx.l.d,
+        unit_pass_base,
+        unit_pass_fma,
+        unit_pass_512,
+        (ctx, s, unit, out, att, partial)
+    )
+}
+
+#[inline(always)]
+fn unit_body<const D: usize, A: MulAdd, V: Vector>(
     ctx: &Ctx<'_>,
     s: &mut Scratch,
     unit: usize,
@@ -461,7 +497,7 @@ fn unit_pass(
         } else {
             &mut att[r0 * NEIGHBOURS * geo.wr..(r0 + n) * NEIGHBOURS * geo.wr]
         };
-        chunk_pass(ctx, s, bi, y0 + r0, n, o, a, partial);
+        chunk_body::<D, A, V>(ctx, s, bi, y0 + r0, n, o, a, partial);
         r0 += n;
     }
     if ctx.mode != Mode::Train {
@@ -489,8 +525,15 @@ fn unit_pass(
     partial[l.params] += sum(bo_at + l.c);
 }
 
+/// Padded cells of a chunk of `rows` rows: the rows and their halo, rounded up to whole
+/// vectors.
+fn padded_cells(rows: usize, wp: usize) -> usize {
+    ((rows + 2) * wp).div_ceil(ALIGN) * ALIGN
+}
+
 /// Rows `y0..y0+rows` of item `bi`: forward, and in train mode loss and backward.
-fn chunk_pass(
+#[inline(always)]
+fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
     ctx: &Ctx<'_>,
     s: &mut Scratch,
     bi: usize,
@@ -501,9 +544,9 @@ fn chunk_pass(
     partial: &mut [f32],
 ) {
     let (l, geo, w) = (ctx.l, ctx.geo, ctx.w);
-    let (c, d, x, m) = (l.c, l.d, l.x, l.m);
+    let (c, d, x, m) = (l.c, width::<D>(l.d), l.x, l.m);
     let (wd, wp, wr, h) = (geo.w, geo.wp, geo.wr, geo.h);
-    let np = (rows + 2) * wp;
+    let np = padded_cells(rows, wp);
     let nc = rows * wr;
 
     // 1. Inputs of the padded rows y0-1 ..= y0+rows, zero outside the grid.
@@ -527,14 +570,17 @@ fn chunk_pass(
     }
     let xp = &s.xp[..x * np];
     let qkv = &mut s.qkv[..3 * d * np];
-    for (t, (wo, bo)) in [(l.wq, l.bq), (l.wk, l.bk), (l.wv, l.bv)]
-        .into_iter()
-        .enumerate()
-    {
-        let dst = &mut qkv[t * d * np..(t + 1) * d * np];
-        fill_rows(dst, &w[bo..bo + d], np);
-        gemm((d, x, np), &w[wo..], (x, 1), xp, (np, 1), 1.0, dst, (np, 1));
-    }
+    gemm::project::<V, A>(
+        (3 * d, x, np),
+        ctx.wqkv,
+        (x, 1),
+        xp,
+        np,
+        qkv,
+        np,
+        Start::Bias(ctx.bqkv),
+        Epilogue::Store,
+    );
 
     // 2. Attention per cell.
     let view = Chunk {
@@ -551,13 +597,7 @@ fn chunk_pass(
         pk: ctx.pk,
         pv: ctx.pv,
     };
-    dispatch!(
-        ctx.fast,
-        d,
-        attend,
-        attend_fma,
-        (&view, &mut s.ux, &mut s.att, &mut s.qc)
-    );
+    attend_body::<D, A>(&view, &mut s.ux, &mut s.att, &mut s.qc);
     if !att.is_empty() {
         for r in 0..rows {
             for n in 0..NEIGHBOURS {
@@ -570,24 +610,46 @@ fn chunk_pass(
     // 3. Dense output.
     let ux = &s.ux[..(d + x) * nc];
     let f = &mut s.f[..c * nc];
-    fill_rows(f, &w[l.bo..l.bo + c], nc);
+    let bo = Start::Bias(&w[l.bo..l.bo + c]);
     if let Some((w1, b1)) = l.mlp {
         let hb = &mut s.h[..m * nc];
-        fill_rows(hb, &w[b1..b1 + m], nc);
-        gemm(
-            (m, d + x, nc),
+        let start = Start::Bias(&w[b1..b1 + m]);
+        let dims = (m, d + x, nc);
+        gemm::project::<V, A>(
+            dims,
             &w[w1..],
             (d + x, 1),
             ux,
-            (nc, 1),
-            1.0,
+            nc,
             hb,
-            (nc, 1),
+            nc,
+            start,
+            Epilogue::Relu,
         );
-        hb.iter_mut().for_each(|z| *z = z.max(0.0));
-        gemm((c, m, nc), &w[l.wo..], (m, 1), hb, (nc, 1), 1.0, f, (nc, 1));
+        let hb = &s.h[..m * nc];
+        gemm::project::<V, A>(
+            (c, m, nc),
+            &w[l.wo..],
+            (m, 1),
+            hb,
+            nc,
+            f,
+            nc,
+            bo,
+            Epilogue::Store,
+        );
     } else {
-        gemm((c, d, nc), &w[l.wo..], (d, 1), ux, (nc, 1), 1.0, f, (nc, 1));
+        gemm::project::<V, A>(
+            (c, d, nc),
+            &w[l.wo..],
+            (d, 1),
+            ux,
+            nc,
+            f,
+            nc,
+            bo,
+            Epilogue::Store,
+        );
     }
     let f = &s.f[..c * nc];
     let centre = |j: usize, r: usize| j * np + (r + 1) * wp + 1;
@@ -628,7 +690,7 @@ fn chunk_pass(
             for ch in 0..l.v {
                 let next = F8::load(out, (r * c + ch) * wr + x0);
                 let diff = (next - F8::load(ctx.target, t_row + ch * wr + x0)) * mask;
-                sq = sq + diff * diff;
+                sq = A::madd(diff, diff, sq);
                 let g = norm * diff;
                 g.store(gf, ch * nc + r * wr + x0);
                 lanes[bo_at + ch] = lanes[bo_at + ch] + g;
@@ -642,81 +704,48 @@ fn chunk_pass(
     let gu = &mut s.gu[..d * nc];
     if let Some((w1, b1)) = l.mlp {
         let hb = &s.h[..m * nc];
-        gemm(
-            (c, nc, m),
-            gf,
-            (nc, 1),
-            hb,
-            (1, nc),
-            1.0,
-            &mut partial[l.wo..],
-            (m, 1),
-        );
+        gemm::reduce::<V, A>((c, m, nc), gf, nc, hb, nc, &mut partial[l.wo..], (m, 1));
         let gh = &mut s.gh[..m * nc];
-        gemm(
-            (m, c, nc),
-            &w[l.wo..],
-            (1, m),
-            gf,
-            (nc, 1),
-            0.0,
-            gh,
-            (nc, 1),
-        );
-        for (mm, (g, hv)) in gh.chunks_exact_mut(nc).zip(hb.chunks_exact(nc)).enumerate() {
-            let mut acc = F8::ZERO;
-            for (g8, h8) in g.chunks_exact_mut(LANES).zip(hv.chunks_exact(LANES)) {
-                let mut v = [0.0; LANES];
-                for i in 0..LANES {
-                    // relu'(0) = 0: H > 0 exactly where Z > 0.
-                    v[i] = if h8[i] > 0.0 { g8[i] } else { 0.0 };
-                }
-                g8.copy_from_slice(&v);
-                acc = acc + F8(v);
-            }
-            partial[b1 + mm] += acc.sum();
-        }
+        let dims = (m, c, nc);
+        let mask = Epilogue::Mask(hb);
+        gemm::project::<V, A>(dims, &w[l.wo..], (1, m), gf, nc, gh, nc, Start::Zero, mask);
         let gh = &s.gh[..m * nc];
-        gemm(
-            (m, nc, d + x),
+        gemm::row_sums::<V>(m, nc, gh, nc, &mut partial[b1..]);
+        gemm::reduce::<V, A>(
+            (m, d + x, nc),
             gh,
-            (nc, 1),
+            nc,
             ux,
-            (1, nc),
-            1.0,
+            nc,
             &mut partial[w1..],
             (d + x, 1),
         );
-        gemm(
-            (d, m, nc),
+        let dims = (d, m, nc);
+        let store = Epilogue::Store;
+        gemm::project::<V, A>(
+            dims,
             &w[w1..],
             (1, d + x),
             gh,
-            (nc, 1),
-            0.0,
+            nc,
             gu,
-            (nc, 1),
+            nc,
+            Start::Zero,
+            store,
         );
     } else {
-        gemm(
-            (c, nc, d),
-            gf,
-            (nc, 1),
-            ux,
-            (1, nc),
-            1.0,
-            &mut partial[l.wo..],
-            (d, 1),
-        );
-        gemm(
+        gemm::reduce::<V, A>((c, d, nc), gf, nc, ux, nc, &mut partial[l.wo..], (d, 1));
+        let store = Epilogue::Store;
+        gemm::project::<V, A>(
             (d, c, nc),
             &w[l.wo..],
             (1, d),
             gf,
-            (nc, 1),
-            0.0,
+            nc,
             gu,
-            (nc, 1),
+            nc,
+            Start::Zero,
+            store,
         );
     }
 
@@ -735,38 +764,25 @@ fn chunk_pass(
         pk: ctx.pk,
         pv: ctx.pv,
     };
-    dispatch!(
-        ctx.fast,
-        d,
-        attend_back,
-        attend_back_fma,
-        (
-            &view,
-            &s.att,
-            &s.qc,
-            &s.gu,
-            &mut s.dq,
-            &mut s.xk,
-            &mut s.xv,
-            &mut s.lanes
-        )
+    attend_back_body::<D, A>(
+        &view,
+        &s.att,
+        &s.qc,
+        &s.gu,
+        &mut s.dq,
+        &mut s.xk,
+        &mut s.xv,
+        &mut s.lanes,
     );
     let xc = &ux[d * nc..];
-    let mut grad = |off: usize, a: &[f32], b: &[f32]| {
-        gemm(
-            (d, nc, x),
-            a,
-            (nc, 1),
-            b,
-            (1, nc),
-            1.0,
-            &mut partial[off..],
-            (x, 1),
-        );
-    };
-    grad(l.wq, &s.dq[..d * nc], xc);
-    grad(l.wk, &s.qc[..d * nc], &s.xk[..x * nc]);
-    grad(l.wv, &s.gu[..d * nc], &s.xv[..x * nc]);
+    // A loop, not a closure: a closure would not inherit the caller's AVX2/FMA features.
+    for (off, a, b) in [
+        (l.wq, &s.dq[..d * nc], xc),
+        (l.wk, &s.qc[..d * nc], &s.xk[..x * nc]),
+        (l.wv, &s.gu[..d * nc], &s.xv[..x * nc]),
+    ] {
+        gemm::reduce::<V, A>((d, x, nc), a, nc, b, nc, &mut partial[off..], (x, 1));
+    }
 }
 
 /// A chunk's projected and input buffers, as the per-cell passes read them.
@@ -802,9 +818,6 @@ fn width<const N: usize>(runtime: usize) -> usize {
 fn neighbour_at(v: &Chunk<'_>, r: usize, x0: usize, n: usize) -> usize {
     (r + n / 3) * v.wp + x0 + n % 3
 }
-
-twin_d!(attend, attend_fma, attend_body,
-    (v: &Chunk<'_>, ux: &mut [f32], att: &mut [f32], qc: &mut [f32]));
 
 /// Forward attention of every cell of the chunk: writes `U` and `X_c` into `ux`, the
 /// softmax weights into `att` and the queries into `qc`.
@@ -870,9 +883,6 @@ fn attend_body<const D: usize, A: MulAdd>(
         }
     }
 }
-
-twin_d!(attend_back, attend_back_fma, attend_back_body,
-    (v: &Chunk<'_>, att: &[f32], qc: &[f32], gu: &[f32], dq: &mut [f32], xk: &mut [f32], xv: &mut [f32], lanes: &mut [F8]));
 
 /// Attention backward of every cell of the chunk: `dq` into `dq`, `Σ dz_n x_n` into
 /// `xk`, `Σ a_n x_n` into `xv`; bias and `pk`/`pv` gradients into `lanes`.

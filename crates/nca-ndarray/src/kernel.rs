@@ -110,11 +110,17 @@ pub struct Geometry {
 
 impl Geometry {
     pub fn new(b: usize, h: usize, w: usize) -> Self {
+        Self::aligned(b, h, w, LANES)
+    }
+
+    /// The geometry with rows padded to a multiple of `align` cells (a multiple of
+    /// [`LANES`]).
+    pub fn aligned(b: usize, h: usize, w: usize, align: usize) -> Self {
         // Enough units for both cores on small grids, few enough that the per-unit
         // gradient lanes stay small on large ones; depends only on the shape.
         let unit_cells = (b * h * w / 64).clamp(256, 4096);
         let unit_rows = unit_cells.div_ceil(w.max(1)).clamp(1, h.max(1));
-        let wr = w.div_ceil(LANES) * LANES;
+        let wr = w.div_ceil(align) * align;
         Self {
             b,
             h,
@@ -334,10 +340,10 @@ pub fn planar_to_nchw(src: &[f32], geo: Geometry, k: usize, dst: &mut [f32]) {
         });
 }
 
-/// An NCHW `[B][V][H][W]` target as the row-planar `[B][H][V][wr]` the kernel reads,
+/// An NCHW `[B][V][H][W]` target as the row-planar `[B][H][V][wr]` the kernels read,
 /// zero in the padding lanes.
-pub fn row_planar_target(target: &[f32], b: usize, v: usize, h: usize, w: usize) -> Vec<f32> {
-    let geo = Geometry::new(b, h, w);
+pub fn row_planar_target(target: &[f32], v: usize, geo: Geometry) -> Vec<f32> {
+    let (b, h, w) = (geo.b, geo.h, geo.w);
     let mut out = vec![0.0; b * h * v * geo.wr];
     for bi in 0..b {
         for ch in 0..v {

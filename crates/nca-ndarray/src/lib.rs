@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 mod dense;
+mod gemm;
 mod kernel;
 mod simd;
 
@@ -88,9 +89,8 @@ enum Engine {
     },
     /// Position inputs and/or the MLP update ([`dense`]).
     Dense {
-        /// `pk` then `pv` (9·D each) as the cells use them: zero without position
-        /// embeddings.
-        pkv: Vec<f32>,
+        /// What the cells read besides the flat parameters ([`DenseLayout::derive`]).
+        derived: Vec<f32>,
         layout: DenseLayout,
         workspace: DenseWorkspace,
     },
@@ -132,7 +132,7 @@ impl NdarrayTrainer {
                     reason: "the parameter list lacks a projection",
                 })?;
                 Engine::Dense {
-                    pkv: Vec::new(),
+                    derived: Vec::new(),
                     layout,
                     workspace: DenseWorkspace::new(layout, model.position_octaves),
                 }
@@ -167,23 +167,23 @@ impl NdarrayTrainer {
                 kernel_w.extend_from_slice(&self.params);
                 kernel_w.resize(layout.loss, 0.0);
             }
-            Engine::Dense { pkv, layout, .. } => {
-                let nd = NEIGHBOURS * layout.d;
-                pkv.clear();
-                match layout.pkv() {
-                    Some((pk, pv)) => {
-                        pkv.extend_from_slice(&self.params[pk..pk + nd]);
-                        pkv.extend_from_slice(&self.params[pv..pv + nd]);
-                    }
-                    None => pkv.resize(2 * nd, 0.0),
-                }
-            }
+            Engine::Dense {
+                derived, layout, ..
+            } => layout.derive(&self.params, derived),
+        }
+    }
+
+    /// The geometry of a `b`×`h`×`w` grid as this model's kernels lay it out.
+    fn geometry(&self, b: usize, h: usize, w: usize) -> Geometry {
+        match self.engine {
+            Engine::Fused { .. } => Geometry::new(b, h, w),
+            Engine::Dense { .. } => Geometry::aligned(b, h, w, dense::ALIGN),
         }
     }
 
     fn check_state(&self, state: &State) -> Result<Geometry, Error> {
         let [b, _, h, w] = self.model.check_state(state.shape())?;
-        Ok(Geometry::new(b, h, w))
+        Ok(self.geometry(b, h, w))
     }
 
     /// Runs a pass over the state: sizes the buffers for its grid (no allocation when it
@@ -223,9 +223,11 @@ impl NdarrayTrainer {
                 workspace.prepare(kernel_w, flat);
                 workspace.cells(kernel_w, mode, target, visible, attention);
             }
-            Engine::Dense { pkv, workspace, .. } => {
+            Engine::Dense {
+                derived, workspace, ..
+            } => {
                 workspace.ensure(geo);
-                workspace.run(&self.params, pkv, flat, target, mode, attention);
+                workspace.run(&self.params, derived, flat, target, mode, attention);
             }
         }
         Ok(geo)
@@ -375,7 +377,7 @@ impl Transition for NdarrayTrainer {
 impl Trainer for NdarrayTrainer {
     fn set_target(&mut self, target: &HostTensor) -> Result<(), Error> {
         let [b, v, h, w] = self.model.check_target(target.shape())?;
-        let planar = kernel::row_planar_target(target.data(), b, v, h, w);
+        let planar = kernel::row_planar_target(target.data(), v, self.geometry(b, h, w));
         self.target = Some((planar, [b, h, w]));
         Ok(())
     }

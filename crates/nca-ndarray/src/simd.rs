@@ -90,6 +90,8 @@ lanewise!(Mul, mul, *=);
 pub trait MulAdd: Copy {
     /// `a·b + c`.
     fn madd(a: F8, b: F8, c: F8) -> F8;
+    /// `a·b + c` on one lane.
+    fn scalar(a: f32, b: f32, c: f32) -> f32;
 }
 
 /// Separate multiply and add (baseline x86-64 has no FMA; `f32::mul_add` would call libm).
@@ -99,6 +101,10 @@ pub struct Separate;
 impl MulAdd for Separate {
     #[inline(always)]
     fn madd(a: F8, b: F8, c: F8) -> F8 {
+        a * b + c
+    }
+    #[inline(always)]
+    fn scalar(a: f32, b: f32, c: f32) -> f32 {
         a * b + c
     }
 }
@@ -116,7 +122,17 @@ impl MulAdd for Fused {
         }
         F8(r)
     }
+    #[inline(always)]
+    fn scalar(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
 }
+
+/// Sixteen `f32` lanes: one AVX-512 register, or two AVX2 ones. Used by the dense
+/// matrix products ([`crate::gemm`]) on CPUs with AVX-512.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(align(64))]
+pub struct F16(pub [f32; 16]);
 
 /// `e^x` to about 2 ulp (Cephes `expf` polynomial), branch-free so it vectorises; the
 /// libm call it replaces cost more than the rest of the softmax.
