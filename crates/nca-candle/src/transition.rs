@@ -199,8 +199,9 @@ impl CandleTrainer {
         }
     }
 
-    /// The position features `[P, H, W]` of an `h`×`w` grid on the device, or `None`
-    /// without position inputs; computed on the host and uploaded only when the grid size
+    /// The position features of an `h`×`w` grid on the device, cell-major `[H, W, P]`
+    /// like the rest of the forward pass, or `None` without position inputs. They are
+    /// fixed, so they are computed on the host and uploaded only when the grid size
     /// changes.
     fn positions(&mut self, h: usize, w: usize) -> Result<Option<Tensor>, Error> {
         let Some(octaves) = self.model.position_octaves else {
@@ -209,7 +210,10 @@ impl CandleTrainer {
         match &self.positions {
             Some((size, t)) if *size == (h, w) => Ok(Some(t.clone())),
             _ => {
-                let t = self.to_device(&nca_api::position::features(octaves, h, w))?;
+                let t = self
+                    .to_device(&nca_api::position::features(octaves, h, w))?
+                    .permute((1, 2, 0))?
+                    .contiguous()?;
                 self.positions = Some(((h, w), t.clone()));
                 Ok(Some(t))
             }
@@ -224,74 +228,66 @@ impl CandleTrainer {
     /// * `q · k_n = (wkᵀ q) · X_n + q · (bk + pk[n])`,
     /// * `u = Σ a_n v_n = wv (Σ a_n X_n) + bv + Σ a_n pv[n]` (the `a_n` sum to one),
     ///
-    /// so the only 9-neighbour tensor has X channels instead of D, keys and values are
-    /// never materialised, and everything else is a per-cell matmul over all cells at once
-    /// (the MLP is two: `w1·[u; x]` and `wo·h`). Out-of-grid neighbours come out right by
-    /// construction: their `X_n` is 0, so their key is `bk + pk[n]` and their value
-    /// `bv + pv[n]`. The shifted inputs depend on no parameter, so autograd never
-    /// differentiates through them.
+    /// so keys and values are never materialised, and the shifted inputs (X channels, not
+    /// D) depend on no parameter, so autograd never differentiates through them.
     ///
-    /// Measured against the two direct layouts on the plain model (10 `train_step`s after
-    /// 5 warm-up ones, CPU, D = 16, ms per `train_step`; machine shared with a compile, so
-    /// ratios matter):
-    ///
-    /// | state `[B, C, H, W]` | project K/V, shift them | shift s, project | this |
-    /// | --- | --- | --- | --- |
-    /// | 1×3×32×32 | 19.7 | 17.5 | 1.1 |
-    /// | 4×3×64×64 | 419 | 315 | 68 |
-    /// | 1×16×32×32 | 24.6 | 20.9 | 10.6 |
-    /// | 4×16×64×64 | 479 | 444 | 334 |
-    ///
-    /// Both direct layouts build and differentiate `[B, 9, 2D, H, W]` tensors (one stack,
-    /// bias add, product and reduction each); this one's largest is `[B, 9, X, H·W]`.
+    /// The layout is cell-major: the N = B·H·W cells are rows, so every projection is one
+    /// matmul over all cells (`[N, X]·wqᵀ`, the MLP's `w1` and `wo` likewise), biases
+    /// broadcast along the last dimension, the softmax reduces the last dimension, and the
+    /// two per-cell contractions with `X_n` (`[9, X]·[X]` for the scores, `[9]·[9, X]`
+    /// for the mix) are batched matmuls. The same contractions written as broadcast
+    /// products and sums over `[B, 9, X, H·W]` were measured 3× slower forward+backward on
+    /// the CPU (each costs ~6 full-size tensors in candle's backward, and candle's sums
+    /// over an inner dimension are slow): at 32×32, batch 1, one thread, `train_step` of
+    /// the picture model (L = 6, M = 128) took 44 ms that way and 14 ms this way, with
+    /// position inputs alone 22 ms and 5 ms (machine shared with compiles, so ratios
+    /// matter).
     pub(crate) fn forward(&mut self, p: &[Tensor], s: &Tensor) -> Result<Forward, Error> {
         self.check_state(s)?;
         let (b, c, h, w) = s.dims4()?;
         let d = self.model.attention_dim;
         let xw = self.model.input_width();
-        let hw = h * w;
+        let n = b * h * w;
         let ix = self.index;
+        let s_rows = s.permute((0, 2, 3, 1))?.contiguous()?;
         let x = match self.positions(h, w)? {
             Some(pos) => {
-                let pos = pos.unsqueeze(0)?.broadcast_as((b, xw - c, h, w))?;
-                Tensor::cat(&[s, &pos], 1)?
+                let pos = pos.unsqueeze(0)?.broadcast_as((b, h, w, xw - c))?;
+                Tensor::cat(&[&s_rows, &pos], 3)?
             }
-            None => s.clone(),
+            None => s_rows,
         };
-        let x3 = x.reshape((b, xw, hw))?;
-        let shifted = neighbours(&x)?.reshape((b, NEIGHBOURS, xw, hw))?;
+        let x_rows = x.reshape((n, xw))?;
+        let shifted = neighbours(&x)?.reshape((n, NEIGHBOURS, xw))?;
 
-        let q = p[ix.wq]
-            .broadcast_matmul(&x3)?
-            .broadcast_add(&p[ix.bq].reshape((1, d, 1))?)?;
-        let q_input = p[ix.wk].t()?.broadcast_matmul(&q)?;
+        let q = x_rows
+            .matmul(&p[ix.wq].t()?)?
+            .broadcast_add(&p[ix.bq])?
+            .affine(1.0 / (d as f64).sqrt(), 0.0)?;
+        let q_input = q.matmul(&p[ix.wk])?;
         let key_bias = match ix.pk_pv {
-            Some((pk, _)) => p[pk].broadcast_add(&p[ix.bk].unsqueeze(0)?)?,
+            Some((pk, _)) => p[pk].broadcast_add(&p[ix.bk])?,
             None => p[ix.bk].unsqueeze(0)?,
         };
         let scores = shifted
-            .broadcast_mul(&q_input.unsqueeze(1)?)?
-            .sum(2)?
-            .broadcast_add(&key_bias.broadcast_matmul(&q)?)?
-            .affine(1.0 / (d as f64).sqrt(), 0.0)?;
+            .matmul(&q_input.unsqueeze(2)?)?
+            .squeeze(2)?
+            .broadcast_add(&q.matmul(&key_bias.t()?)?)?;
         // The max is a constant shift for the softmax, so it needs no gradient.
         let max = scores.max_keepdim(1)?.detach();
         let e = scores.broadcast_sub(&max)?.exp()?;
         let attention = e.broadcast_div(&e.sum_keepdim(1)?)?;
 
-        let mixed = shifted.broadcast_mul(&attention.unsqueeze(2)?)?.sum(1)?;
-        let mut u = p[ix.wv]
-            .broadcast_matmul(&mixed)?
-            .broadcast_add(&p[ix.bv].reshape((1, d, 1))?)?;
+        let mixed = attention.unsqueeze(1)?.matmul(&shifted)?.squeeze(1)?;
+        let mut u = mixed.matmul(&p[ix.wv].t()?)?.broadcast_add(&p[ix.bv])?;
         if let Some((_, pv)) = ix.pk_pv {
-            u = (u + p[pv].t()?.broadcast_matmul(&attention)?)?;
+            u = (u + attention.matmul(&p[pv])?)?;
         }
         let out = match ix.w1_b1 {
             Some((w1, b1)) => {
-                let m = self.model.output_width();
-                let pre = p[w1]
-                    .broadcast_matmul(&Tensor::cat(&[&u, &x3], 1)?)?
-                    .broadcast_add(&p[b1].reshape((1, m, 1))?)?;
+                let pre = Tensor::cat(&[&u, &x_rows], 1)?
+                    .matmul(&p[w1].t()?)?
+                    .broadcast_add(&p[b1])?;
                 // relu as a product with a constant mask: candle's own `relu` passes the
                 // gradient at exactly 0 (it tests `>= 0`), the model says relu'(0) = 0.
                 let mask = pre.detach().gt(0.0)?.to_dtype(pre.dtype())?;
@@ -299,12 +295,15 @@ impl CandleTrainer {
             }
             None => u,
         };
-        let update = p[ix.wo]
-            .broadcast_matmul(&out)?
-            .broadcast_add(&p[ix.bo].reshape((1, c, 1))?)?
-            .reshape((b, c, h, w))?;
+        let update = out
+            .matmul(&p[ix.wo].t()?)?
+            .broadcast_add(&p[ix.bo])?
+            .reshape((b, h, w, c))?
+            .permute((0, 3, 1, 2))?;
         Ok(Forward {
-            attention: attention.reshape((b, NEIGHBOURS, h, w))?,
+            attention: attention
+                .reshape((b, h, w, NEIGHBOURS))?
+                .permute((0, 3, 1, 2))?,
             update,
         })
     }
@@ -329,21 +328,21 @@ impl CandleTrainer {
     }
 }
 
-/// The 9 neighbours of every cell of `x: [B, F, H, W]` as `[B, 9, F, H, W]`, zero outside
-/// the grid, in the order `n = 3·(dy+1) + (dx+1)`.
+/// The 9 neighbours of every cell of a cell-major `x: [B, H, W, F]` as
+/// `[B, H, W, 9, F]`, zero outside the grid, in the order `n = 3·(dy+1) + (dx+1)`.
 ///
-/// Padding once and stacking 9 `narrow` views keeps autograd working (candle's `unfold`
-/// backward is broken) and avoids a grouped convolution (slow in candle).
+/// Padding once and stacking 9 `narrow` views avoids candle's `unfold` (whose backward is
+/// broken) and a grouped convolution (slow in candle).
 fn neighbours(x: &Tensor) -> Result<Tensor, Error> {
-    let (_, _, h, w) = x.dims4()?;
-    let padded = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+    let (_, h, w, _) = x.dims4()?;
+    let padded = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
     let mut views = Vec::with_capacity(NEIGHBOURS);
     for dy in 0..3 {
         for dx in 0..3 {
-            views.push(padded.narrow(2, dy, h)?.narrow(3, dx, w)?);
+            views.push(padded.narrow(1, dy, h)?.narrow(2, dx, w)?);
         }
     }
-    Ok(Tensor::stack(&views, 1)?)
+    Ok(Tensor::stack(&views, 3)?)
 }
 
 /// Copies a device tensor of any shape to the host.
