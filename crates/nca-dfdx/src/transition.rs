@@ -6,7 +6,10 @@
 //! The neighbourhood is gathered from the *state*, not from the projected keys/values:
 //! the state is a constant of the tape (gradients are cut between steps), so the gather
 //! needs no backward pass, and with zero padding `wk·0 + bk = bk` is exactly the key of an
-//! outside neighbour. One `[9N, C] × [C, D]` matmul then yields all nine key sets at once.
+//! outside neighbour. The fixed position features (zero outside the grid too) and offset
+//! one-hot columns are joined to the gathered state, so one `[9N, C+P+9] × [C+P+9, D]`
+//! matmul yields all nine key sets at once. (Gathering projected keys instead would need a
+//! traced gather, and dfdx 0.13's `slice` backward assigns rather than accumulates.)
 //!
 //! The gather zero-pads with `concat_along` and stacks nine shifted `slice`s; a dense
 //! one-hot shift matrix applied by matmul was measured and rejected (see
@@ -183,8 +186,9 @@ impl<T: Tape<f32, Cpu>> Params<T> {
 /// B = 1): this gather takes 0.13 ms at 32×32 and 0.29 ms at 64×64, against 15 ms and
 /// 176 ms for a dense one-hot `[9·HW, HW]` shift matrix applied by one matmul (building
 /// the matrix included; the matmul alone still grows with (H·W)²). A whole 32×32
-/// training step takes about 3.5–3.7 ms (≈ 270 steps/s; 64×64: ≈ 14.5 ms), so the gather
-/// is a few percent of it.
+/// training step of the plain model (then the default) takes about 3.5–3.7 ms (≈ 270
+/// steps/s; 64×64: ≈ 14.5 ms), so the gather is a few percent of it; the picture model's
+/// step is about twice as long.
 #[doc(hidden)]
 pub fn gather_by_slices(dev: &Cpu, s: &State) -> Result<T3, Error> {
     let (b, c, h, w) = *s.shape();
