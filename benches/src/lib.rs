@@ -55,8 +55,10 @@ impl Workload {
 
     /// The run config: C = 3, D = 16, the workload's model, defaults otherwise.
     pub fn config(&self) -> NcaConfig {
-        let mut cfg = NcaConfig::default();
-        cfg.model = self.model.config();
+        let mut cfg = NcaConfig {
+            model: self.model.config(),
+            ..NcaConfig::default()
+        };
         cfg.grid.height = self.size;
         cfg.grid.width = self.size;
         cfg.grid.batch = self.batch;

@@ -175,9 +175,15 @@ mod tests {
     }
 
     #[test]
-    fn both_multiply_adds_agree() {
-        let (a, b, c) = (F8::splat(1.5), F8::splat(-2.0), F8::splat(0.25));
-        assert_eq!(Separate::madd(a, b, c), Fused::madd(a, b, c));
+    fn fused_multiply_add_rounds_once() {
+        // (1 + 2⁻²³)(1 − 2⁻²³) = 1 − 2⁻⁴⁶ exactly, which rounds to 1.0 in f32: a separate
+        // multiply loses the 2⁻⁴⁶ before the add, a fused one keeps it.
+        let eps = f32::EPSILON; // 2⁻²³
+        let (a, b, c) = (F8::splat(1.0 + eps), F8::splat(1.0 - eps), F8::splat(-1.0));
+        assert_eq!(Separate::madd(a, b, c), F8::splat(0.0));
+        assert_eq!(Fused::madd(a, b, c), F8::splat(-(2.0f32).powi(-46)));
+        assert_eq!(Separate::scalar(1.0 + eps, 1.0 - eps, -1.0), 0.0);
+        assert_eq!(Fused::scalar(1.0 + eps, 1.0 - eps, -1.0), -(2.0f32).powi(-46));
         assert_eq!(F8([1., 2., 3., 4., 5., 6., 7., 8.]).sum(), 36.0);
     }
 }
