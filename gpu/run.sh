@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine, from the repository root, with gpu/bundle/ carried there (built
-# by gpu/build.sh): the CUDA conformance suite, the CUDA cross-backend checks, the red
-# example trained on candle-cuda and on ndarray, and a throughput table. Everything it
+# Runs on the GPU machine, from the repository root, with gpu/bundle/ there (built by
+# gpu/build.sh): the CUDA conformance suite (default picture model and the plain model's
+# golden files), the CUDA cross-backend checks, the red example (plain model) and the cat
+# picture (default picture model: position inputs L = 6, MLP M = 128) trained on
+# candle-cuda and on ndarray, and a throughput table of the picture model. Everything it
 # prints also goes to $OUT/gpu-log.txt; summaries and the table land in $OUT.
-# Takes ~3-5 min; run it with a timeout of about 8 min (see gpu/README.md).
+# Takes ~4-6 min; give it a timeout of about 9 min (see gpu/README.md).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -59,15 +61,40 @@ main() {
     step "candle API tests (CUDA device present)" 120 "$bundle/api"
 
     cli="$bundle/nca-cli"
-    step "red.ron on candle-cuda" 120 "$cli" --backend candle-cuda examples/red.ron --out /tmp/red-cuda
-    cp /tmp/red-cuda/summary.json "$out/summary-candle-cuda.json" 2>/dev/null
-    step "red.ron on ndarray" 120 "$cli" examples/red.ron --out /tmp/red-ndarray
-    cp /tmp/red-ndarray/summary.json "$out/summary-ndarray.json" 2>/dev/null
-    step "rollout of the CUDA checkpoint on ndarray" 60 "$cli" rollout --backend ndarray \
+    step "red.ron (plain model) on candle-cuda" 120 "$cli" --backend candle-cuda examples/red.ron --out /tmp/red-cuda
+    cp /tmp/red-cuda/summary.json "$out/summary-red-candle-cuda.json" 2>/dev/null
+    step "red.ron (plain model) on ndarray" 120 "$cli" examples/red.ron --out /tmp/red-ndarray
+    cp /tmp/red-ndarray/summary.json "$out/summary-red-ndarray.json" 2>/dev/null
+    step "rollout of the CUDA red checkpoint on ndarray" 60 "$cli" rollout --backend ndarray \
         --checkpoint /tmp/red-cuda/checkpoint.safetensors --noise 0 --steps 100 --out /tmp/roll
 
-    step "throughput" 240 bash -o pipefail -c "'$cli' bench --backends candle-cuda,ndarray \
-        --sizes 32,256,1024 --batches 1,8 --seconds 2 | tee '$out/bench.txt'"
+    # The picture model: examples/cat.ron's defaults (L = 6, M = 128, clip 1.0) with fewer
+    # steps so that the whole script fits its time; written here because the run file
+    # names its picture relative to itself.
+    picture=/tmp/nca-cat-gpu.ron
+    cat > "$picture" <<RON
+#![enable(implicit_some)]
+(
+    grid: (height: 32, width: 32),
+    training: (steps: 2000, seed: 0),
+    target: Image(path: "$PWD/examples/cat.png"),
+    output: (snapshot_every: 500, checkpoint_every: 1000, scale: 8),
+    evaluation: (steps: 100, seeds: 3, every: 1000),
+)
+RON
+    step "cat (picture model) on candle-cuda" 180 "$cli" --backend candle-cuda "$picture" --out /tmp/cat-cuda
+    cp /tmp/cat-cuda/summary.json "$out/summary-cat-candle-cuda.json" 2>/dev/null
+    step "cat (picture model) on ndarray" 180 "$cli" "$picture" --out /tmp/cat-ndarray
+    cp /tmp/cat-ndarray/summary.json "$out/summary-cat-ndarray.json" 2>/dev/null
+    step "rollout of the CUDA cat checkpoint on ndarray" 60 "$cli" rollout --backend ndarray \
+        --checkpoint /tmp/cat-cuda/checkpoint.safetensors --noise 0 --steps 100 --out /tmp/roll-cat
+
+    # Throughput of the picture model (bench's default model, named by --config); ndarray
+    # stops at 256² because a 1024² batch of 8 would take minutes per step on the CPU.
+    step "throughput on candle-cuda" 240 bash -o pipefail -c "'$cli' bench --backends candle-cuda \
+        --config '$picture' --sizes 32,256,1024 --batches 1,8 --seconds 2 | tee '$out/bench-candle-cuda.txt'"
+    step "throughput on ndarray" 120 bash -o pipefail -c "'$cli' bench --backends ndarray \
+        --config '$picture' --sizes 32,256 --batches 1,8 --seconds 2 | tee '$out/bench-ndarray.txt'"
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv || true
 
     echo "run.sh: $failures step(s) failed"

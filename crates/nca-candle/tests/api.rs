@@ -96,3 +96,52 @@ fn clamp_limits_every_element() {
         &[-3.0, -1.0, 0.5, 2.0, 3.0, 3.0]
     );
 }
+
+#[test]
+fn position_features_follow_the_grid_size() {
+    // The features are cached per grid size: a trainer that saw another grid first must
+    // give the same update as a fresh one.
+    let model = ModelConfig::default();
+    let weights = nca_testkit::checks::random_weights(&model, 5);
+    let state = nca_testkit::checks::random_tensor(&[1, 3, 5, 6], 6);
+    let mut fresh = trainer(&model);
+    fresh.set_weights(&weights).unwrap();
+    let expected = fresh.update(&fresh.upload(&state).unwrap()).unwrap();
+    let mut used = trainer(&model);
+    used.set_weights(&weights).unwrap();
+    let other = used
+        .upload(&HostTensor::filled(&[1, 3, 4, 4], 0.3))
+        .unwrap();
+    used.update(&other).unwrap();
+    let got = used.update(&used.upload(&state).unwrap()).unwrap();
+    assert_eq!(
+        used.download(&got).unwrap(),
+        fresh.download(&expected).unwrap()
+    );
+}
+
+#[test]
+fn relu_has_no_gradient_at_zero() {
+    // w1 = 0 and b1 = 0 put every pre-activation at exactly 0: relu'(0) = 0 leaves w1 and
+    // b1 without gradient (candle's own relu would pass it through).
+    let model = ModelConfig::default();
+    let mut weights = nca_testkit::checks::random_weights(&model, 7);
+    weights.get_mut("w1").unwrap().data_mut().fill(0.0);
+    weights.get_mut("b1").unwrap().data_mut().fill(0.0);
+    let mut t = trainer(&model);
+    t.set_weights(&weights).unwrap();
+    t.set_target(&HostTensor::filled(&[1, 3, 4, 5], 0.5))
+        .unwrap();
+    let s = t
+        .upload(&nca_testkit::checks::random_tensor(&[1, 3, 4, 5], 8))
+        .unwrap();
+    let (_, grads) = t.loss_and_gradients(&s).unwrap();
+    for name in ["w1", "b1"] {
+        let g = grads.tensor(name).unwrap();
+        assert!(
+            g.data().iter().all(|&x| x == 0.0),
+            "{name}: {:?}",
+            &g.data()[..4]
+        );
+    }
+}
