@@ -3,7 +3,7 @@
 //! model), and both backends agree on every combination of the model options.
 
 use nca_api::{ModelConfig, OptimizerConfig};
-use nca_testkit::cross::checkpoint_rolls_out_identically;
+use nca_testkit::cross::{checkpoint_rolls_out_identically, training_matches};
 use nca_testkit::Harness;
 
 struct Dfdx;
@@ -35,6 +35,11 @@ impl Harness for Ndarray {
 #[test]
 fn dfdx_checkpoint_rolls_out_the_same_on_ndarray() {
     checkpoint_rolls_out_identically::<Dfdx, Ndarray>();
+}
+
+#[test]
+fn training_on_dfdx_matches_training_on_ndarray() {
+    training_matches::<Dfdx, Ndarray>();
 }
 
 #[test]

@@ -129,11 +129,11 @@ pub fn checkpoint_rolls_out_identically<Train: Harness, Other: Harness>() {
 pub const MATCHED_TRAINING_STEPS: u64 = 20;
 /// Largest relative difference of a step's loss between two backends in
 /// [`training_matches`].
-pub const MATCHED_LOSS_RTOL: f32 = 1e-3;
+pub const MATCHED_LOSS_RTOL: f32 = 1e-4;
 /// Largest absolute difference of a weight between two backends after
-/// [`MATCHED_TRAINING_STEPS`] steps (learning rate 1e-3, so each step moves a weight by at
-/// most ~1e-3).
-pub const MATCHED_WEIGHT_ATOL: f32 = 2e-4;
+/// [`MATCHED_TRAINING_STEPS`] steps at learning rate 1e-3 (each step moves a weight by up
+/// to ~1e-3, so this is 2% of one step; dfdx against ndarray was measured at 1.3e-7).
+pub const MATCHED_WEIGHT_ATOL: f32 = 2e-5;
 
 /// Trains `cfg` from the same seeded weights, target and noise for
 /// [`MATCHED_TRAINING_STEPS`] steps; returns every step's loss and the final weights.
