@@ -540,8 +540,10 @@ pub fn solid_red_converges_with_the_default_model<H: Harness>() {
 pub const PICTURE_SIDE: usize = 32;
 /// Training steps of the real-picture check.
 pub const PICTURE_STEPS: u64 = 3000;
-/// Regrowth PSNR every fresh-noise start must reach in the real-picture check.
-pub const PICTURE_MIN_PSNR_DB: f64 = 30.0;
+/// Regrowth PSNR every fresh-noise start must reach in the real-picture check. Measured on
+/// ndarray: 46.1 dB (seed 1, the one checked) and 41.6 dB with seed 2 at the same step
+/// count.
+pub const PICTURE_MIN_PSNR_DB: f64 = 35.0;
 
 /// The bundled cat photograph (`examples/cat.png`) as a `[1, 3, side, side]` target in
 /// [0, 1], resized with a Lanczos filter.
