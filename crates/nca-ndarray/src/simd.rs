@@ -183,7 +183,10 @@ mod tests {
         assert_eq!(Separate::madd(a, b, c), F8::splat(0.0));
         assert_eq!(Fused::madd(a, b, c), F8::splat(-(2.0f32).powi(-46)));
         assert_eq!(Separate::scalar(1.0 + eps, 1.0 - eps, -1.0), 0.0);
-        assert_eq!(Fused::scalar(1.0 + eps, 1.0 - eps, -1.0), -(2.0f32).powi(-46));
+        assert_eq!(
+            Fused::scalar(1.0 + eps, 1.0 - eps, -1.0),
+            -(2.0f32).powi(-46)
+        );
         assert_eq!(F8([1., 2., 3., 4., 5., 6., 7., 8.]).sum(), 36.0);
     }
 }
