@@ -201,7 +201,18 @@ fn serve(dir: &Path, port: u16) -> Result<()> {
 fn answer(dir: &Path, mut stream: TcpStream) -> Result<()> {
     stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
+    let mut reader = BufReader::new(&stream);
+    reader.read_line(&mut line)?;
+    // Read the headers up to the blank line before answering: closing a socket with
+    // request bytes still unread makes the kernel reset the connection, and the client
+    // sees a broken pipe instead of the answer. Bounded, so a slow client cannot hold us.
+    let mut header = String::new();
+    for _ in 0..100 {
+        header.clear();
+        if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
+            break;
+        }
+    }
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let name = path.split('?').next().unwrap_or("").trim_start_matches('/');

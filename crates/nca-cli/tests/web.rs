@@ -103,7 +103,9 @@ fn writes_the_four_files_and_a_weights_file_without_optimiser_state() {
 fn get(addr: &str, path: &str) -> (String, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    // One write: a request split over several writes can race the server's close.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    s.write_all(request.as_bytes()).unwrap();
     let mut all = Vec::new();
     s.read_to_end(&mut all).unwrap();
     let split = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
