@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the CUDA test and CLI binaries for the GPU machine (CUDA 13, H200 = sm_90) on a
-# machine without a GPU, into gpu/bundle/ (git-ignored), ready to be carried there and run
-# by gpu/run.sh. See gpu/README.md.
+# Builds nca-cli and nca-candle's test programs with CUDA 13 for compute capability 9.0
+# (H100/H200; set CUDA_COMPUTE_CAP for another GPU) on a machine that needs no GPU, into
+# gpu/bundle/ (git-ignored), ready to be copied to a GPU machine and run there by
+# gpu/run.sh. See gpu/README.md.
 #
 # Cost on 2 cores: ~15 min the first time (mostly candle's CUDA kernels), then 1-4 min.
 set -euo pipefail
@@ -42,8 +43,11 @@ strip "$bundle"/*
 xz -T0 -6 "$bundle"/*
 ls -l "$bundle"
 size=$(du -sm "$bundle" | cut -f1)
-echo "gpu/build.sh: bundle is $size MiB (the device tool carries 64 MiB in all)"
+# A bundle-size guard: the bundle travels with the repository to the GPU machine, and a
+# change that suddenly bloats it (another CUDA target, unstripped symbols, a lost xz step)
+# should fail here, where it is made, rather than in a copy or upload later.
+echo "gpu/build.sh: bundle is $size MiB (limit 56 MiB)"
 if [ "$size" -gt 56 ]; then
-    echo "gpu/build.sh: too big to carry with the working tree" >&2
+    echo "gpu/build.sh: bundle over 56 MiB; see the size notes in gpu/README.md" >&2
     exit 1
 fi
