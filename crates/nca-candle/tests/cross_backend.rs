@@ -5,11 +5,16 @@
 mod common;
 
 use common::{CandleCpu, Ndarray};
-use nca_testkit::cross::checkpoint_rolls_out_identically;
+use nca_testkit::cross::{checkpoint_rolls_out_identically, training_matches};
 
 #[test]
 fn candle_checkpoint_rolls_out_the_same_on_ndarray() {
     checkpoint_rolls_out_identically::<CandleCpu, Ndarray>();
+}
+
+#[test]
+fn training_on_candle_matches_training_on_ndarray() {
+    training_matches::<CandleCpu, Ndarray>();
 }
 
 #[test]
