@@ -39,7 +39,7 @@ use nca_api::{FlatLayout, ModelConfig, NEIGHBOURS};
 
 use crate::gemm::{self, Epilogue, Start, Vector};
 use crate::kernel::{Geometry, Mode, MAX_DIM};
-use crate::simd::{Fused, MulAdd, Separate, F16, F8, LANES};
+use crate::simd::{softmax_in_place, Fused, MulAdd, Separate, F16, F8, LANES};
 
 /// Which instructions the dense path is compiled for, chosen once per run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -856,17 +856,8 @@ fn attend_body<const D: usize, A: MulAdd>(
                 a[n] = z * scale;
                 max = max.max(a[n]);
             }
-            let mut total = F8::ZERO;
+            softmax_in_place(&mut a, max);
             for n in 0..NEIGHBOURS {
-                a[n] = (a[n] - max).exp();
-                total = total + a[n];
-            }
-            let mut inv = total;
-            for t in &mut inv.0 {
-                *t = 1.0 / *t;
-            }
-            for n in 0..NEIGHBOURS {
-                a[n] = a[n] * inv;
                 a[n].store(att, n * nc + cell);
             }
             for dd in 0..d {

@@ -26,7 +26,7 @@ use rayon::prelude::*;
 
 use nca_api::{FlatLayout, ModelConfig, NEIGHBOURS};
 
-use crate::simd::{Fused, MulAdd, Separate, F8, LANES};
+use crate::simd::{softmax_in_place, Fused, MulAdd, Separate, F8, LANES};
 
 /// Largest attention dimension the per-block scratch supports.
 pub const MAX_DIM: usize = 64;
@@ -549,18 +549,7 @@ fn block<A: MulAdd>(
         a[n] = z * F8::splat(scale);
         max = max.max(a[n]);
     }
-    let mut total = F8::ZERO;
-    for n in 0..NEIGHBOURS {
-        a[n] = (a[n] - max).exp();
-        total = total + a[n];
-    }
-    let mut inv = total;
-    for x in &mut inv.0 {
-        *x = 1.0 / *x;
-    }
-    for n in 0..NEIGHBOURS {
-        a[n] = a[n] * inv;
-    }
+    softmax_in_place(&mut a, max);
     if let Some(att) = att_row {
         for n in 0..NEIGHBOURS {
             a[n].store(att, n * wr + x0);

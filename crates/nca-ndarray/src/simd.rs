@@ -134,6 +134,24 @@ impl MulAdd for Fused {
 #[repr(align(64))]
 pub struct F16(pub [f32; 16]);
 
+/// Turns scores `a` (per lane) whose lane-wise maximum is `max` into softmax weights in
+/// place; shared by the plain kernel and the picture model so both normalise identically.
+#[inline(always)]
+pub fn softmax_in_place(a: &mut [F8], max: F8) {
+    let mut total = F8::ZERO;
+    for x in a.iter_mut() {
+        *x = (*x - max).exp();
+        total = total + *x;
+    }
+    let mut inv = total;
+    for t in &mut inv.0 {
+        *t = 1.0 / *t;
+    }
+    for x in a.iter_mut() {
+        *x = *x * inv;
+    }
+}
+
 /// `e^x` to about 2 ulp (Cephes `expf` polynomial), branch-free so it vectorises; the
 /// libm call it replaces cost more than the rest of the softmax.
 #[inline(always)]
