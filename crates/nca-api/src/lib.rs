@@ -8,6 +8,7 @@
 //!   loop, written once over those traits.
 //! * [`NcaConfig`]: serde config with the original design's defaults and validation.
 //! * [`Checkpoint`]: weights, optimiser state, progress and state in one file.
+//! * [`MemoryLimit`], [`training_bytes`]: what a command may allocate and what a run needs.
 #![warn(missing_docs)]
 
 pub mod checkpoint;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod eval;
 pub mod io;
+pub mod memory;
 pub mod noise;
 pub mod optim;
 pub mod position;
@@ -31,6 +33,7 @@ pub use config::{
 pub use error::{ConfigError, IoError, TensorError, TrainError};
 pub use eval::{psnr_db, regrowth, RegrowthOptions, RegrowthScore, SeedScore};
 pub use io::TensorFile;
+pub use memory::{rollout_bytes, training_bytes, MemoryError, MemoryLimit};
 pub use noise::ConstantNoise;
 pub use optim::FlatAdam;
 pub use tensor::HostTensor;
