@@ -57,6 +57,48 @@ impl Backend {
     }
 }
 
+/// Most channels (visible + hidden) the ndarray backend's per-cell scratch holds.
+///
+/// nca-ndarray keeps this limit private (`kernel::MAX_CHANNELS`) and reports it only when
+/// a trainer is built; it is repeated here so a run is refused before anything is
+/// written, and a test builds real trainers on both sides of it to keep the two in step.
+pub const NDARRAY_MAX_CHANNELS: usize = 32;
+
+/// Largest `model.attention_dim` the ndarray backend's per-cell scratch holds
+/// (nca-ndarray's private `kernel::MAX_DIM`, kept in step by the same test).
+pub const NDARRAY_MAX_ATTENTION_DIM: usize = 64;
+
+impl Backend {
+    /// Checks `model` against this backend's own limits (beyond nca-api's validation) and
+    /// that the backend is compiled in; the error names the field to change.
+    pub fn check_model(self, model: &ModelConfig) -> Result<()> {
+        if !Backend::compiled().contains(&self) {
+            return Err(not_compiled(self));
+        }
+        if self == Backend::Ndarray {
+            let channels = model.channels();
+            if channels > NDARRAY_MAX_CHANNELS {
+                return Err(anyhow!(
+                    "invalid config field `model.hidden_channels`: the ndarray backend supports \
+                     at most {NDARRAY_MAX_CHANNELS} channels in all (visible + hidden), found \
+                     {} + {} = {channels}; lower model.hidden_channels to at most {}",
+                    model.visible_channels,
+                    model.hidden_channels,
+                    NDARRAY_MAX_CHANNELS.saturating_sub(model.visible_channels)
+                ));
+            }
+            if model.attention_dim > NDARRAY_MAX_ATTENTION_DIM {
+                return Err(anyhow!(
+                    "invalid config field `model.attention_dim`: the ndarray backend supports \
+                     at most {NDARRAY_MAX_ATTENTION_DIM}, found {}",
+                    model.attention_dim
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Work to do with a trainer, whatever its backend.
 pub trait Job {
     /// What the work returns.
@@ -107,4 +149,33 @@ pub fn not_compiled(backend: Backend) -> anyhow::Error {
          run.ron`",
         name = backend.name()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The limits repeated here are exactly where nca-ndarray's trainer starts refusing.
+    #[test]
+    fn ndarray_limits_match_the_backend() {
+        let optimizer = OptimizerConfig::default();
+        let model = |hidden: usize, dim: usize| ModelConfig {
+            hidden_channels: hidden,
+            attention_dim: dim,
+            ..ModelConfig::default()
+        };
+        let edge = model(NDARRAY_MAX_CHANNELS - 3, NDARRAY_MAX_ATTENTION_DIM);
+        assert!(nca_ndarray::NdarrayTrainer::new(&edge, &optimizer).is_ok());
+        Backend::Ndarray.check_model(&edge).expect("at the limit");
+        for over in [
+            model(NDARRAY_MAX_CHANNELS - 2, 16),
+            model(0, NDARRAY_MAX_ATTENTION_DIM + 1),
+        ] {
+            assert!(nca_ndarray::NdarrayTrainer::new(&over, &optimizer).is_err());
+            let err = Backend::Ndarray
+                .check_model(&over)
+                .expect_err("over the limit");
+            assert!(format!("{err}").contains("model."), "{err}");
+        }
+    }
 }

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use nca_api::{
-    ConstantNoise, HostTensor, LoopOptions, ModelConfig, NcaConfig, Progress, StepContext, Trainer,
+    training_bytes, ConstantNoise, HostTensor, LoopOptions, MemoryLimit, ModelConfig, NcaConfig,
+    Progress, StepContext, Trainer,
 };
 
 use crate::backend::{dispatch, Backend, Job};
@@ -29,6 +30,35 @@ pub struct BenchArgs {
     pub batches: Vec<usize>,
     /// Wall time per measurement.
     pub seconds: f64,
+    /// What one workload may allocate (usually [`MemoryLimit::from_env`]).
+    pub memory: MemoryLimit,
+}
+
+impl BenchArgs {
+    /// Every workload's config, checked (validation and memory) before any is measured:
+    /// a workload too large for the machine would abort the whole process, not fail.
+    pub fn workloads(&self) -> Result<Vec<NcaConfig>> {
+        let mut out = Vec::new();
+        for &(height, width) in &self.grids {
+            for &batch in &self.batches {
+                let mut cfg = self.base.clone();
+                cfg.grid.height = height;
+                cfg.grid.width = width;
+                cfg.grid.batch = batch;
+                // Long enough never to stop on `steps`; the observer stops on time.
+                cfg.training.steps = u64::MAX;
+                let what = format!("benchmark workload {height}x{width} batch {batch}");
+                cfg.validate().with_context(|| what.clone())?;
+                self.memory.check(
+                    &format!("training the {what}"),
+                    training_bytes(&cfg),
+                    "choose smaller --sizes or --batches",
+                )?;
+                out.push(cfg);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// One measured workload.
@@ -122,6 +152,7 @@ pub fn describe_model(m: &ModelConfig) -> String {
 /// (a large grid may not fit in memory), except that a backend whose first workload fails
 /// (e.g. no GPU) is skipped as a whole.
 pub fn bench_command(args: &BenchArgs) -> Result<Vec<Measurement>> {
+    let workloads = args.workloads()?;
     let mut out = Vec::new();
     println!("model: {}", describe_model(&args.base.model));
     println!(
@@ -130,48 +161,40 @@ pub fn bench_command(args: &BenchArgs) -> Result<Vec<Measurement>> {
     );
     'backends: for &backend in &args.backends {
         let mut measured_any = false;
-        for &(height, width) in &args.grids {
-            for &batch in &args.batches {
-                let mut cfg = args.base.clone();
-                cfg.grid.height = height;
-                cfg.grid.width = width;
-                cfg.grid.batch = batch;
-                // Long enough never to stop on `steps`; the observer stops on time.
-                cfg.training.steps = u64::MAX;
-                cfg.validate().context("benchmark grid")?;
-                let job = Measure {
-                    cfg: cfg.clone(),
-                    budget: Duration::from_secs_f64(args.seconds),
-                };
-                match dispatch(backend, &cfg.model, &cfg.training.optimizer(), job) {
-                    Ok(steps_per_second) => {
-                        let m = Measurement {
-                            backend: backend.name(),
-                            grid: (height, width),
-                            batch,
-                            steps_per_second,
-                        };
-                        println!(
-                            "{:<12} {:>12} {:>12.1} {:>16.2}",
-                            m.backend,
-                            format!("{height}x{width}x{batch}"),
-                            m.steps_per_second,
-                            m.cells_per_second() / 1e6
-                        );
-                        out.push(m);
-                        measured_any = true;
-                    }
-                    Err(e) if !measured_any => {
-                        println!("{:<12} skipped: {e:#}", backend.name());
-                        continue 'backends;
-                    }
-                    Err(e) => {
-                        println!(
-                            "{:<12} {:>12} failed: {e:#}",
-                            backend.name(),
-                            format!("{height}x{width}x{batch}")
-                        );
-                    }
+        for cfg in &workloads {
+            let (height, width, batch) = (cfg.grid.height, cfg.grid.width, cfg.grid.batch);
+            let job = Measure {
+                cfg: cfg.clone(),
+                budget: Duration::from_secs_f64(args.seconds),
+            };
+            match dispatch(backend, &cfg.model, &cfg.training.optimizer(), job) {
+                Ok(steps_per_second) => {
+                    let m = Measurement {
+                        backend: backend.name(),
+                        grid: (height, width),
+                        batch,
+                        steps_per_second,
+                    };
+                    println!(
+                        "{:<12} {:>12} {:>12.1} {:>16.2}",
+                        m.backend,
+                        format!("{height}x{width}x{batch}"),
+                        m.steps_per_second,
+                        m.cells_per_second() / 1e6
+                    );
+                    out.push(m);
+                    measured_any = true;
+                }
+                Err(e) if !measured_any => {
+                    println!("{:<12} skipped: {e:#}", backend.name());
+                    continue 'backends;
+                }
+                Err(e) => {
+                    println!(
+                        "{:<12} {:>12} failed: {e:#}",
+                        backend.name(),
+                        format!("{height}x{width}x{batch}")
+                    );
                 }
             }
         }

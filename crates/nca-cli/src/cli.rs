@@ -47,12 +47,19 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+/// How the memory limit is set, for `--help`.
+pub const MEMORY_HELP: &str = "Memory: sizes are estimated before anything is allocated or \
+    written, and a command that would need more than NCA_MEMORY_LIMIT (e.g. 8G, 512M; \
+    default: half of physical memory) is refused with the field or flag to change.";
+
 /// Subcommands besides training.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a trained rule without training, from seeded N(0, 1) noise or a given state.
+    #[command(after_help = MEMORY_HELP)]
     Rollout(RolloutCli),
     /// Measure training steps per second of every compiled backend on this machine.
+    #[command(after_help = MEMORY_HELP)]
     Bench(BenchCli),
     /// Write a static web page that runs a trained rule in the browser (WebAssembly).
     Web(WebCli),
@@ -115,8 +122,8 @@ pub struct RolloutCli {
     /// Steps to run.
     #[arg(long, default_value_t = 200)]
     pub steps: u64,
-    /// Noise σ added before every step [default: the checkpoint's noise.sigma_small];
-    /// 0 makes the rollout deterministic.
+    /// Noise σ added before every step, 0 to 100 [default: the checkpoint's
+    /// noise.sigma_small]; 0 makes the rollout deterministic.
     #[arg(long, value_name = "SIGMA", allow_negative_numbers = true)]
     pub noise: Option<f32>,
     /// Seed of the initial noise and of the per-step noise.
@@ -184,6 +191,7 @@ pub fn run(cli: Cli, interrupt: Arc<AtomicBool>) -> Result<Finish> {
                 grids,
                 batches,
                 seconds: b.seconds,
+                memory: nca_api::MemoryLimit::from_env()?,
             })?;
             Ok(Finish::Completed)
         }
@@ -210,6 +218,7 @@ pub fn run(cli: Cli, interrupt: Arc<AtomicBool>) -> Result<Finish> {
             eval_steps: r.eval_steps,
             eval_seeds: r.eval_seeds,
             interrupt,
+            memory: nca_api::MemoryLimit::from_env()?,
         }),
         None => {
             let config = cli

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod files;
 pub mod plot;
+pub mod preflight;
 pub mod render;
 pub mod rollout;
 pub mod run;

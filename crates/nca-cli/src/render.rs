@@ -31,6 +31,12 @@ const BACKGROUND: Rgb<u8> = Rgb([40, 40, 40]);
 /// Most frames a GIF gets; more snapshots are thinned evenly so files stay small.
 pub const MAX_GIF_FRAMES: usize = 300;
 
+/// Widest and tallest frame a GIF can hold: the format stores each side in 16 bits.
+pub const MAX_GIF_SIDE: u32 = u16::MAX as u32;
+
+/// Most batch elements a snapshot shows (then the target).
+pub const MAX_SNAPSHOT_TILES: usize = 8;
+
 /// Registers the bundled font with plotters; needed once before drawing any text.
 pub fn register_font() -> Result<()> {
     static ONCE: Once = Once::new();
@@ -62,8 +68,8 @@ pub fn tile(t: &HostTensor, b: usize, visible: usize, scale: u32) -> Result<RgbI
         let v = if v.is_nan() { 0.0 } else { v.clamp(0.0, 1.0) };
         (v * 255.0).round() as u8
     };
-    let (w32, h32) = (dim(w)?, dim(h)?);
-    let mut img = RgbImage::new(w32 * scale, h32 * scale);
+    let (pw, ph) = tile_size(h, w, scale)?;
+    let mut img = RgbImage::new(pw, ph);
     for (x, y, p) in img.enumerate_pixels_mut() {
         let (sy, sx) = ((y / scale) as usize, (x / scale) as usize);
         *p = if visible == 1 {
@@ -76,22 +82,74 @@ pub fn tile(t: &HostTensor, b: usize, visible: usize, scale: u32) -> Result<RgbI
     Ok(img)
 }
 
-fn dim(n: usize) -> Result<u32> {
-    u32::try_from(n).map_err(|_| anyhow!("grid side {n} is too large to draw"))
+/// Width and height in pixels of one tile of an `h × w` grid upscaled `scale` times; an
+/// error when a side does not fit the 32-bit sides of an image.
+pub fn tile_size(h: usize, w: usize, scale: u32) -> Result<(u32, u32)> {
+    let side = |n: usize| -> Result<u32> {
+        u32::try_from(n)
+            .ok()
+            .and_then(|n| n.checked_mul(scale))
+            .ok_or_else(|| {
+                anyhow!(
+                    "grid side {n} at scale {scale} is too large to draw: a picture side is \
+                     at most {} pixels",
+                    u32::MAX
+                )
+            })
+    };
+    Ok((side(w)?, side(h)?))
 }
 
-/// Tiles side by side with a gap between them.
-pub fn row(tiles: &[RgbImage]) -> RgbImage {
+/// Width and height in pixels of `tiles` tiles of an `h × w` grid at `scale` side by side
+/// with gaps, as [`snapshot`] draws them; an error when it does not fit an image.
+pub fn row_size(tiles: usize, h: usize, w: usize, scale: u32) -> Result<(u32, u32)> {
+    let (tw, th) = tile_size(h, w, scale)?;
+    let n = u64::try_from(tiles).unwrap_or(u64::MAX);
+    let width = u64::from(tw)
+        .checked_mul(n)
+        .and_then(|x| x.checked_add(u64::from(GAP).checked_mul(n.saturating_sub(1))?))
+        .and_then(|x| u32::try_from(x).ok())
+        .ok_or_else(|| {
+            anyhow!(
+                "{tiles} tiles of {tw} pixels side by side are too wide to draw: a picture \
+                 side is at most {} pixels",
+                u32::MAX
+            )
+        })?;
+    Ok((width.max(1), th))
+}
+
+/// Tiles in a snapshot of a `batch`-element state: at most [`MAX_SNAPSHOT_TILES`] batch
+/// elements, plus the target when there is one.
+pub fn snapshot_tiles(batch: usize, with_target: bool) -> usize {
+    batch.min(MAX_SNAPSHOT_TILES) + usize::from(with_target)
+}
+
+/// Bytes of an RGB picture of `width × height` pixels; `None` when it overflows u64.
+pub fn rgb_bytes(width: u32, height: u32) -> Option<u64> {
+    u64::from(width)
+        .checked_mul(u64::from(height))?
+        .checked_mul(3)
+}
+
+/// Tiles side by side with a gap between them; an error when the row is too wide for an
+/// image.
+pub fn row(tiles: &[RgbImage]) -> Result<RgbImage> {
     let h = tiles.iter().map(|t| t.height()).max().unwrap_or(1);
-    let w: u32 =
-        tiles.iter().map(|t| t.width()).sum::<u32>() + GAP * (tiles.len().saturating_sub(1) as u32);
+    let w = tiles
+        .iter()
+        .try_fold(0u32, |sum, t| sum.checked_add(t.width()))
+        .and_then(|sum| {
+            sum.checked_add(GAP.checked_mul(u32::try_from(tiles.len().saturating_sub(1)).ok()?)?)
+        })
+        .ok_or_else(|| anyhow!("{} tiles side by side are too wide to draw", tiles.len()))?;
     let mut out = RgbImage::from_pixel(w.max(1), h, BACKGROUND);
     let mut x0 = 0;
     for t in tiles {
         image::imageops::replace(&mut out, t, i64::from(x0), 0);
         x0 += t.width() + GAP;
     }
-    out
+    Ok(out)
 }
 
 /// A snapshot: every batch element of the state (at most 8), then the target (batch 0).
@@ -103,13 +161,13 @@ pub fn snapshot(
 ) -> Result<RgbImage> {
     let [b, ..] = state.dims4("state")?;
     let mut tiles = Vec::new();
-    for i in 0..b.min(8) {
+    for i in 0..b.min(MAX_SNAPSHOT_TILES) {
         tiles.push(tile(state, i, visible, scale)?);
     }
     if let Some(t) = target {
         tiles.push(tile(t, 0, visible, scale)?);
     }
-    Ok(row(&tiles))
+    row(&tiles)
 }
 
 /// Saves an image as PNG, naming the file on failure.
@@ -187,17 +245,50 @@ pub fn write_gif(frames: &[RgbImage], out: &Path, frame_ms: u32) -> Result<()> {
         .with_context(|| format!("cannot write {}", out.display()))
 }
 
+/// Height of the label above each contact-sheet tile.
+const LABEL_HEIGHT: u32 = 22;
+
+/// Narrowest contact-sheet cell, so labels fit above small tiles.
+const MIN_CELL_WIDTH: u32 = 72;
+
+/// Cell width, cell height, columns and the sheet's width and height of a contact sheet
+/// of `count` tiles of at most `tile_w × tile_h` pixels, `columns` per row; an error when
+/// the sheet does not fit an image (drawn text needs sides below 2^31).
+pub fn contact_sheet_size(
+    tile_w: u32,
+    tile_h: u32,
+    count: usize,
+    columns: usize,
+) -> Result<(u32, u32, u32, u32, u32)> {
+    let too_large = || {
+        anyhow!("a contact sheet of {count} tiles of {tile_w}x{tile_h} pixels is too large to draw")
+    };
+    let count = u32::try_from(count).map_err(|_| too_large())?;
+    let columns =
+        u32::try_from(columns.clamp(1, count.max(1) as usize)).map_err(|_| too_large())?;
+    let rows = count.div_ceil(columns).max(1);
+    let cell_w = tile_w
+        .max(MIN_CELL_WIDTH)
+        .checked_add(GAP * 2)
+        .ok_or_else(too_large)?;
+    let cell_h = tile_h
+        .checked_add(LABEL_HEIGHT + GAP * 2)
+        .ok_or_else(too_large)?;
+    let w = cell_w.checked_mul(columns).ok_or_else(too_large)?;
+    let h = cell_h.checked_mul(rows).ok_or_else(too_large)?;
+    if i32::try_from(w).is_err() || i32::try_from(h).is_err() {
+        return Err(too_large());
+    }
+    Ok((cell_w, cell_h, columns, w, h))
+}
+
 /// A labelled contact sheet: one tile per `(label, image)`, up to `columns` per row.
 pub fn contact_sheet(tiles: &[(String, RgbImage)], columns: usize) -> Result<RgbImage> {
     register_font()?;
-    let label_h = 22u32;
+    let label_h = LABEL_HEIGHT;
     let tw = tiles.iter().map(|(_, t)| t.width()).max().unwrap_or(1);
     let th = tiles.iter().map(|(_, t)| t.height()).max().unwrap_or(1);
-    let columns = columns.clamp(1, tiles.len().max(1)) as u32;
-    let rows = (tiles.len() as u32).div_ceil(columns).max(1);
-    let cell_w = tw.max(72) + GAP * 2;
-    let cell_h = th + label_h + GAP * 2;
-    let (w, h) = (cell_w * columns, cell_h * rows);
+    let (cell_w, cell_h, columns, w, h) = contact_sheet_size(tw, th, tiles.len(), columns)?;
     let mut img = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
     for (i, (_, t)) in tiles.iter().enumerate() {
         let (cx, cy) = ((i as u32 % columns) * cell_w, (i as u32 / columns) * cell_h);

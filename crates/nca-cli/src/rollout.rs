@@ -6,15 +6,22 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use nca_api::{Checkpoint, HostTensor, RolloutOptions, TensorFile, Trainer};
+use nca_api::{
+    Checkpoint, HostTensor, MemoryLimit, NcaConfig, RolloutOptions, TensorFile, Trainer,
+};
 use serde::Serialize;
 
 use crate::backend::{dispatch, Backend, Job};
 use crate::config::EvaluationConfig;
 use crate::files;
+use crate::preflight::{self, RolloutPlan};
 use crate::render;
 use crate::run::Finish;
 use crate::score;
+
+/// Largest `--noise` σ accepted: a hundred times the N(0, 1) start's spread is already
+/// nothing but noise, and far larger values overflow the attention to NaN.
+pub const MAX_ROLLOUT_NOISE: f32 = 100.0;
 
 /// Options of a rollout, from the command line.
 #[derive(Clone, Debug)]
@@ -47,6 +54,8 @@ pub struct RolloutArgs {
     pub eval_seeds: Option<usize>,
     /// Set by Ctrl-C: stop after the current step.
     pub interrupt: Arc<AtomicBool>,
+    /// What the rollout may allocate (usually [`MemoryLimit::from_env`]).
+    pub memory: MemoryLimit,
 }
 
 /// What `rollout.json` holds.
@@ -75,26 +84,54 @@ pub struct RolloutSummary {
     pub wall_seconds: f64,
 }
 
-/// Runs `nca-cli rollout`.
+/// Runs `nca-cli rollout`. Everything is read and checked (flags, weights, stored target,
+/// `--init`, the memory and drawing sizes) before the output directory is created.
 pub fn rollout_command(args: RolloutArgs) -> Result<Finish> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
     if let Some(s) = args.noise {
-        if !(s.is_finite() && s >= 0.0) {
-            bail!("--noise must be a finite value >= 0, found {s}");
+        if !(s.is_finite() && (0.0..=MAX_ROLLOUT_NOISE).contains(&s)) {
+            bail!("--noise must be a finite value from 0 to {MAX_ROLLOUT_NOISE}, found {s}");
         }
     }
     if !(1..=64).contains(&args.scale) {
         bail!("--scale must be in 1..=64, found {}", args.scale);
     }
-    let ckpt = Checkpoint::load(&args.checkpoint)
-        .with_context(|| format!("cannot load checkpoint {}", args.checkpoint.display()))?;
-    let target = files::checkpoint_target(&args.checkpoint)?;
+    if args.frame_every == Some(0) {
+        bail!("--frame-every must be at least 1");
+    }
+    let limit = &args.memory;
+    let path = &args.checkpoint;
+    // TODO(B2): Checkpoint::load_limited once nca-api has it.
+    let ckpt = Checkpoint::load(path)
+        .with_context(|| format!("cannot load checkpoint {}", path.display()))?;
+    if let Some(name) = first_non_finite(&ckpt.weights) {
+        bail!(
+            "checkpoint {}: tensor `{name}` holds NaN or inf values, so the rule cannot be \
+             rolled out (the checkpoint was probably written by a run that diverged)",
+            path.display()
+        );
+    }
+    let cfg = &ckpt.config;
+    let v = cfg.model.visible_channels;
+    if v != 1 && v != 3 {
+        bail!(
+            "checkpoint {}: the model has {v} visible channels; frames need 1 (grey) or 3 (RGB)",
+            path.display()
+        );
+    }
+    let file = TensorFile::read_limited(path, limit)
+        .with_context(|| format!("cannot load checkpoint {}", path.display()))?;
+    let target = stored_target(&file, cfg, path)?;
     // The run's own evaluation settings, so the score matches its summary.json.
-    let mut evaluation = files::checkpoint_run_config(&args.checkpoint)
+    let mut evaluation = file
+        .metadata
+        .get(files::META_RUN_CONFIG)
+        .and_then(|text| crate::config::RunConfig::from_ron(text, &path.display().to_string()).ok())
         .map(|r| r.evaluation)
         .unwrap_or_default();
+    drop(file);
     if let Some(s) = args.eval_steps {
         evaluation.steps = s;
     }
@@ -110,29 +147,26 @@ pub fn rollout_command(args: RolloutArgs) -> Result<Finish> {
                 .replace("config field `evaluation.seeds`", "--eval-seeds")
         )
     })?;
-    let cfg = &ckpt.config;
-    let v = cfg.model.visible_channels;
-    if v != 1 && v != 3 {
-        bail!("the checkpoint has {v} visible channels; frames need 1 (grey) or 3 (RGB)");
-    }
     let init = match &args.init {
-        Some(path) => {
-            let mut file = TensorFile::read(path)
-                .with_context(|| format!("cannot read initial state {}", path.display()))?;
-            let state = file.take(nca_api::checkpoint::STATE_TENSOR, path)?;
-            let [_, c, h, w] = state.dims4("state")?;
-            if (c, h, w) != (cfg.model.channels(), cfg.grid.height, cfg.grid.width) {
-                bail!(
-                    "{}: tensor `state` has shape {:?}, the checkpoint's rule needs [B, {}, {}, {}]",
-                    path.display(),
-                    state.shape(),
-                    cfg.model.channels(),
-                    cfg.grid.height,
-                    cfg.grid.width
-                );
-            }
-            state
-        }
+        Some(init) => Some(read_init_state(init, cfg, limit)?),
+        None => None,
+    };
+    let batch = init.as_ref().map_or(cfg.grid.batch, |s| s.shape()[0]);
+    let frame_every = args.frame_every.unwrap_or(args.steps.div_ceil(100)).max(1);
+    let plan = RolloutPlan {
+        nca: cfg,
+        batch,
+        with_target: target.is_some(),
+        steps: args.steps,
+        frame_every,
+        scale: args.scale,
+        eval_seeds: evaluation.seeds,
+        eval_steps: evaluation.steps,
+    };
+    preflight::check_rollout(&plan, limit)
+        .with_context(|| format!("cannot roll out checkpoint {}", path.display()))?;
+    let init = match init {
+        Some(state) => state,
         None => {
             let mut seeded = cfg.clone();
             seeded.training.seed = args.seed;
@@ -152,9 +186,79 @@ pub fn rollout_command(args: RolloutArgs) -> Result<Finish> {
         target,
         init,
         options,
+        frame_every,
         started: Instant::now(),
     };
     dispatch(args.backend, &cfg.model, &cfg.training.optimizer(), job)
+}
+
+/// The name of the first weight tensor holding NaN or inf.
+fn first_non_finite(weights: &nca_api::Weights) -> Option<&'static str> {
+    weights
+        .named()
+        .into_iter()
+        .find(|(_, t)| !t.is_finite())
+        .map(|(name, _)| name)
+}
+
+/// The target a checkpoint written by a training run stores beside the weights, checked
+/// against its model and grid (`None` when it holds none).
+fn stored_target(file: &TensorFile, cfg: &NcaConfig, path: &Path) -> Result<Option<HostTensor>> {
+    let Some(target) = file.tensors.get(files::TARGET_TENSOR) else {
+        return Ok(None);
+    };
+    let (v, h, w) = (cfg.model.visible_channels, cfg.grid.height, cfg.grid.width);
+    let fits = matches!(*target.shape(), [b, tv, th, tw] if b >= 1 && (tv, th, tw) == (v, h, w));
+    if !fits {
+        bail!(
+            "checkpoint {}: tensor `{}` has shape {:?}, but its model and grid need \
+             [B, {v}, {h}, {w}] (visible channels, height, width)",
+            path.display(),
+            files::TARGET_TENSOR,
+            target.shape()
+        );
+    }
+    if !target.is_finite() {
+        bail!(
+            "checkpoint {}: tensor `{}` holds NaN or inf values",
+            path.display(),
+            files::TARGET_TENSOR
+        );
+    }
+    Ok(Some(target.clone()))
+}
+
+/// Reads the `[B, C, H, W]` tensor `state` of an `--init` file for a rollout of `cfg`'s
+/// rule: the file's size is checked against `limit` before it is read, and every error
+/// names the file (wrong rank, wrong shape, NaN or inf values).
+pub fn read_init_state(path: &Path, cfg: &NcaConfig, limit: &MemoryLimit) -> Result<HostTensor> {
+    let what = || format!("initial state {}", path.display());
+    let mut file =
+        TensorFile::read_limited(path, limit).with_context(|| format!("cannot read {}", what()))?;
+    let state = file
+        .take(nca_api::checkpoint::STATE_TENSOR, path)
+        .with_context(|| format!("cannot read {}", what()))?;
+    let need = [cfg.model.channels(), cfg.grid.height, cfg.grid.width];
+    let fits = matches!(*state.shape(), [b, c, h, w] if b >= 1 && [c, h, w] == need);
+    if !fits {
+        bail!(
+            "{}: tensor `state` has shape {:?}, the checkpoint's rule needs [B, {}, {}, {}] \
+             (batch, channels, height, width)",
+            path.display(),
+            state.shape(),
+            need[0],
+            need[1],
+            need[2]
+        );
+    }
+    if let Some(at) = state.data().iter().position(|x| !x.is_finite()) {
+        bail!(
+            "{}: tensor `state` holds NaN or inf values (the first at element {at}); a \
+             rollout needs a finite start",
+            path.display()
+        );
+    }
+    Ok(state)
 }
 
 struct RolloutJob<'a> {
@@ -164,8 +268,40 @@ struct RolloutJob<'a> {
     target: Option<HostTensor>,
     init: HostTensor,
     options: RolloutOptions,
+    /// Save a frame every this many steps.
+    frame_every: u64,
     started: Instant,
 }
+
+/// The rollout's state stopped being finite; the frames so far are on disk.
+#[derive(Debug)]
+struct NonFinite {
+    /// The last step whose state was seen finite (0: the start).
+    last_finite: u64,
+    /// The step whose state was first seen with NaN or inf.
+    seen_at: u64,
+}
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.seen_at == self.last_finite + 1 {
+            write!(
+                f,
+                "the rollout became non-finite (NaN or inf) at step {}",
+                self.seen_at
+            )
+        } else {
+            write!(
+                f,
+                "the rollout became non-finite (NaN or inf) after step {} and by step {} \
+                 (the state is checked at every saved frame)",
+                self.last_finite, self.seen_at
+            )
+        }
+    }
+}
+
+impl std::error::Error for NonFinite {}
 
 /// Marks the error that stops a rollout on Ctrl-C.
 #[derive(Debug)]
@@ -194,17 +330,26 @@ impl Job for RolloutJob<'_> {
         let scale = self.args.scale;
         let target = self.target.as_ref();
         let steps = self.options.steps;
-        let every = self.args.frame_every.unwrap_or(steps.div_ceil(100)).max(1);
+        let every = self.frame_every;
         let save = |host: &HostTensor, step: u64| -> Result<()> {
             let img = render::snapshot(host, target, v, scale)?;
             render::save_png(&img, &render::step_path(&frames, step))
         };
         save(&self.init, 0)?;
         let mut done = 0;
+        let mut last_finite = 0;
         let result = nca_api::rollout(&mut t, &mut state, &self.options, |step, t, s| {
             done = step;
             if step % every == 0 || step == steps {
-                save(&t.download(s)?, step)?;
+                let host = t.download(s)?;
+                if !host.is_finite() {
+                    return Err(anyhow!(NonFinite {
+                        last_finite,
+                        seen_at: step
+                    }));
+                }
+                last_finite = step;
+                save(&host, step)?;
             }
             if self.args.interrupt.load(Ordering::SeqCst) {
                 return Err(anyhow!(Interrupted));
@@ -217,9 +362,28 @@ impl Job for RolloutJob<'_> {
                 tracing::warn!("interrupted: stopping after step {done}");
                 true
             }
+            Err(e) if e.is::<NonFinite>() => {
+                return Err(e.context(format!(
+                    "rollout of {} failed; frames up to step {last_finite} are in {}; try \
+                     a smaller --noise",
+                    self.args.checkpoint.display(),
+                    display(&frames)
+                )));
+            }
             Err(e) => return Err(e),
         };
         let last = t.download(&state)?;
+        if !last.is_finite() {
+            return Err(anyhow!(NonFinite {
+                last_finite,
+                seen_at: done
+            })
+            .context(format!(
+                "rollout of {} failed; frames up to step {last_finite} are in {}",
+                self.args.checkpoint.display(),
+                display(&frames)
+            )));
+        }
         if interrupted && done % every != 0 {
             save(&last, done)?;
         }

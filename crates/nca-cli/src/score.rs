@@ -21,10 +21,47 @@ pub fn picture_steps(steps: u64) -> Vec<u64> {
     let mut s = 1;
     while s < steps {
         out.push(s);
-        s *= 2;
+        s = s.saturating_mul(2);
     }
     out.push(steps);
     out
+}
+
+/// Every step up to this one is a frame of `regrowth.gif`: the picture forms there.
+const GIF_EVERY_STEP_UNTIL: u64 = 16;
+
+/// Frames of `regrowth.gif` after the first steps, spread to the end.
+const GIF_LATER_FRAMES: u64 = 25;
+
+/// Copies of the last frame that end `regrowth.gif`, so the loop shows the result.
+const GIF_HOLD_FRAMES: usize = 12;
+
+/// Whether the state after `step` of a `steps`-step score is a frame of `regrowth.gif`:
+/// every step while the picture forms, then about 25 more (the later frames barely
+/// change and a GIF pays for each one).
+fn in_gif(step: u64, steps: u64) -> bool {
+    let every = steps.div_ceil(GIF_LATER_FRAMES).max(1);
+    step <= GIF_EVERY_STEP_UNTIL || step % every == 0 || step == steps
+}
+
+/// States a scored regrowth with pictures keeps in memory for `steps` steps (those of
+/// [`picture_steps`] and the GIF's), counted without running it.
+pub fn kept_states(steps: u64) -> u64 {
+    picture_steps(steps).len() as u64 + gif_states(steps)
+}
+
+/// Steps whose state is a frame of `regrowth.gif` ([`in_gif`]), counted.
+fn gif_states(steps: u64) -> u64 {
+    let every = steps.div_ceil(GIF_LATER_FRAMES).max(1);
+    let early = steps.min(GIF_EVERY_STEP_UNTIL) + 1;
+    let later = (steps / every).saturating_sub(GIF_EVERY_STEP_UNTIL / every);
+    let last = u64::from(steps > GIF_EVERY_STEP_UNTIL && steps % every != 0);
+    early + later + last
+}
+
+/// Frames `regrowth.gif` holds in memory while it is written for a `steps`-step score.
+pub fn gif_frames(steps: u64) -> u64 {
+    gif_states(steps) + GIF_HOLD_FRAMES as u64
 }
 
 /// A scored regrowth and the states kept for its pictures.
@@ -53,16 +90,13 @@ pub fn run<T: Transition>(
         state_clamp,
     };
     let keep = picture_steps(cfg.steps);
-    // Every step while the picture forms, then about 25 more: the later frames barely
-    // change and a GIF pays for each one.
-    let gif_every = cfg.steps.div_ceil(25).max(1);
     let mut frames = Vec::new();
     let mut gif = Vec::new();
     let mut watch = |step: u64, s: &HostTensor| {
         if keep.contains(&step) {
             frames.push((step, s.clone()));
         }
-        if step <= 16 || step % gif_every == 0 || step == cfg.steps {
+        if in_gif(step, cfg.steps) {
             gif.push((step, s.clone()));
         }
     };
@@ -127,7 +161,7 @@ pub fn write_gif(
     }
     // Hold the last frame so the loop shows the result before starting over.
     if let Some(last) = frames.last().cloned() {
-        frames.extend(std::iter::repeat_n(last, 12));
+        frames.extend(std::iter::repeat_n(last, GIF_HOLD_FRAMES));
     }
     render::write_gif(&frames, path, frame_ms)
 }
@@ -178,6 +212,20 @@ mod tests {
         assert_eq!(picture_steps(100), vec![0, 1, 2, 4, 8, 16, 32, 64, 100]);
         assert_eq!(picture_steps(64), vec![0, 1, 2, 4, 8, 16, 32, 64]);
         assert_eq!(picture_steps(1), vec![0, 1]);
+    }
+
+    #[test]
+    fn kept_states_are_counted_as_the_score_keeps_them() {
+        for steps in [1, 2, 15, 16, 17, 25, 26, 99, 100, 101, 1000, 4097] {
+            let pictures = picture_steps(steps);
+            let kept = (0..=steps)
+                .map(|s| u64::from(pictures.contains(&s)) + u64::from(in_gif(s, steps)))
+                .sum::<u64>();
+            assert_eq!(kept_states(steps), kept, "steps {steps}");
+            let gif = (0..=steps).filter(|&s| in_gif(s, steps)).count() + GIF_HOLD_FRAMES;
+            assert_eq!(gif_frames(steps), gif as u64, "steps {steps}");
+        }
+        assert!(kept_states(u64::MAX) < 200, "bounded whatever the steps");
     }
 
     #[test]

@@ -3,12 +3,14 @@
 //! Colours are `(r, g, b)` in `[0, 1]`. With one visible channel (grey) a colour becomes
 //! its luma `0.299 r + 0.587 g + 0.114 b`.
 
+use std::fs::File;
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use image::imageops::FilterType;
-use image::{DynamicImage, GenericImageView};
-use nca_api::{HostTensor, NcaConfig};
+use image::{DynamicImage, GenericImageView, ImageFormat};
+use nca_api::{HostTensor, MemoryLimit, NcaConfig};
 use serde::{Deserialize, Serialize};
 
 /// An `(r, g, b)` colour with components in `[0, 1]`.
@@ -31,7 +33,8 @@ pub enum Direction {
 pub enum Target {
     /// One colour everywhere: `Solid(1.0, 0.0, 0.0)`.
     Solid(f32, f32, f32),
-    /// A PNG file, path relative to the config file: `Image(path: "frame.png")`.
+    /// A PNG file (or a GIF, whose first frame is used), path relative to the config
+    /// file: `Image(path: "frame.png")`.
     ///
     /// Pixels with alpha are composited over `background` (white by default) and the log
     /// says so. A picture whose aspect ratio differs from the grid's is centre-cropped to
@@ -39,7 +42,7 @@ pub enum Target {
     /// resized (Lanczos) to the grid. A grey image may train an RGB model; a colour image
     /// with `visible_channels: 1` is an error.
     Image {
-        /// PNG file; a relative path is taken from the config file's directory.
+        /// PNG or GIF file; a relative path is taken from the config file's directory.
         path: PathBuf,
         /// Colour behind transparent pixels.
         #[serde(default = "white")]
@@ -167,16 +170,34 @@ impl Target {
     }
 
     /// Renders the `[B, V, H, W]` target of `cfg`; image paths are relative to `base`.
+    /// Sizes are checked against the memory limit of the environment
+    /// ([`MemoryLimit::from_env`]); [`Target::render_limited`] takes one.
     pub fn render(&self, cfg: &NcaConfig, base: &Path) -> Result<HostTensor> {
+        self.render_limited(cfg, base, &MemoryLimit::from_env()?)
+    }
+
+    /// Renders the `[B, V, H, W]` target of `cfg` (image paths relative to `base`) after
+    /// checking that it, and a target image decoded at its declared size, fit `limit`.
+    pub fn render_limited(
+        &self,
+        cfg: &NcaConfig,
+        base: &Path,
+        limit: &MemoryLimit,
+    ) -> Result<HostTensor> {
         let (h, w) = (cfg.grid.height, cfg.grid.width);
         let v = cfg.model.visible_channels;
+        limit.check(
+            &format!("the target of a {h}x{w} grid (batch {})", cfg.grid.batch),
+            target_bytes(cfg),
+            "lower grid.height / grid.width or grid.batch",
+        )?;
         let plane: Vec<Rgb> = match self {
             Target::Solid(r, g, b) => vec![(*r, *g, *b); h * w],
             Target::Image {
                 path,
                 background,
                 fit,
-            } => load_image(&base.join(path), h, w, v, *background, *fit)?,
+            } => load_image(&base.join(path), h, w, v, *background, *fit, limit)?,
             Target::Gradient {
                 from,
                 to,
@@ -246,6 +267,90 @@ impl Target {
     }
 }
 
+/// Bytes [`Target::render_limited`] allocates for `cfg`'s target: a colour per cell, one
+/// batch element and the whole `[B, V, H, W]` tensor; `None` when it overflows.
+pub fn target_bytes(cfg: &NcaConfig) -> Option<u64> {
+    let cells = u64::try_from(cfg.grid.height)
+        .ok()?
+        .checked_mul(u64::try_from(cfg.grid.width).ok()?)?;
+    let v = u64::try_from(cfg.model.visible_channels).ok()?;
+    let b = u64::try_from(cfg.grid.batch).ok()?;
+    let colours = cells.checked_mul(12)?;
+    let one = cells.checked_mul(v)?.checked_mul(4)?;
+    colours.checked_add(one)?.checked_add(one.checked_mul(b)?)
+}
+
+/// Bytes decoding an `iw × ih` picture and fitting it to an `h × w` grid allocates at
+/// once, at most: the decoded picture (up to 16-bit RGBA), its f32 RGBA and RGB copies,
+/// the crop, and Lanczos' intermediate (`w × ih`) and result; `None` on overflow.
+pub fn image_bytes(iw: u32, ih: u32, h: usize, w: usize) -> Option<u64> {
+    let source = u64::from(iw).checked_mul(u64::from(ih))?;
+    let w = u64::try_from(w).ok()?;
+    let h = u64::try_from(h).ok()?;
+    let per_source_pixel = 8 + 16 + 12 + 12;
+    let intermediate = w.checked_mul(u64::from(ih))?.checked_mul(12)?;
+    let result = w.checked_mul(h)?.checked_mul(12 * 2)?;
+    source
+        .checked_mul(per_source_pixel)?
+        .checked_add(intermediate)?
+        .checked_add(result)
+}
+
+/// Opens `path` for reading only if it is a regular file: a FIFO would block the open
+/// (and every read) forever, a directory or device is no picture. On unix the file is
+/// opened non-blocking, so one swapped in after the check cannot block either, and the
+/// opened file is checked again.
+pub fn open_regular_file(path: &Path, what: &str) -> Result<File> {
+    let not_regular = |meta: &std::fs::Metadata| -> Option<&'static str> {
+        let kind = meta.file_type();
+        if kind.is_file() {
+            return None;
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if kind.is_fifo() {
+                return Some("a FIFO (named pipe)");
+            }
+            if kind.is_socket() {
+                return Some("a socket");
+            }
+            if kind.is_block_device() || kind.is_char_device() {
+                return Some("a device");
+            }
+        }
+        Some(if kind.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        })
+    };
+    let refuse = |kind: &str| {
+        anyhow::anyhow!("cannot open {what}: it is {kind}, expected a regular PNG or GIF file")
+    };
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot open {what}"))?;
+    if let Some(kind) = not_regular(&meta) {
+        return Err(refuse(kind));
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options
+        .open(path)
+        .with_context(|| format!("cannot open {what}"))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("cannot open {what}"))?;
+    if let Some(kind) = not_regular(&meta) {
+        return Err(refuse(kind));
+    }
+    Ok(file)
+}
+
 fn frac(i: usize, n: usize) -> f32 {
     if n <= 1 {
         0.0
@@ -262,6 +367,36 @@ fn lerp(a: Rgb, b: Rgb, t: f32) -> Rgb {
     )
 }
 
+/// What a target image may be: the formats compiled into `image` here.
+const TARGET_FORMATS: &str = "a PNG or GIF file (of a GIF, the first frame)";
+
+/// A reader of the picture in `file`, from its start, with `limit` as the decoder's
+/// allocation limit; only PNG and GIF are accepted.
+fn image_reader<'f>(
+    file: &'f File,
+    what: &str,
+    limit: &MemoryLimit,
+) -> Result<image::ImageReader<BufReader<&'f File>>> {
+    let mut at_start = file;
+    at_start
+        .seek(SeekFrom::Start(0))
+        .with_context(|| format!("cannot read {what}"))?;
+    let mut reader = image::ImageReader::new(BufReader::new(file))
+        .with_guessed_format()
+        .with_context(|| format!("cannot read {what}"))?;
+    match reader.format() {
+        Some(ImageFormat::Png | ImageFormat::Gif) => {}
+        Some(other) => {
+            bail!("cannot decode {what}: it is a {other:?} picture; expected {TARGET_FORMATS}")
+        }
+        None => bail!("cannot decode {what}: not a picture; expected {TARGET_FORMATS}"),
+    }
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(limit.bytes);
+    reader.limits(limits);
+    Ok(reader)
+}
+
 fn load_image(
     path: &Path,
     h: usize,
@@ -269,14 +404,22 @@ fn load_image(
     v: usize,
     background: Rgb,
     fit: Fit,
+    limit: &MemoryLimit,
 ) -> Result<Vec<Rgb>> {
     let what = || format!("target image {}", path.display());
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open {}", what()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read {}", what()))?
+    let file = open_regular_file(path, &what())?;
+    // The declared size first: a small file can claim a picture of gigabytes.
+    let (iw, ih) = image_reader(&file, &what(), limit)?
+        .into_dimensions()
+        .with_context(|| format!("cannot decode {} (expected {TARGET_FORMATS})", what()))?;
+    limit.check(
+        &format!("decoding {} ({iw}x{ih} pixels)", what()),
+        image_bytes(iw, ih, h, w),
+        "use a smaller picture (it is resized to the grid anyway)",
+    )?;
+    let img = image_reader(&file, &what(), limit)?
         .decode()
-        .with_context(|| format!("cannot decode {} (expected a PNG file)", what()))?;
+        .with_context(|| format!("cannot decode {} (expected {TARGET_FORMATS})", what()))?;
     let colour = img.color();
     if colour.has_color() && v == 1 {
         bail!(
