@@ -72,7 +72,9 @@ impl Isa {
 }
 
 /// Calls `$f::<D>` (baseline), `$f_fma::<D>` (AVX2 + FMA) or `$f_512::<D>` (AVX-512) as
-/// `$isa` says, with D a compile-time constant for the common widths (0 = run-time).
+/// `$isa` says, with D a compile-time constant for the default width 16 (0 = run-time).
+/// Every specialisation is another full copy of the chunk body for the compiler to
+/// optimise; see `specialise!` in `kernel.rs` for why there are no more.
 macro_rules! dispatch {
     ($isa:expr, $d:expr, $f:ident, $f_fma:ident, $f_512:ident, ($($arg:expr),*)) => {{
         let d: usize = $d;
@@ -82,7 +84,6 @@ macro_rules! dispatch {
             Isa::Avx512 => unsafe {
                 match d {
                     16 => $f_512::<16>($($arg),*),
-                    8 => $f_512::<8>($($arg),*),
                     _ => $f_512::<0>($($arg),*),
                 }
             },
@@ -91,13 +92,11 @@ macro_rules! dispatch {
             Isa::Avx2 => unsafe {
                 match d {
                     16 => $f_fma::<16>($($arg),*),
-                    8 => $f_fma::<8>($($arg),*),
                     _ => $f_fma::<0>($($arg),*),
                 }
             },
             _ => match d {
                 16 => $f::<16>($($arg),*),
-                8 => $f::<8>($($arg),*),
                 _ => $f::<0>($($arg),*),
             },
         }
