@@ -250,6 +250,7 @@ impl ModelConfig {
                 });
             }
         }
+        self.check_parameter_count()?;
         if let Some(limit) = self.state_clamp {
             if !(limit.is_finite() && limit > 0.0) {
                 return Err(ConfigError {
@@ -261,6 +262,36 @@ impl ModelConfig {
         Ok(())
     }
 }
+
+impl ModelConfig {
+    /// Refuses a model whose weight tensors' element counts overflow, naming the field
+    /// that makes them so.
+    fn check_parameter_count(&self) -> Result<(), ConfigError> {
+        if crate::memory::parameter_count(self)
+            .and_then(|n| n.checked_mul(4))
+            .is_some_and(|bytes| bytes <= MAX_BUFFER_BYTES)
+        {
+            return Ok(());
+        }
+        let field = if self.hidden_channels > self.attention_dim {
+            "model.hidden_channels"
+        } else {
+            "model.attention_dim"
+        };
+        Err(ConfigError {
+            field: field.into(),
+            message: format!(
+                "{} channels and attention width {} give more weights than fit in memory",
+                self.channels(),
+                self.attention_dim
+            ),
+        })
+    }
+}
+
+/// Largest buffer Rust can allocate (`isize::MAX` bytes): a tensor larger than this is
+/// refused by the config, not discovered as a capacity-overflow panic.
+const MAX_BUFFER_BYTES: u64 = isize::MAX as u64;
 
 /// Noise levels and the spike threshold.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -401,8 +432,48 @@ impl NcaConfig {
         positive("grid.width", self.grid.width)?;
         positive("grid.batch", self.grid.batch)?;
         self.model.validate()?;
+        self.check_element_counts()?;
         self.noise.validate()?;
         self.training.validate()
+    }
+
+    /// Refuses grids whose tensors' element counts `B·C·H·W` (and `B·(C+P)·H·W` for the
+    /// cells' inputs) overflow usize or exceed the largest buffer Rust can allocate, so
+    /// that everything computing them afterwards may multiply plainly. The error names the
+    /// field whose factor overflowed first.
+    fn check_element_counts(&self) -> Result<(), ConfigError> {
+        let (h, w, b) = (self.grid.height, self.grid.width, self.grid.batch);
+        let channels_field = if self.model.hidden_channels > 0 {
+            "model.hidden_channels"
+        } else {
+            "model.visible_channels"
+        };
+        let too_many = |field: &str| ConfigError {
+            field: field.into(),
+            message: format!(
+                "a [{b}, {}, {h}, {w}] state has more elements than fit in memory \
+                 (more than {MAX_BUFFER_BYTES} bytes)",
+                self.model.channels()
+            ),
+        };
+        let fits = |n: usize| {
+            (n as u64)
+                .checked_mul(4)
+                .is_some_and(|x| x <= MAX_BUFFER_BYTES)
+        };
+        let plane = h
+            .checked_mul(w)
+            .filter(|&n| fits(n))
+            .ok_or_else(|| too_many("grid.width"))?;
+        let cells = plane
+            .checked_mul(b)
+            .filter(|&n| fits(n))
+            .ok_or_else(|| too_many("grid.batch"))?;
+        cells
+            .checked_mul(self.model.input_width())
+            .filter(|&n| fits(n))
+            .ok_or_else(|| too_many(channels_field))?;
+        Ok(())
     }
 
     /// Shape `[B, C, H, W]` of the state.
@@ -515,6 +586,46 @@ mod tests {
         cfg.model.position_octaves = Some(16);
         cfg.model.mlp_hidden = None;
         cfg.validate().expect("16 octaves and no MLP are fine");
+    }
+
+    #[test]
+    fn element_counts_that_overflow_name_their_field() {
+        let with = |f: &dyn Fn(&mut NcaConfig)| {
+            let mut cfg = NcaConfig::default();
+            f(&mut cfg);
+            cfg.validate().map_err(|e| e.field)
+        };
+        assert_eq!(
+            with(&|c| c.model.hidden_channels = 18446744073709551615),
+            Err("model.hidden_channels".into())
+        );
+        assert_eq!(
+            with(&|c| c.model.hidden_channels = 1 << 60),
+            Err("model.hidden_channels".into())
+        );
+        assert_eq!(
+            with(&|c| c.grid.batch = 18446744073709551615),
+            Err("grid.batch".into())
+        );
+        assert_eq!(
+            with(&|c| {
+                c.grid.height = 4294967296;
+                c.grid.width = 4294967296;
+            }),
+            Err("grid.width".into())
+        );
+        assert_eq!(
+            with(&|c| c.model.attention_dim = 1 << 62),
+            Err("model.attention_dim".into())
+        );
+        // Large but representable: validation passes; the memory limit is a separate check.
+        assert_eq!(
+            with(&|c| {
+                c.grid.height = 100_000;
+                c.grid.width = 100_000;
+            }),
+            Ok(())
+        );
     }
 
     #[test]

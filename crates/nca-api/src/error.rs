@@ -7,7 +7,11 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum TensorError {
     /// The element count does not match the requested shape.
-    #[error("shape {expected:?} needs {} elements but {len} were given", expected.iter().product::<usize>())]
+    #[error(
+        "shape {expected:?} needs {} elements but {len} were given",
+        crate::tensor::element_count(expected)
+            .map_or_else(|| "more than 2^64".to_string(), |n| n.to_string())
+    )]
     ShapeMismatch {
         /// Requested shape.
         expected: Vec<usize>,
@@ -63,6 +67,14 @@ pub enum IoError {
         path: PathBuf,
         /// The underlying error.
         source: std::io::Error,
+    },
+    /// Reading the file would exceed the memory limit.
+    #[error("{}: {source}", path.display())]
+    Memory {
+        /// The file.
+        path: PathBuf,
+        /// How much it needs and the limit.
+        source: crate::memory::MemoryError,
     },
     /// The file is not valid safetensors or lacks something the model needs.
     #[error("{}: {message}", path.display())]

@@ -49,12 +49,12 @@ impl FlatAdam {
     /// `params`, step for step as PyTorch's single-tensor Adam.
     pub fn update(&mut self, params: &mut [f32], grads: &mut [f32], cfg: &OptimizerConfig) {
         Self::clip(grads, cfg.grad_clip);
-        self.step += 1;
-        // PyTorch computes the bias corrections in Python floats (f64).
-        let t = self.step as f64;
-        let bc1 = 1.0 - f64::from(cfg.beta1).powf(t);
-        let bc2_sqrt = (1.0 - f64::from(cfg.beta2).powf(t)).sqrt() as f32;
+        // Saturating: a restored step count of u64::MAX used to wrap to 0, and a bias
+        // correction of 1 - β⁰ = 0 turned every parameter into NaN.
+        self.step = self.step.saturating_add(1);
+        let (bc1, bc2_sqrt) = bias_corrections(self.step, cfg);
         let step_size = (f64::from(cfg.learning_rate) / bc1) as f32;
+        let bc2_sqrt = bc2_sqrt as f32;
         let (b1, b2, eps) = (cfg.beta1, cfg.beta2, cfg.eps);
         for (((p, &g), m), v) in params
             .iter_mut()
@@ -93,6 +93,16 @@ impl FlatAdam {
     }
 }
 
+/// Adam's bias corrections `1 - β1^t` and `√(1 - β2^t)` for update `step` (1-based), in
+/// f64 as PyTorch computes them in Python floats; `t` is at least 1, so both are positive
+/// and finite for any step count (they tend to 1 for large ones).
+pub fn bias_corrections(step: u64, cfg: &OptimizerConfig) -> (f64, f64) {
+    let t = step.max(1) as f64;
+    let bc1 = 1.0 - f64::from(cfg.beta1).powf(t);
+    let bc2_sqrt = (1.0 - f64::from(cfg.beta2).powf(t)).sqrt();
+    (bc1, bc2_sqrt)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +120,20 @@ mod tests {
             (p[0] - 0.9).abs() < 1e-6 && (p[1] - 1.1).abs() < 1e-6,
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn a_huge_restored_step_count_stays_finite() {
+        let cfg = OptimizerConfig::default();
+        let mut adam = FlatAdam::new(2);
+        adam.step = u64::MAX;
+        let mut p = vec![1.0, 1.0];
+        adam.update(&mut p, &mut [0.5, -3.0], &cfg);
+        adam.update(&mut p, &mut [0.5, -3.0], &cfg);
+        assert!(p.iter().all(|x| x.is_finite()), "{p:?}");
+        assert_eq!(adam.step, u64::MAX);
+        let (bc1, bc2) = bias_corrections(u64::MAX, &cfg);
+        assert!(bc1 > 0.0 && bc1.is_finite() && bc2 > 0.0 && bc2.is_finite());
     }
 
     #[test]

@@ -2,6 +2,11 @@
 
 use crate::error::TensorError;
 
+/// The number of elements of `shape`, or `None` when the product overflows usize.
+pub fn element_count(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
 /// A dense, row-major `f32` tensor living in host memory.
 ///
 /// States are `[B, C, H, W]`, targets `[B, V, H, W]`, attention maps `[B, 9, H, W]`;
@@ -22,8 +27,7 @@ pub struct HostTensor {
 impl HostTensor {
     /// Wraps `data` as a tensor of `shape`; fails when the element count does not match.
     pub fn new(shape: &[usize], data: Vec<f32>) -> Result<Self, TensorError> {
-        let expected: usize = shape.iter().product();
-        if expected != data.len() {
+        if element_count(shape) != Some(data.len()) {
             return Err(TensorError::ShapeMismatch {
                 expected: shape.to_vec(),
                 len: data.len(),
@@ -41,10 +45,13 @@ impl HostTensor {
     }
 
     /// A tensor of `shape` filled with `value`.
+    ///
+    /// The shape comes from a validated config ([`crate::NcaConfig::validate`] refuses
+    /// element counts that overflow); an overflowing shape panics with capacity overflow.
     pub fn filled(shape: &[usize], value: f32) -> Self {
         Self {
             shape: shape.to_vec(),
-            data: vec![value; shape.iter().product()],
+            data: vec![value; element_count(shape).unwrap_or(usize::MAX)],
         }
     }
 
@@ -111,10 +118,11 @@ impl HostTensor {
     /// Channels `[start, start + count)` of a `[B, C, H, W]` tensor.
     pub fn channels(&self, start: usize, count: usize) -> Result<Self, TensorError> {
         let [b, c, h, w] = self.dims4("tensor")?;
-        if start + count > c {
+        let end = start.saturating_add(count);
+        if end > c {
             return Err(TensorError::WrongShape {
-                what: format!("channels {start}..{}", start + count),
-                expected: vec![b, start + count, h, w],
+                what: format!("channels {start}..{end}"),
+                expected: vec![b, end, h, w],
                 found: self.shape.clone(),
             });
         }
@@ -151,5 +159,20 @@ impl HostTensor {
     /// True when every element is finite.
     pub fn is_finite(&self) -> bool {
         self.data.iter().all(|x| x.is_finite())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overflowing_shape_is_an_error_not_a_panic() {
+        let err = HostTensor::new(&[usize::MAX, 2], vec![0.0; 2]).expect_err("overflow");
+        assert!(err.to_string().contains("more than 2^64"), "{err}");
+        assert_eq!(element_count(&[usize::MAX, 2]), None);
+        assert_eq!(element_count(&[3, 0, usize::MAX]), Some(0));
+        let t = HostTensor::zeros(&[1, 2, 1, 1]);
+        assert!(t.channels(usize::MAX, 2).is_err());
     }
 }
