@@ -36,44 +36,138 @@ const ARTEFACTS: [&str; 16] = [
 /// Folders of numbered frames the CLI writes.
 const FRAME_DIRS: [&str; 2] = ["snapshots", "frames"];
 
+/// Name of the lock file a training run holds in its run directory for the whole run; it
+/// holds the pid of the holder as text. It is not a result: emptiness checks and `--force`
+/// ignore it.
+pub const LOCK_FILE: &str = ".nca-lock";
+
 /// Makes `dir` ready for a new run: created if absent; an existing non-empty directory is
 /// refused unless `force`, which removes only the CLI's own files from it.
 pub fn prepare_new_dir(dir: &Path, force: bool) -> Result<()> {
-    if dir.exists() {
-        if !dir.is_dir() {
-            bail!(
-                "output path {} exists and is not a directory",
-                dir.display()
-            );
-        }
-        let non_empty = std::fs::read_dir(dir)
-            .with_context(|| format!("cannot list {}", dir.display()))?
-            .next()
-            .is_some();
-        if non_empty {
-            if !force {
-                bail!(
-                    "output directory {} already exists and is not empty; refusing to \
-                     overwrite a previous run (choose another with --out DIR, or pass --force \
-                     to replace its results)",
-                    dir.display()
-                );
-            }
-            remove_artefacts(dir)?;
-        }
+    check_new_dir(dir, force)?;
+    if force {
+        remove_artefacts(dir)?;
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
 }
 
-/// Removes the CLI's files from `dir`.
-fn remove_artefacts(dir: &Path) -> Result<()> {
+/// Refuses `dir` as the home of a new run when it is not a directory, or holds anything
+/// besides the lock file and `force` is off. Reads only: nothing is created or removed.
+pub fn check_new_dir(dir: &Path, force: bool) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    if !dir.is_dir() {
+        bail!(
+            "output path {} exists and is not a directory",
+            dir.display()
+        );
+    }
+    if !force && !is_empty_dir(dir)? {
+        bail!(
+            "output directory {} already exists and is not empty; refusing to overwrite a \
+             previous run (choose another with --out DIR, or pass --force to replace its \
+             results)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Whether `dir` holds nothing but (possibly) the lock file of an earlier run.
+pub fn is_empty_dir(dir: &Path) -> Result<bool> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        if entry.file_name() != LOCK_FILE {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Removes the CLI's files (and its stale temporaries) from `dir`; never the lock file,
+/// which the caller holds.
+pub fn remove_artefacts(dir: &Path) -> Result<()> {
     for name in ARTEFACTS {
         let p = dir.join(name);
         if p.is_file() {
             std::fs::remove_file(&p).with_context(|| format!("cannot remove {}", p.display()))?;
         }
     }
+    remove_stale_temporaries(dir)?;
     remove_frames_after(dir, None)
+}
+
+/// Removes `.NAME.PID.tmp` files that a killed run of nca-cli left behind (NAME one of its
+/// artefacts); other hidden files are the user's and stay.
+pub fn remove_stale_temporaries(dir: &Path) -> Result<usize> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_own_temporary(&name) && entry.path().is_file() {
+            let p = entry.path();
+            std::fs::remove_file(&p).with_context(|| format!("cannot remove {}", p.display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Whether `name` is a temporary of [`write_atomically`]: `.ARTEFACT.PID.tmp`.
+fn is_own_temporary(name: &str) -> bool {
+    let Some(inner) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
+        return false;
+    };
+    let Some((artefact, pid)) = inner.rsplit_once('.') else {
+        return false;
+    };
+    !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && ARTEFACTS.contains(&artefact)
+}
+
+/// The temporary beside `path` that an atomic write goes through: `.NAME.PID.tmp`, so a
+/// crash never leaves a half-written file under the final name, and a later `--force` can
+/// recognise and remove it.
+pub fn temporary_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Writes `bytes` to `path` through [`temporary_path`] and a rename; on failure the
+/// temporary is removed and `path` is untouched.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_artefact(path, |tmp| {
+        std::fs::write(tmp, bytes).map_err(anyhow::Error::new)
+    })
+    .map(|_| ())
+}
+
+/// Lets `write` produce the file at a temporary path and renames it to `path` when it
+/// succeeded; on failure the temporary is removed and `path` is untouched. Returns whether
+/// a file was written (some writers write nothing when there is nothing to show).
+pub fn write_artefact(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<bool> {
+    let tmp = temporary_path(path);
+    let result = write(&tmp);
+    if let Err(e) = result {
+        // The temporary may be partial or absent; either way it is not a result.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.context(format!("cannot write {}", path.display())));
+    }
+    if !tmp.exists() {
+        return Ok(false);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::Error::new(e).context(format!("cannot write {}", path.display()))
+    })?;
+    Ok(true)
 }
 
 /// Removes numbered frames after `step` (all with `None`): when a run resumes in place
@@ -93,9 +187,7 @@ pub fn remove_frames_after(dir: &Path, step: Option<u64>) -> Result<()> {
 /// `base` if it is free (absent or an empty directory), else the first free `base-2`,
 /// `base-3`, …: a default run directory never overwrites an earlier run.
 pub fn next_free_dir(base: &Path) -> Result<PathBuf> {
-    let free = |p: &Path| -> bool {
-        !p.exists() || std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_none())
-    };
+    let free = |p: &Path| -> bool { !p.exists() || is_empty_dir(p).unwrap_or(false) };
     if free(base) {
         return Ok(base.to_path_buf());
     }
@@ -144,31 +236,66 @@ pub struct CheckpointParts<'a> {
 }
 
 impl CheckpointParts<'_> {
-    /// Writes weights, Adam state, progress, carried state, target and run config to
-    /// `path` atomically (temporary file, then rename).
-    pub fn save<T: Trainer>(
+    /// The checkpoint of the trainer's weights, Adam state and carried state at `progress`.
+    pub fn capture<T: Trainer>(
         &self,
         trainer: &T,
         state: &T::State,
         progress: &Progress,
-        path: &Path,
-    ) -> Result<()> {
-        let ckpt = Checkpoint {
+    ) -> Result<Checkpoint> {
+        Ok(Checkpoint {
             config: self.config.clone(),
             weights: trainer.weights()?,
             adam: Some(trainer.adam_state()?),
             progress: progress.clone(),
             state: Some(trainer.download(state)?),
             backend: self.backend.to_string(),
-        };
+        })
+    }
+
+    /// Writes `ckpt` with the target and run config to `path` atomically (temporary file,
+    /// then rename; the temporary is removed when the write fails).
+    pub fn write(&self, ckpt: &Checkpoint, path: &Path) -> Result<()> {
         let mut file = ckpt.to_file();
         file.tensors
             .insert(TARGET_TENSOR.into(), self.target.clone());
         file.metadata
             .insert(META_RUN_CONFIG.into(), self.run_ron.to_string());
-        file.write(path)
-            .with_context(|| format!("cannot write checkpoint {}", path.display()))
+        let bytes = file.to_bytes().map_err(|message| {
+            anyhow::anyhow!("cannot encode checkpoint {}: {message}", path.display())
+        })?;
+        write_atomically(path, &bytes)
     }
+}
+
+/// The first tensor of `ckpt` holding NaN or infinity (weights, `adam.m.*`, `adam.v.*`,
+/// `state`), by name: such a checkpoint is not one to keep or resume from.
+pub fn first_non_finite(ckpt: &Checkpoint) -> Option<String> {
+    let weights = ckpt
+        .weights
+        .named()
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), t));
+    let adam = ckpt.adam.iter().flat_map(|a| {
+        let m =
+            a.m.named()
+                .into_iter()
+                .map(|(n, t)| (format!("adam.m.{n}"), t));
+        let v =
+            a.v.named()
+                .into_iter()
+                .map(|(n, t)| (format!("adam.v.{n}"), t));
+        m.chain(v)
+    });
+    let state = ckpt
+        .state
+        .iter()
+        .map(|t| (nca_api::checkpoint::STATE_TENSOR.to_string(), t));
+    weights
+        .chain(adam)
+        .chain(state)
+        .find(|(_, t)| !t.is_finite())
+        .map(|(name, _)| name)
 }
 
 /// The target stored in a checkpoint written by the CLI, if any.
@@ -185,10 +312,10 @@ pub fn checkpoint_run_config(path: &Path) -> Option<crate::config::RunConfig> {
     crate::config::RunConfig::from_ron(text, &path.display().to_string()).ok()
 }
 
-/// Writes `value` as pretty JSON.
+/// Writes `value` as pretty JSON, atomically.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
-    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+    write_atomically(path, (text + "\n").as_bytes())
 }
 
 #[cfg(test)]

@@ -1,566 +1,102 @@
-//! `nca-cli run.ron`: train, watch, and leave a complete run directory behind.
+//! Phase 3, train: the loop with its observer (loss rows, snapshots, frames, checkpoints,
+//! progress, Ctrl-C), ending in a typed [`Status`]; the first failure is kept, not
+//! stringified.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use nca_api::noise::{add_gaussian, stream_seed, Stream};
 use nca_api::{
-    Checkpoint, ConstantNoise, HostTensor, LoopOptions, NcaConfig, Observer, Progress, StepContext,
-    StopReason, TrainError, Trainer,
+    ConstantNoise, HostTensor, LoopOptions, Observer, Progress, StepContext, StopReason,
+    TrainError, Trainer,
 };
-use serde::Serialize;
 
-use crate::backend::{dispatch, Backend, Job};
-use crate::config::RunConfig;
+use super::artefacts;
+use super::dir::RunDir;
+use super::plan::Plan;
+use super::{Failures, Finish, Status, Summary, TrainArgs};
+use crate::backend::{Backend, Job};
 use crate::files::{self, CheckpointParts};
-use crate::plot::{self, LossRecord};
+use crate::plot::{LossRecord, CSV_HEADER};
 use crate::render;
 use crate::score;
-use nca_api::noise::{add_gaussian, stream_seed, Stream};
 
-/// How a command ended when it did not fail.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Finish {
-    /// Ran to its end (steps or `max_spikes`).
-    Completed,
-    /// Stopped early by Ctrl-C; everything was still written.
-    Interrupted,
+/// A planned run, waiting for its trainer.
+pub(super) struct TrainJob<'a> {
+    /// The command line.
+    pub args: &'a TrainArgs,
+    /// The validated plan.
+    pub plan: &'a Plan,
+    /// When the command started.
+    pub started: Instant,
 }
 
-/// Options of a training run, from the command line.
-#[derive(Clone, Debug)]
-pub struct TrainArgs {
-    /// The RON run file.
-    pub config: PathBuf,
-    /// Run directory overriding the config's.
-    pub out: Option<PathBuf>,
-    /// Checkpoint to continue from.
-    pub resume: Option<PathBuf>,
-    /// Replace the results in an existing run directory.
-    pub force: bool,
-    /// Backend to train with.
-    pub backend: Backend,
-    /// Draw a progress bar (a terminal) instead of log lines.
-    pub progress_bar: bool,
-    /// Set by Ctrl-C: stop after the current step.
-    pub interrupt: Arc<AtomicBool>,
-}
-
-/// What `summary.json` holds.
-#[derive(Clone, Debug, Serialize)]
-pub struct Summary {
-    /// Backend that trained.
-    pub backend: String,
-    /// `completed`, `max_spikes`, `interrupted`, `diverged` or `failed`.
-    pub status: String,
-    /// The error that stopped the run, if any.
-    pub error: Option<String>,
-    /// Config file the run was started with.
-    pub config: String,
-    /// Step of the checkpoint this run resumed from.
-    pub resumed_from_step: Option<u64>,
-    /// Steps run by this invocation.
-    pub steps_run: u64,
-    /// Steps completed in total (the step counter).
-    pub final_step: u64,
-    /// Spikes in total.
-    pub spikes: u64,
-    /// Loss of the last step (`null` when it was not finite).
-    pub final_loss: Option<f32>,
-    /// The spike threshold ε.
-    pub epsilon: f32,
-    /// First step whose loss was below ε.
-    pub first_step_below_epsilon: Option<u64>,
-    /// Wall-clock seconds of the whole command.
-    pub wall_seconds: f64,
-    /// Seconds spent in the training loop (including snapshots and checkpoints).
+/// What training left behind for the later phases.
+pub(super) struct Trained {
+    /// How it ended.
+    pub status: Status,
+    /// Steps and spikes at the end.
+    pub progress: Progress,
+    /// The step it started from.
+    pub start_step: u64,
+    /// Every `loss.csv` row, history included.
+    pub records: Vec<LossRecord>,
+    /// `psnr.csv` rows so far.
+    pub psnr_rows: Vec<super::plan::PsnrRow>,
+    /// Seconds in the loop.
     pub train_seconds: f64,
-    /// `steps_run / train_seconds`.
-    pub steps_per_second: f64,
-    /// The regrowth score of the final rule (`null` when the run failed).
-    pub regrowth: Option<nca_api::RegrowthScore>,
-}
-
-/// Runs `nca-cli run.ron`.
-pub fn train_command(args: TrainArgs) -> Result<Finish> {
-    let started = Instant::now();
-    let cfg = RunConfig::load(&args.config)?;
-    let base = files::parent_dir(&args.config);
-    let nca = cfg.nca();
-    let target = cfg
-        .target
-        .render(&nca, &base)
-        .with_context(|| format!("{}: cannot build the target", args.config.display()))?;
-    let resume = match &args.resume {
-        Some(path) => Some(load_resume(path, &nca, &args.config)?),
-        None => None,
-    };
-    let out = match (&args.out, &args.resume, &cfg.output.dir) {
-        (Some(o), ..) => o.clone(),
-        (None, Some(r), _) => files::parent_dir(r),
-        (None, None, dir) => {
-            let base = dir.clone().unwrap_or_else(|| {
-                let stem = args
-                    .config
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "run".into());
-                Path::new("runs").join(stem)
-            });
-            // Without --out a second run goes next to the first instead of failing;
-            // --force still means "replace the default directory".
-            if args.force {
-                base
-            } else {
-                files::next_free_dir(&base)?
-            }
-        }
-    };
-    let in_place = args
-        .resume
-        .as_ref()
-        .is_some_and(|r| files::same_dir(&files::parent_dir(r), &out));
-    let mut resolved = cfg.clone();
-    resolved.target = cfg.target.resolved(&base);
-    resolved.output.dir = Some(out.clone());
-    let header = format!(
-        "Resolved config written by nca-cli {} from {}.\nImage paths are absolute; \
-         `nca-cli` reads this file as it reads any run file.",
-        env!("CARGO_PKG_VERSION"),
-        args.config.display()
-    );
-    let run_ron = resolved.to_ron(&header)?;
-    let job = TrainJob {
-        args: &args,
-        cfg: &resolved,
-        nca: &nca,
-        target,
-        resume,
-        out,
-        in_place,
-        run_ron,
-        started,
-    };
-    dispatch(args.backend, &nca.model, &nca.training.optimizer(), job)
-}
-
-/// A checkpoint to resume from, checked against the run config.
-struct Resume {
-    ckpt: Checkpoint,
-    path: PathBuf,
-}
-
-fn load_resume(path: &Path, nca: &NcaConfig, config_path: &Path) -> Result<Resume> {
-    let ckpt =
-        Checkpoint::load(path).with_context(|| format!("cannot resume from {}", path.display()))?;
-    let mut diffs = Vec::new();
-    let (c, r) = (&ckpt.config, nca);
-    let mut diff = |field: &str, a: String, b: String| {
-        if a != b {
-            diffs.push(format!("{field}: checkpoint {a}, config {b}"));
-        }
-    };
-    diff(
-        "grid.height",
-        c.grid.height.to_string(),
-        r.grid.height.to_string(),
-    );
-    diff(
-        "grid.width",
-        c.grid.width.to_string(),
-        r.grid.width.to_string(),
-    );
-    diff(
-        "grid.batch",
-        c.grid.batch.to_string(),
-        r.grid.batch.to_string(),
-    );
-    let (cm, rm) = (&c.model, &r.model);
-    // One list of model fields for every check (nca-api's), so a new option is never
-    // forgotten here; "checkpoint A vs config B".
-    for d in cm.differences(rm) {
-        diffs.push(
-            d.replacen(": ", ": checkpoint ", 1)
-                .replacen(" vs ", ", config ", 1),
-        );
-    }
-    if !diffs.is_empty() {
-        bail!(
-            "checkpoint {} does not match config {}: its shapes differ ({}); a run resumes \
-             only with the grid and model it was trained with{}",
-            path.display(),
-            config_path.display(),
-            diffs.join("; "),
-            if cm.position_octaves.is_none()
-                && cm.mlp_hidden.is_none()
-                && (rm.position_octaves.is_some() || rm.mlp_hidden.is_some())
-            {
-                " (the checkpoint holds the plain model, e.g. one written before \
-                 position_octaves and mlp_hidden existed: set `position_octaves: None, \
-                 mlp_hidden: None` in the run file's model section to continue it)"
-            } else {
-                ""
-            }
-        );
-    }
-    if cm.state_clamp != rm.state_clamp {
-        tracing::warn!(
-            "model.state_clamp changes from {:?} to {:?} on resume",
-            cm.state_clamp,
-            rm.state_clamp
-        );
-    }
-    if ckpt.progress.step >= nca.training.steps {
-        bail!(
-            "checkpoint {} is already at step {} and {} sets training.steps to {}; raise \
-             training.steps to train further",
-            path.display(),
-            ckpt.progress.step,
-            config_path.display(),
-            nca.training.steps
-        );
-    }
-    if c.training.seed != r.training.seed {
-        tracing::warn!(
-            "re-seeding: the checkpoint was trained with seed {}, noise from step {} on is \
-             drawn from seed {}",
-            c.training.seed,
-            ckpt.progress.step + 1,
-            r.training.seed
-        );
-    }
-    Ok(Resume {
-        ckpt,
-        path: path.to_path_buf(),
-    })
-}
-
-struct TrainJob<'a> {
-    args: &'a TrainArgs,
-    cfg: &'a RunConfig,
-    nca: &'a NcaConfig,
-    target: HostTensor,
-    resume: Option<Resume>,
-    out: PathBuf,
-    in_place: bool,
-    run_ron: String,
-    started: Instant,
+    /// Whether every row reached `loss.csv`.
+    pub loss_csv_complete: bool,
+    /// Step of the checkpoint this run wrote last into the run directory (or found there
+    /// when resuming in place).
+    pub last_checkpoint: Option<u64>,
 }
 
 impl Job for TrainJob<'_> {
     type Output = Finish;
 
     fn run<T: Trainer>(self, mut trainer: T, backend: Backend) -> Result<Finish> {
-        let out = &self.out;
-        let resume_step = self.resume.as_ref().map(|r| r.ckpt.progress.step);
-        if self.in_place {
-            files::remove_frames_after(out, resume_step)?;
-        } else {
-            files::prepare_new_dir(out, self.args.force)?;
-        }
-        let snap_dir = out.join("snapshots");
-        let frame_dir = out.join("frames");
-        for dir in [&snap_dir, &frame_dir] {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        std::fs::write(out.join("config.ron"), &self.run_ron)
-            .with_context(|| format!("cannot write {}", out.join("config.ron").display()))?;
-        let v = self.nca.model.visible_channels;
-        let scale = self.cfg.output.scale;
-        render::save_png(
-            &render::tile(&self.target, 0, v, scale)?,
-            &out.join("target.png"),
+        let plan = self.plan;
+        let dir = RunDir::open(plan, self.args.force)?;
+        let mut failures = Failures::default();
+        let trained = train(
+            &mut trainer,
+            backend,
+            plan,
+            &dir.path,
+            self.args,
+            &mut failures,
         )?;
-
-        let (mut state, mut progress, history, mut psnr_rows) = match &self.resume {
-            None => {
-                let state = nca_api::start(&mut trainer, self.nca, &self.target)?;
-                (state, Progress::default(), Vec::new(), Vec::new())
-            }
-            Some(r) => {
-                let ckpt = &r.ckpt;
-                trainer.set_weights(&ckpt.weights)?;
-                match &ckpt.adam {
-                    Some(adam) => trainer.set_adam_state(adam)?,
-                    None => tracing::warn!("checkpoint has no Adam state: moments start at 0"),
-                }
-                trainer.set_target(&self.target)?;
-                let host = match &ckpt.state {
-                    Some(s) => s.clone(),
-                    None => {
-                        tracing::warn!("checkpoint has no state: starting from fresh noise");
-                        nca_api::initial_state(self.nca)
-                    }
-                };
-                let state = trainer.upload(&host)?;
-                let dir = files::parent_dir(&r.path);
-                let old_csv = dir.join("loss.csv");
-                let history = if old_csv.is_file() {
-                    let mut h = plot::read_csv(&old_csv)?;
-                    h.retain(|rec| rec.step <= ckpt.progress.step);
-                    h
-                } else {
-                    Vec::new()
-                };
-                let old_psnr = dir.join("psnr.csv");
-                let psnr = if old_psnr.is_file() {
-                    let mut p = score::read_csv(&old_psnr)?;
-                    // The old run's end-of-run score at the resume step is recomputed.
-                    p.retain(|row| row.0 < ckpt.progress.step);
-                    p
-                } else {
-                    Vec::new()
-                };
-                (state, ckpt.progress.clone(), history, psnr)
-            }
-        };
-
-        let csv_path = out.join("loss.csv");
-        plot::write_csv(&csv_path, &history)?;
-        let csv = OpenOptions::new()
-            .append(true)
-            .open(&csv_path)
-            .with_context(|| format!("cannot open {}", csv_path.display()))?;
-        let parts = CheckpointParts {
-            config: self.nca,
-            backend: backend.name(),
-            target: &self.target,
-            run_ron: &self.run_ron,
-        };
-        let start_step = progress.step;
-        let total = self.nca.training.steps;
-        let mut obs = RunObserver {
-            parts: &parts,
-            out,
-            snap_dir: &snap_dir,
-            frame_dir: &frame_dir,
-            target: &self.target,
-            visible: v,
-            scale,
-            snapshot_every: self.cfg.output.snapshot_every,
-            frame_every: total.div_ceil(self.cfg.output.gif_frames).max(1),
-            checkpoint_every: self.cfg.output.checkpoint_every,
-            total,
-            csv: BufWriter::new(csv),
-            records: history,
-            last_snapshot: None,
-            last_frame: None,
-            last_checkpoint: resume_step,
-            run_seed: self.nca.training.seed,
-            sigma_large: self.nca.noise.sigma_large,
-            interrupt: &self.args.interrupt,
-            bar: None,
-            last_log: (Instant::now(), start_step),
-        };
-        if self.resume.is_none() {
-            obs.snapshot(&trainer, &state, 0, false)
-                .map_err(anyhow::Error::msg)?;
-        }
-        if self.args.progress_bar {
-            obs.bar = Some(progress_bar(total, start_step));
-        } else {
-            tracing::info!(
-                "training {} steps on {} ({}) into {}",
-                total - start_step,
-                backend.name(),
-                crate::bench::describe_model(&self.nca.model),
-                out.display()
-            );
+        let (regrowth, mut written) =
+            artefacts::write(&mut trainer, plan, &dir.path, &trained, &mut failures);
+        if trained.loss_csv_complete {
+            written.insert(0, "loss.csv");
         }
 
-        let train_started = Instant::now();
-        let schedule = ConstantNoise::from(&self.nca.noise);
-        let options = LoopOptions::from_config(self.nca);
-        let eval_cfg = &self.cfg.evaluation;
-        let (seed, clamp) = (self.nca.training.seed, self.nca.model.state_clamp);
-        let result = loop {
-            // With `evaluation.every` the loop runs in chunks and the rule is scored in
-            // between; the noise is counter-based, so chunking changes no number.
-            let until = match eval_cfg.every {
-                Some(e) => (progress.step / e + 1).saturating_mul(e).min(total),
-                None => total,
-            };
-            let chunk = LoopOptions {
-                steps: until,
-                ..options
-            };
-            let r = nca_api::train(
-                &mut trainer,
-                &mut state,
-                &schedule,
-                &chunk,
-                &mut progress,
-                &mut obs,
-            );
-            match r {
-                Ok(outcome) if outcome.reason == StopReason::Steps && progress.step < total => {
-                    let reg = score::run(&mut trainer, &self.target, eval_cfg, seed, clamp, false)?;
-                    let msg = format!("step {}: {}", progress.step, score::line(&reg.score));
-                    match &obs.bar {
-                        Some(bar) => bar.println(msg),
-                        None => tracing::info!("{msg}"),
-                    }
-                    psnr_rows.push((progress.step, reg.score.mean_psnr_db, reg.score.mean_mse));
-                }
-                other => break other,
-            }
-        };
-        let train_seconds = train_started.elapsed().as_secs_f64();
-        if let Some(bar) = obs.bar.take() {
-            bar.finish_and_clear();
-        }
-
-        let mut failure: Option<anyhow::Error> = None;
-        let status = match result {
-            Ok(outcome) => {
-                let spiked = obs.records.last().is_some_and(|r| r.spiked);
-                if obs.last_snapshot != Some(progress.step) {
-                    obs.snapshot(&trainer, &state, progress.step, spiked)
-                        .map_err(anyhow::Error::msg)?;
-                }
-                if obs.last_frame != Some(progress.step) {
-                    obs.frame(&trainer, &state, progress.step, spiked)
-                        .map_err(anyhow::Error::msg)?;
-                }
-                parts.save(
-                    &trainer,
-                    &state,
-                    &progress,
-                    &out.join("checkpoint.safetensors"),
-                )?;
-                match outcome.reason {
-                    StopReason::Steps => "completed",
-                    StopReason::MaxSpikes => "max_spikes",
-                    StopReason::Interrupted => "interrupted",
-                }
-            }
-            Err(e) => {
-                let status = if let TrainError::NonFiniteLoss { step, loss } = &e {
-                    obs.record(LossRecord {
-                        step: *step,
-                        loss: *loss,
-                        spiked: false,
-                        spikes: progress.spikes,
-                    })
-                    .map_err(anyhow::Error::msg)?;
-                    "diverged"
-                } else {
-                    "failed"
-                };
-                let kept = match obs.last_checkpoint {
-                    Some(s) => format!(
-                        "the last good checkpoint (step {s}) is kept in {}",
-                        out.join("checkpoint.safetensors").display()
-                    ),
-                    None => format!(
-                        "no checkpoint was written yet (output.checkpoint_every is {})",
-                        self.cfg.output.checkpoint_every
-                    ),
-                };
-                failure = Some(anyhow::Error::new(e).context(format!(
-                    "training stopped; loss.csv, loss.png and summary.json are written and {kept}"
-                )));
-                status
-            }
-        };
-        obs.csv.flush().context("cannot write loss.csv")?;
-
-        // Plots and summary are written even after a failure: that is when they matter.
-        let mut late_errors = Vec::new();
-        let regrowth = if failure.is_none() {
-            match score::run(&mut trainer, &self.target, eval_cfg, seed, clamp, true) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    late_errors.push(e);
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let mut regrown_tile = None;
-        if let Some(r) = &regrowth {
-            psnr_rows.push((progress.step, r.score.mean_psnr_db, r.score.mean_mse));
-            let frame_ms = self.cfg.output.gif_frame_ms;
-            let half = (scale / 2).max(1);
-            let pictures =
-                score::write_picture(r, &self.target, v, scale, &out.join("regrowth.png"))
-                    .and_then(|()| {
-                        score::write_gif(
-                            r,
-                            &self.target,
-                            v,
-                            half,
-                            frame_ms,
-                            &out.join("regrowth.gif"),
-                        )
-                    });
-            if let Err(e) = pictures {
-                late_errors.push(e);
-            }
-            if let Some((_, last)) = r.frames.last() {
-                match render::tile(last, 0, v, scale) {
-                    Ok(t) => {
-                        regrown_tile =
-                            Some((format!("regrown · {:.1} dB", r.score.mean_psnr_db), t))
-                    }
-                    Err(e) => late_errors.push(e),
-                }
-            }
-        }
-        if !psnr_rows.is_empty() && (eval_cfg.every.is_some() || psnr_rows.len() > 1) {
-            if let Err(e) = score::write_csv(&out.join("psnr.csv"), &psnr_rows) {
-                late_errors.push(e);
-            }
-            let pts: Vec<(u64, f64)> = psnr_rows.iter().map(|r| (r.0, r.1)).collect();
-            if let Err(e) = plot::plot_psnr(&out.join("psnr.png"), &pts) {
-                late_errors.push(e);
-            }
-        }
-        let eps = self.nca.noise.epsilon;
-        if let Err(e) = plot::plot_loss(&out.join("loss.png"), &obs.records, eps) {
-            late_errors.push(e);
-        }
-        let frame_ms = self.cfg.output.gif_frame_ms;
-        if let Err(e) = render::gif_from_dir(&frame_dir, &out.join("trajectory.gif"), frame_ms) {
-            late_errors.push(e);
-        }
-        let spiked: Vec<u64> = obs
-            .records
-            .iter()
-            .filter(|r| r.spiked)
-            .map(|r| r.step)
-            .collect();
-        let sheet = SheetParts {
-            target: &self.target,
-            visible: v,
-            scale,
-            spiked: &spiked,
-            regrown: regrown_tile,
-        };
-        if let Err(e) = write_contact_sheet(out, &snap_dir, self.nca, sheet) {
-            late_errors.push(e);
-        }
-        let steps_run = progress.step.saturating_sub(start_step);
-        let final_loss = obs.records.last().map(|r| r.loss).filter(|l| l.is_finite());
+        let progress = &trained.progress;
+        let steps_run = progress.step.saturating_sub(trained.start_step);
+        let train_seconds = trained.train_seconds;
         let summary = Summary {
             backend: backend.name().into(),
-            status: status.into(),
-            error: failure.as_ref().map(|e| format!("{e:#}")),
-            config: self.args.config.display().to_string(),
-            resumed_from_step: resume_step,
+            status: trained.status,
+            error: failures.describe(),
+            config: plan.config_path.display().to_string(),
+            resumed_from_step: plan.resume.as_ref().map(|r| r.step()),
             steps_run,
             final_step: progress.step,
             spikes: progress.spikes,
-            final_loss,
-            epsilon: eps,
+            final_loss: trained
+                .records
+                .last()
+                .map(|r| r.loss)
+                .filter(|l| l.is_finite()),
+            epsilon: plan.nca.noise.epsilon,
             first_step_below_epsilon: progress.first_below_epsilon,
             wall_seconds: self.started.elapsed().as_secs_f64(),
             train_seconds,
@@ -569,25 +105,349 @@ impl Job for TrainJob<'_> {
             } else {
                 0.0
             },
-            regrowth: regrowth.map(|r| r.score),
+            regrowth,
         };
-        files::write_json(&out.join("summary.json"), &summary)?;
-        if let Some(e) = failure {
-            for late in &late_errors {
-                tracing::error!("{late:#}");
-            }
-            return Err(e);
+        if failures
+            .keep(files::write_json(&dir.path.join("summary.json"), &summary))
+            .is_some()
+        {
+            written.push("summary.json");
         }
-        if let Some(e) = late_errors.into_iter().next() {
-            return Err(e);
-        }
-        report(&summary, out);
-        Ok(if status == "interrupted" {
+        let aftermath = aftermath(plan, &dir.path, &trained, &written);
+        failures.into_result(aftermath)?;
+        report(&summary, &dir.path);
+        Ok(if trained.status == Status::Interrupted {
             Finish::Interrupted
         } else {
             Finish::Completed
         })
     }
+}
+
+/// What is on disk after a failed run, said only where it was checked: which checkpoint
+/// the directory holds (read back from the file) and which results were written.
+fn aftermath(plan: &Plan, out: &Path, trained: &Trained, written: &[&str]) -> String {
+    let ckpt_path = out.join("checkpoint.safetensors");
+    let kept = match nca_api::Checkpoint::load(&ckpt_path) {
+        Ok(c) if trained.last_checkpoint == Some(c.progress.step) => format!(
+            "the last good checkpoint (step {}) is kept in {}",
+            c.progress.step,
+            ckpt_path.display()
+        ),
+        Ok(c) => format!(
+            "{} holds a checkpoint of step {}",
+            ckpt_path.display(),
+            c.progress.step
+        ),
+        Err(_) => match (&plan.resume, plan.in_place) {
+            (Some(r), false) => format!(
+                "no checkpoint was written to {}; the one this run resumed from (step {}) is \
+                 unchanged in {}",
+                out.display(),
+                r.step(),
+                r.path.display()
+            ),
+            _ => format!(
+                "no checkpoint was written to {} (output.checkpoint_every is {})",
+                out.display(),
+                plan.cfg.output.checkpoint_every
+            ),
+        },
+    };
+    let written = if written.is_empty() {
+        "no other results were written".to_string()
+    } else {
+        format!("written in {}: {}", out.display(), written.join(", "))
+    };
+    format!(
+        "{} at step {}: {kept}; {written}",
+        trained.status, trained.progress.step
+    )
+}
+
+/// Sets up the trainer and the run directory's first files, runs the loop, and writes the
+/// final snapshot, frame and checkpoint. Failures before the loop return at once (nothing
+/// to save yet); failures from the loop on are kept in `failures`, first first.
+fn train<T: Trainer>(
+    trainer: &mut T,
+    backend: Backend,
+    plan: &Plan,
+    out: &Path,
+    args: &TrainArgs,
+    failures: &mut Failures,
+) -> Result<Trained> {
+    let nca = &plan.nca;
+    let cfg = &plan.cfg;
+    let snap_dir = out.join("snapshots");
+    let frame_dir = out.join("frames");
+    for dir in [&snap_dir, &frame_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    files::write_atomically(&out.join("config.ron"), plan.run_ron.as_bytes())?;
+    let v = nca.model.visible_channels;
+    let scale = cfg.output.scale;
+    let target_png = render::tile(&plan.target, 0, v, scale)?;
+    files::write_artefact(&out.join("target.png"), |tmp| {
+        render::save_png(&target_png, tmp)
+    })?;
+
+    let (mut state, mut progress) = match &plan.resume {
+        None => (
+            nca_api::start(trainer, nca, &plan.target)?,
+            Progress::default(),
+        ),
+        Some(r) => {
+            let ckpt = &r.ckpt;
+            trainer.set_weights(&ckpt.weights)?;
+            match &ckpt.adam {
+                Some(adam) => trainer.set_adam_state(adam)?,
+                None => tracing::warn!("checkpoint has no Adam state: moments start at 0"),
+            }
+            trainer.set_target(&plan.target)?;
+            let host = match &ckpt.state {
+                Some(s) => s.clone(),
+                None => {
+                    tracing::warn!("checkpoint has no state: starting from fresh noise");
+                    nca_api::initial_state(nca)
+                }
+            };
+            (trainer.upload(&host)?, ckpt.progress.clone())
+        }
+    };
+
+    let csv_path = out.join("loss.csv");
+    let mut history = String::from(CSV_HEADER);
+    history.push('\n');
+    for r in &plan.history {
+        history.push_str(&r.csv());
+        history.push('\n');
+    }
+    files::write_atomically(&csv_path, history.as_bytes())?;
+    let csv = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&csv_path)
+        .with_context(|| format!("cannot open {}", csv_path.display()))?;
+    let parts = CheckpointParts {
+        config: nca,
+        backend: backend.name(),
+        target: &plan.target,
+        run_ron: &plan.run_ron,
+    };
+    let start_step = progress.step;
+    let total = nca.training.steps;
+    let mut obs = RunObserver {
+        parts: &parts,
+        checkpoint_path: out.join("checkpoint.safetensors"),
+        csv_path: csv_path.clone(),
+        snap_dir: &snap_dir,
+        frame_dir: &frame_dir,
+        target: &plan.target,
+        visible: v,
+        scale,
+        snapshot_every: cfg.output.snapshot_every,
+        frame_every: total.div_ceil(cfg.output.gif_frames).max(1),
+        checkpoint_every: cfg.output.checkpoint_every,
+        total,
+        csv: BufWriter::new(csv),
+        records: plan.history.clone(),
+        last_snapshot: None,
+        last_frame: None,
+        last_checkpoint: plan
+            .resume
+            .as_ref()
+            .filter(|_| plan.in_place)
+            .map(|r| r.step()),
+        run_seed: nca.training.seed,
+        sigma_large: nca.noise.sigma_large,
+        interrupt: &args.interrupt,
+        bar: None,
+        last_log: (Instant::now(), start_step),
+        csv_ok: true,
+        error: None,
+    };
+    if plan.resume.is_none() {
+        obs.snapshot(trainer, &state, 0, false)?;
+    }
+    if args.progress_bar {
+        obs.bar = Some(progress_bar(total, start_step));
+    } else {
+        tracing::info!(
+            "training {} steps on {} ({}) into {}",
+            total - start_step,
+            backend.name(),
+            crate::bench::describe_model(&nca.model),
+            out.display()
+        );
+    }
+
+    let train_started = Instant::now();
+    let schedule = ConstantNoise::from(&nca.noise);
+    let options = LoopOptions::from_config(nca);
+    let eval_cfg = &cfg.evaluation;
+    let (seed, clamp) = (nca.training.seed, nca.model.state_clamp);
+    let mut psnr_rows = plan.psnr_history.clone();
+    let result = loop {
+        // With `evaluation.every` the loop runs in chunks and the rule is scored in
+        // between; the noise is counter-based, so chunking changes no number.
+        let until = match eval_cfg.every {
+            Some(e) => (progress.step / e + 1).saturating_mul(e).min(total),
+            None => total,
+        };
+        let chunk = LoopOptions {
+            steps: until,
+            ..options
+        };
+        let r = nca_api::train(
+            trainer,
+            &mut state,
+            &schedule,
+            &chunk,
+            &mut progress,
+            &mut obs,
+        );
+        match r {
+            Ok(outcome) if outcome.reason == StopReason::Steps && progress.step < total => {
+                match score::run(trainer, &plan.target, eval_cfg, seed, clamp, false) {
+                    Ok(reg) => {
+                        let msg = format!("step {}: {}", progress.step, score::line(&reg.score));
+                        match &obs.bar {
+                            Some(bar) => bar.println(msg),
+                            None => tracing::info!("{msg}"),
+                        }
+                        psnr_rows.push((progress.step, reg.score.mean_psnr_db, reg.score.mean_mse));
+                    }
+                    Err(e) => break Err(LoopEnd::Score(e)),
+                }
+            }
+            Ok(outcome) => break Ok(outcome.reason),
+            Err(e) => break Err(LoopEnd::Train(e)),
+        }
+    };
+    let train_seconds = train_started.elapsed().as_secs_f64();
+    if let Some(bar) = obs.bar.take() {
+        bar.finish_and_clear();
+    }
+
+    let status = match result {
+        Ok(reason) => {
+            let spiked = obs.records.last().is_some_and(|r| r.spiked);
+            let step = progress.step;
+            let mut end = || -> Result<()> {
+                if obs.last_snapshot != Some(step) {
+                    obs.snapshot(trainer, &state, step, spiked)?;
+                }
+                if obs.last_frame != Some(step) {
+                    obs.frame(trainer, &state, step, spiked)?;
+                }
+                if obs.last_checkpoint != Some(step) {
+                    obs.checkpoint(trainer, &state, &progress)?;
+                }
+                Ok(())
+            };
+            match end() {
+                Ok(()) => match reason {
+                    StopReason::Steps => Status::Completed,
+                    StopReason::MaxSpikes => Status::MaxSpikes,
+                    StopReason::Interrupted => Status::Interrupted,
+                },
+                Err(e) => {
+                    let status = status_of(&e);
+                    failures.push(e.context(format!("after step {step}")));
+                    status
+                }
+            }
+        }
+        Err(LoopEnd::Train(TrainError::NonFiniteLoss { step, loss })) => {
+            failures.push(anyhow!(TrainError::<T::Error>::NonFiniteLoss {
+                step,
+                loss
+            }));
+            // The bad row is history too: it shows where and how the run diverged.
+            let row = LossRecord {
+                step,
+                loss,
+                spiked: false,
+                spikes: progress.spikes,
+            };
+            failures.keep(obs.record(row));
+            Status::Diverged
+        }
+        Err(LoopEnd::Train(TrainError::Observer { step, message })) => {
+            let cause = obs.error.take().unwrap_or_else(|| anyhow!(message));
+            let status = status_of(&cause);
+            failures.push(cause.context(format!("training stopped at step {step}")));
+            status
+        }
+        Err(LoopEnd::Train(TrainError::Backend { step, source })) => {
+            failures.push(anyhow::Error::new(source).context(format!(
+                "training stopped at step {step}: the {} backend failed",
+                backend.name()
+            )));
+            Status::Failed
+        }
+        Err(LoopEnd::Train(other)) => {
+            failures.push(anyhow::Error::new(other).context("training stopped"));
+            Status::Failed
+        }
+        Err(LoopEnd::Score(e)) => {
+            failures.push(e.context(format!(
+                "training stopped at step {}: the regrowth score failed",
+                progress.step
+            )));
+            Status::Failed
+        }
+    };
+    let loss_csv_complete = failures.keep(obs.flush_csv()).is_some() && obs.csv_ok;
+    Ok(Trained {
+        loss_csv_complete,
+        status,
+        progress,
+        start_step,
+        records: obs.records,
+        psnr_rows,
+        train_seconds,
+        last_checkpoint: obs.last_checkpoint,
+    })
+}
+
+/// The weights, Adam's moments or the state hold NaN or infinity at a checkpoint although
+/// the loss was still finite: the run has diverged, and that checkpoint is not written.
+#[derive(Debug)]
+struct NonFiniteCheckpoint {
+    step: u64,
+    tensor: String,
+}
+
+impl std::fmt::Display for NonFiniteCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "tensor `{}` holds NaN or infinite values at step {} although the loss is still \
+             finite, so the run has diverged and the checkpoint of that step is not written; \
+             try a lower learning rate, a state clamp (model.state_clamp) or gradient \
+             clipping (training.grad_clip)",
+            self.tensor, self.step
+        )
+    }
+}
+
+impl std::error::Error for NonFiniteCheckpoint {}
+
+/// `Diverged` when `e` is a non-finite checkpoint, else `Failed`.
+fn status_of(e: &anyhow::Error) -> Status {
+    if e.downcast_ref::<NonFiniteCheckpoint>().is_some() {
+        Status::Diverged
+    } else {
+        Status::Failed
+    }
+}
+
+/// Why the training loop ended early.
+enum LoopEnd<E: std::error::Error + 'static> {
+    /// The loop itself failed (divergence, backend, observer).
+    Train(TrainError<E>),
+    /// Scoring between chunks (`evaluation.every`) failed.
+    Score(anyhow::Error),
 }
 
 fn report(s: &Summary, out: &Path) {
@@ -622,64 +482,11 @@ fn progress_bar(total: u64, start: u64) -> ProgressBar {
     bar
 }
 
-/// What the contact sheet shows besides the snapshots.
-struct SheetParts<'a> {
-    target: &'a HostTensor,
-    visible: usize,
-    scale: u32,
-    /// Steps after which the state was spiked; their snapshots are labelled so.
-    spiked: &'a [u64],
-    /// The final rule's regrowth from fresh noise, labelled with its score.
-    regrown: Option<(String, image::RgbImage)>,
-}
-
-/// A grid of up to ten snapshots (first batch element), the regrowth and the target, each
-/// labelled.
-fn write_contact_sheet(
-    out: &Path,
-    snap_dir: &Path,
-    nca: &NcaConfig,
-    parts: SheetParts<'_>,
-) -> Result<()> {
-    let scale = parts.scale;
-    let (tw, th) = (
-        nca.grid.width as u32 * scale,
-        nca.grid.height as u32 * scale,
-    );
-    let mut tiles = Vec::new();
-    for (step, path) in render::thin(&render::list_steps(snap_dir)?, 10) {
-        let img = image::open(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?
-            .to_rgb8();
-        if img.width() < tw || img.height() < th {
-            continue;
-        }
-        let tile = image::imageops::crop_imm(&img, 0, 0, tw, th).to_image();
-        let label = if parts.spiked.binary_search(&step).is_ok() {
-            format!("step {step} (pre-spike)")
-        } else {
-            format!("step {step}")
-        };
-        tiles.push((label, tile));
-    }
-    if tiles.is_empty() {
-        return Ok(());
-    }
-    if let Some(r) = parts.regrown {
-        tiles.push(r);
-    }
-    tiles.push((
-        "target".into(),
-        render::tile(parts.target, 0, parts.visible, scale)?,
-    ));
-    let sheet = render::contact_sheet(&tiles, 6)?;
-    render::save_png(&sheet, &out.join("contact_sheet.png"))
-}
-
 /// Watches the loop: CSV rows, snapshots, checkpoints, progress, Ctrl-C.
 struct RunObserver<'a> {
     parts: &'a CheckpointParts<'a>,
-    out: &'a Path,
+    checkpoint_path: PathBuf,
+    csv_path: PathBuf,
     snap_dir: &'a Path,
     frame_dir: &'a Path,
     target: &'a HostTensor,
@@ -699,12 +506,47 @@ struct RunObserver<'a> {
     interrupt: &'a AtomicBool,
     bar: Option<ProgressBar>,
     last_log: (Instant, u64),
+    /// Whether every row written so far reached the file.
+    csv_ok: bool,
+    /// The error that made `on_step` fail, kept whole (the loop only carries a string).
+    error: Option<anyhow::Error>,
 }
 
 impl RunObserver<'_> {
-    fn record(&mut self, r: LossRecord) -> Result<(), String> {
-        writeln!(self.csv, "{}", r.csv()).map_err(|e| format!("cannot write loss.csv: {e}"))?;
+    fn record(&mut self, r: LossRecord) -> Result<()> {
+        let written = writeln!(self.csv, "{}", r.csv());
         self.records.push(r);
+        self.csv_ok &= written.is_ok();
+        written.with_context(|| format!("cannot write {}", self.csv_path.display()))
+    }
+
+    fn flush_csv(&mut self) -> Result<()> {
+        let flushed = self.csv.flush();
+        self.csv_ok &= flushed.is_ok();
+        flushed.with_context(|| format!("cannot write {}", self.csv_path.display()))
+    }
+
+    /// Writes the checkpoint of `progress`, after the loss rows up to its step are on disk
+    /// (so a run killed right after it resumes without a gap in `loss.csv`). A checkpoint
+    /// holding NaN or inf anywhere is not written (the previous one stays the kept one) and
+    /// ends the run as diverged.
+    fn checkpoint<T: Trainer>(
+        &mut self,
+        t: &T,
+        state: &T::State,
+        progress: &Progress,
+    ) -> Result<()> {
+        self.flush_csv()?;
+        let ckpt = self.parts.capture(t, state, progress)?;
+        if let Some(tensor) = files::first_non_finite(&ckpt) {
+            return Err(NonFiniteCheckpoint {
+                step: progress.step,
+                tensor,
+            }
+            .into());
+        }
+        self.parts.write(&ckpt, &self.checkpoint_path)?;
+        self.last_checkpoint = Some(progress.step);
         Ok(())
     }
 
@@ -719,14 +561,17 @@ impl RunObserver<'_> {
         state: &T::State,
         step: u64,
         spiked: bool,
-    ) -> Result<image::RgbImage, String> {
-        let mut host = t.download(state).map_err(|e| e.to_string())?;
+    ) -> Result<image::RgbImage> {
+        let mut host = t.download(state)?;
         if spiked {
             let seed = stream_seed(self.run_seed, step, Stream::Spike);
             add_gaussian(host.data_mut(), -self.sigma_large, seed);
         }
         render::snapshot(&host, Some(self.target), self.visible, self.scale)
-            .map_err(|e| format!("{e:#}"))
+    }
+
+    fn save_picture(img: &image::RgbImage, path: &Path) -> Result<()> {
+        files::write_artefact(path, |tmp| render::save_png(img, tmp)).map(|_| ())
     }
 
     fn snapshot<T: Trainer>(
@@ -735,10 +580,9 @@ impl RunObserver<'_> {
         state: &T::State,
         step: u64,
         spiked: bool,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         let img = self.picture(t, state, step, spiked)?;
-        render::save_png(&img, &render::step_path(self.snap_dir, step))
-            .map_err(|e| format!("{e:#}"))?;
+        Self::save_picture(&img, &render::step_path(self.snap_dir, step))?;
         self.last_snapshot = Some(step);
         if step == 0 {
             self.frame(t, state, step, spiked)?;
@@ -752,17 +596,14 @@ impl RunObserver<'_> {
         state: &T::State,
         step: u64,
         spiked: bool,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         let img = self.picture(t, state, step, spiked)?;
-        render::save_png(&img, &render::step_path(self.frame_dir, step))
-            .map_err(|e| format!("{e:#}"))?;
+        Self::save_picture(&img, &render::step_path(self.frame_dir, step))?;
         self.last_frame = Some(step);
         Ok(())
     }
-}
 
-impl<T: Trainer> Observer<T> for RunObserver<'_> {
-    fn on_step(&mut self, ctx: &StepContext<'_, T>) -> Result<ControlFlow<()>, String> {
+    fn step<T: Trainer>(&mut self, ctx: &StepContext<'_, T>) -> Result<ControlFlow<()>> {
         let info = ctx.info;
         self.record(LossRecord {
             step: info.step,
@@ -775,16 +616,10 @@ impl<T: Trainer> Observer<T> for RunObserver<'_> {
         }
         if info.step % self.snapshot_every == 0 {
             self.snapshot(ctx.trainer, ctx.state, info.step, info.spiked)?;
-            self.csv
-                .flush()
-                .map_err(|e| format!("cannot write loss.csv: {e}"))?;
+            self.flush_csv()?;
         }
         if info.step % self.checkpoint_every == 0 {
-            let path = self.out.join("checkpoint.safetensors");
-            self.parts
-                .save(ctx.trainer, ctx.state, ctx.progress, &path)
-                .map_err(|e| format!("{e:#}"))?;
-            self.last_checkpoint = Some(info.step);
+            self.checkpoint(ctx.trainer, ctx.state, ctx.progress)?;
         }
         if let Some(bar) = &self.bar {
             bar.set_position(info.step);
@@ -817,5 +652,15 @@ impl<T: Trainer> Observer<T> for RunObserver<'_> {
             return Ok(ControlFlow::Break(()));
         }
         Ok(ControlFlow::Continue(()))
+    }
+}
+
+impl<T: Trainer> Observer<T> for RunObserver<'_> {
+    fn on_step(&mut self, ctx: &StepContext<'_, T>) -> Result<ControlFlow<()>, String> {
+        self.step(ctx).map_err(|e| {
+            let message = format!("{e:#}");
+            self.error = Some(e);
+            message
+        })
     }
 }

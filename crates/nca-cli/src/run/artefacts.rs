@@ -1,0 +1,159 @@
+//! Phase 4, artefacts: the regrowth score and every picture, plot and GIF of the run
+//! directory. Each is written through a temporary file and a rename, so a failure leaves
+//! no partial file under a final name; failures are collected after the run's first one.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use nca_api::{HostTensor, NcaConfig, RegrowthScore, Trainer};
+
+use super::plan::Plan;
+use super::train::Trained;
+use super::Failures;
+use crate::files::write_artefact;
+use crate::{plot, render, score};
+
+/// Writes the run's results; returns the regrowth score (`None` after a failure) and the
+/// names of the files written.
+pub(super) fn write<T: Trainer>(
+    trainer: &mut T,
+    plan: &Plan,
+    out: &Path,
+    trained: &Trained,
+    failures: &mut Failures,
+) -> (Option<RegrowthScore>, Vec<&'static str>) {
+    let mut written = Vec::new();
+    let mut wrote = |failures: &mut Failures, name: &'static str, r: Result<bool>| {
+        if let Some(true) = failures.keep(r) {
+            written.push(name);
+        }
+    };
+    let cfg = &plan.cfg;
+    let eval_cfg = &cfg.evaluation;
+    let nca = &plan.nca;
+    let v = nca.model.visible_channels;
+    let scale = cfg.output.scale;
+    let frame_ms = cfg.output.gif_frame_ms;
+    let target = &plan.target;
+    let (seed, clamp) = (nca.training.seed, nca.model.state_clamp);
+    // A rule that failed is not scored: its number would describe a broken run.
+    let regrowth = if failures.is_empty() {
+        failures.keep(score::run(trainer, target, eval_cfg, seed, clamp, true))
+    } else {
+        None
+    };
+    let mut psnr_rows = trained.psnr_rows.clone();
+    let mut regrown_tile = None;
+    if let Some(r) = &regrowth {
+        psnr_rows.push((
+            trained.progress.step,
+            r.score.mean_psnr_db,
+            r.score.mean_mse,
+        ));
+        let half = (scale / 2).max(1);
+        let picture = write_artefact(&out.join("regrowth.png"), |tmp| {
+            score::write_picture(r, target, v, scale, tmp)
+        });
+        wrote(failures, "regrowth.png", picture);
+        let gif = write_artefact(&out.join("regrowth.gif"), |tmp| {
+            score::write_gif(r, target, v, half, frame_ms, tmp)
+        });
+        wrote(failures, "regrowth.gif", gif);
+        if let Some((_, last)) = r.frames.last() {
+            if let Some(t) = failures.keep(render::tile(last, 0, v, scale)) {
+                regrown_tile = Some((format!("regrown · {:.1} dB", r.score.mean_psnr_db), t));
+            }
+        }
+    }
+    if !psnr_rows.is_empty() && (eval_cfg.every.is_some() || psnr_rows.len() > 1) {
+        let csv = write_artefact(&out.join("psnr.csv"), |tmp| {
+            score::write_csv(tmp, &psnr_rows)
+        });
+        wrote(failures, "psnr.csv", csv);
+        let pts: Vec<(u64, f64)> = psnr_rows.iter().map(|r| (r.0, r.1)).collect();
+        let png = write_artefact(&out.join("psnr.png"), |tmp| plot::plot_psnr(tmp, &pts));
+        wrote(failures, "psnr.png", png);
+    }
+    let eps = nca.noise.epsilon;
+    let loss = write_artefact(&out.join("loss.png"), |tmp| {
+        plot::plot_loss(tmp, &trained.records, eps)
+    });
+    wrote(failures, "loss.png", loss);
+    let frame_dir = out.join("frames");
+    let gif = write_artefact(&out.join("trajectory.gif"), |tmp| {
+        render::gif_from_dir(&frame_dir, tmp, frame_ms).map(|_| ())
+    });
+    wrote(failures, "trajectory.gif", gif);
+    let spiked: Vec<u64> = trained
+        .records
+        .iter()
+        .filter(|r| r.spiked)
+        .map(|r| r.step)
+        .collect();
+    let sheet = SheetParts {
+        target,
+        visible: v,
+        scale,
+        spiked: &spiked,
+        regrown: regrown_tile,
+    };
+    let contact = write_artefact(&out.join("contact_sheet.png"), |tmp| {
+        write_contact_sheet(tmp, &out.join("snapshots"), nca, sheet)
+    });
+    wrote(failures, "contact_sheet.png", contact);
+    (regrowth.map(|r| r.score), written)
+}
+
+/// What the contact sheet shows besides the snapshots.
+struct SheetParts<'a> {
+    target: &'a HostTensor,
+    visible: usize,
+    scale: u32,
+    /// Steps after which the state was spiked; their snapshots are labelled so.
+    spiked: &'a [u64],
+    /// The final rule's regrowth from fresh noise, labelled with its score.
+    regrown: Option<(String, image::RgbImage)>,
+}
+
+/// A grid of up to ten snapshots (first batch element), the regrowth and the target, each
+/// labelled, written to `path`; nothing without snapshots.
+fn write_contact_sheet(
+    path: &Path,
+    snap_dir: &Path,
+    nca: &NcaConfig,
+    parts: SheetParts<'_>,
+) -> Result<()> {
+    let scale = parts.scale;
+    let (tw, th) = (
+        nca.grid.width as u32 * scale,
+        nca.grid.height as u32 * scale,
+    );
+    let mut tiles = Vec::new();
+    for (step, snap) in render::thin(&render::list_steps(snap_dir)?, 10) {
+        let img = image::open(&snap)
+            .with_context(|| format!("cannot read {}", snap.display()))?
+            .to_rgb8();
+        if img.width() < tw || img.height() < th {
+            continue;
+        }
+        let tile = image::imageops::crop_imm(&img, 0, 0, tw, th).to_image();
+        let label = if parts.spiked.binary_search(&step).is_ok() {
+            format!("step {step} (pre-spike)")
+        } else {
+            format!("step {step}")
+        };
+        tiles.push((label, tile));
+    }
+    if tiles.is_empty() {
+        return Ok(());
+    }
+    if let Some(r) = parts.regrown {
+        tiles.push(r);
+    }
+    tiles.push((
+        "target".into(),
+        render::tile(parts.target, 0, parts.visible, scale)?,
+    ));
+    let sheet = render::contact_sheet(&tiles, 6)?;
+    render::save_png(&sheet, path)
+}
