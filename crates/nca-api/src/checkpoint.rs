@@ -4,7 +4,8 @@ use std::path::Path;
 
 use crate::config::NcaConfig;
 use crate::error::IoError;
-use crate::io::TensorFile;
+use crate::io::{read_regular_file, TensorFile};
+use crate::memory::{training_bytes, MemoryLimit};
 use crate::tensor::HostTensor;
 use crate::train::Progress;
 use crate::traits::AdamState;
@@ -95,14 +96,36 @@ impl Checkpoint {
         self.to_file().write(path)
     }
 
-    /// Reads a checkpoint written by [`Checkpoint::save`]; every shape is checked against
-    /// the config stored inside it.
+    /// Reads a checkpoint within the memory limit of the environment
+    /// ([`MemoryLimit::from_env`]); see [`Checkpoint::load_limited`].
     pub fn load(path: &Path) -> Result<Self, IoError> {
-        let mut file = TensorFile::read(path)?;
+        let limit = MemoryLimit::from_env().map_err(|source| IoError::Memory {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::load_limited(path, &limit)
+    }
+
+    /// Reads a checkpoint written by [`Checkpoint::save`] from a regular file no larger
+    /// than `limit` allows; see [`Checkpoint::from_bytes`] for what is checked.
+    pub fn load_limited(path: &Path, limit: &MemoryLimit) -> Result<Self, IoError> {
+        let bytes = read_regular_file(path, limit)?;
+        Self::from_bytes(&bytes, path, limit)
+    }
+
+    /// Parses checkpoint bytes (`path` only names the file in errors).
+    ///
+    /// Every shape is checked against the config stored inside, and that config must be
+    /// valid and trainable within `limit` ([`training_bytes`]); Adam's step count must be
+    /// plausible (at most [`ADAM_STEP_MARGIN`] more than the recorded training steps) and
+    /// the state's batch must be the config's `grid.batch`. Non-finite values are not
+    /// refused here: [`Checkpoint::first_non_finite`] names them for callers to decide.
+    pub fn from_bytes(bytes: &[u8], path: &Path, limit: &MemoryLimit) -> Result<Self, IoError> {
         let format = |message: String| IoError::Format {
             path: path.to_path_buf(),
             message,
         };
+        let mut file = TensorFile::from_bytes_limited(bytes, limit).map_err(format)?;
         let config_json = file.metadata.get(META_CONFIG).ok_or_else(|| {
             format(format!(
                 "no `{META_CONFIG}` metadata: not an nca checkpoint (weights-only files can \
@@ -113,42 +136,70 @@ impl Checkpoint {
             .map_err(|e| format(format!("metadata `{META_CONFIG}`: {e}")))?;
         config
             .validate()
-            .map_err(|e| format(format!("stored config: {e}")))?;
-        let progress = match file.metadata.get(META_PROGRESS) {
+            .map_err(|e| format(format!("stored config (metadata `{META_CONFIG}`): {e}")))?;
+        let grid = &config.grid;
+        limit
+            .check(
+                &format!(
+                    "training the config stored in metadata `{META_CONFIG}` (grid {}x{}, \
+                     batch {})",
+                    grid.height, grid.width, grid.batch
+                ),
+                training_bytes(&config),
+                "the checkpoint claims a grid larger than this machine can hold",
+            )
+            .map_err(|source| IoError::Memory {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let progress: Progress = match file.metadata.get(META_PROGRESS) {
             Some(json) => serde_json::from_str(json)
                 .map_err(|e| format(format!("metadata `{META_PROGRESS}`: {e}")))?,
             None => Progress::default(),
         };
         let model = &config.model;
-        let weights = Weights::from_lookup(model, |n| file.tensors.get(n).cloned())
+        let weights = Weights::from_lookup(model, |n| file.tensors.remove(n))
             .map_err(|e| format(format!("weights: {e}")))?;
         let adam = match file.metadata.get(META_ADAM_STEP) {
             Some(step) => {
-                let step = step
-                    .parse()
-                    .map_err(|e| format(format!("metadata `{META_ADAM_STEP}`: {e}")))?;
-                let m = Weights::from_lookup(model, |n| {
-                    file.tensors.get(&format!("adam.m.{n}")).cloned()
-                })
-                .map_err(|e| format(format!("adam.m: {e}")))?;
-                let v = Weights::from_lookup(model, |n| {
-                    file.tensors.get(&format!("adam.v.{n}")).cloned()
-                })
-                .map_err(|e| format(format!("adam.v: {e}")))?;
+                let step: u64 = step.parse().map_err(|e| {
+                    format(format!(
+                        "metadata `{META_ADAM_STEP}`: expected an update count, found {step:?} ({e})"
+                    ))
+                })?;
+                let most = progress.step.saturating_add(ADAM_STEP_MARGIN);
+                if step > most {
+                    return Err(format(format!(
+                        "metadata `{META_ADAM_STEP}`: {step} Adam updates is implausible after \
+                         {} training steps (metadata `{META_PROGRESS}`); expected at most {most}",
+                        progress.step
+                    )));
+                }
+                let m =
+                    Weights::from_lookup(model, |n| file.tensors.remove(&format!("adam.m.{n}")))
+                        .map_err(|e| format(format!("adam.m: {e}")))?;
+                let v =
+                    Weights::from_lookup(model, |n| file.tensors.remove(&format!("adam.v.{n}")))
+                        .map_err(|e| format(format!("adam.v: {e}")))?;
                 Some(AdamState { step, m, v })
             }
             None => None,
         };
         let state = file.tensors.remove(STATE_TENSOR);
         if let Some(s) = &state {
-            let [_, c, h, w] = s.dims4(STATE_TENSOR).map_err(|e| format(e.to_string()))?;
-            if c != model.channels() || h != config.grid.height || w != config.grid.width {
+            let [b, c, h, w] = s
+                .dims4(STATE_TENSOR)
+                .map_err(|e| format(format!("tensor `{STATE_TENSOR}`: {e}")))?;
+            if b != grid.batch || c != model.channels() || h != grid.height || w != grid.width {
                 return Err(format(format!(
-                    "tensor `state` has shape {:?}, the stored config implies [B, {}, {}, {}]",
+                    "tensor `{STATE_TENSOR}` has shape {:?}, the stored config (metadata \
+                     `{META_CONFIG}`) implies [{}, {}, {}, {}] (grid.batch, channels, \
+                     grid.height, grid.width)",
                     s.shape(),
+                    grid.batch,
                     model.channels(),
-                    config.grid.height,
-                    config.grid.width
+                    grid.height,
+                    grid.width
                 )));
             }
         }
@@ -161,7 +212,33 @@ impl Checkpoint {
             backend: file.metadata.get(META_BACKEND).cloned().unwrap_or_default(),
         })
     }
+
+    /// The name of the first tensor holding NaN or infinity: a weight (`wq`, …), an Adam
+    /// moment (`adam.m.wq`, `adam.v.wq`, …) or `state`; `None` when all are finite.
+    pub fn first_non_finite(&self) -> Option<String> {
+        if let Some(name) = self.weights.first_non_finite() {
+            return Some(name);
+        }
+        if let Some(adam) = &self.adam {
+            for (prefix, moments) in [("adam.m.", &adam.m), ("adam.v.", &adam.v)] {
+                if let Some(name) = moments.first_non_finite() {
+                    return Some(format!("{prefix}{name}"));
+                }
+            }
+        }
+        match &self.state {
+            Some(state) if !state.is_finite() => Some(STATE_TENSOR.into()),
+            _ => None,
+        }
+    }
 }
+
+/// How many more Adam updates than recorded training steps a checkpoint may claim.
+///
+/// The two are equal in checkpoints this crate writes; the margin tolerates files
+/// written by other tools, while a count like u64::MAX (which once turned every weight
+/// into NaN) is refused.
+pub const ADAM_STEP_MARGIN: u64 = 1_000_000;
 
 /// Parses a checkpoint's stored config. Checkpoints written before the position inputs
 /// and the MLP existed lack those fields; they hold the plain model, so a missing field
@@ -208,6 +285,128 @@ mod tests {
         let leftovers = std::fs::read_dir(&dir).expect("list").count();
         assert_eq!(leftovers, 1, "no temporary file left behind");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    fn small() -> Checkpoint {
+        let mut config = NcaConfig::default();
+        config.grid.height = 4;
+        config.grid.width = 5;
+        let mut adam = AdamState::new(&config.model);
+        adam.step = 7;
+        Checkpoint {
+            weights: Weights::init(&config.model, 1),
+            adam: Some(adam),
+            progress: Progress {
+                step: 7,
+                ..Progress::default()
+            },
+            state: Some(HostTensor::filled(&config.state_shape(), 0.5)),
+            backend: "test".into(),
+            config,
+        }
+    }
+
+    /// `ckpt` saved, edited as a tensor file, and loaded again under 1 GiB.
+    fn load_edited(
+        ckpt: &Checkpoint,
+        edit: impl FnOnce(&mut TensorFile),
+    ) -> Result<Checkpoint, IoError> {
+        let mut file = ckpt.to_file();
+        edit(&mut file);
+        let bytes = file.to_bytes().expect("serialise");
+        Checkpoint::from_bytes(
+            &bytes,
+            Path::new("edited.safetensors"),
+            &MemoryLimit::new(1 << 30),
+        )
+    }
+
+    #[test]
+    fn a_stored_config_too_large_for_the_limit_is_refused_naming_it() {
+        let ckpt = small();
+        for (grid, batch) in [((100_000, 100_000), 1), ((32, 32), 1_000_000_000)] {
+            let mut config = ckpt.config.clone();
+            (config.grid.height, config.grid.width) = grid;
+            config.grid.batch = batch;
+            let err = load_edited(&ckpt, |f| {
+                f.metadata.insert(
+                    META_CONFIG.into(),
+                    serde_json::to_string(&config).expect("json"),
+                );
+            })
+            .expect_err("too large");
+            let text = err.to_string();
+            assert!(matches!(err, IoError::Memory { .. }), "{text}");
+            assert!(
+                text.starts_with(
+                    "edited.safetensors: training the config stored in metadata `nca.config`"
+                ),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!("grid {}x{}, batch {batch}", grid.0, grid.1)),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_implausible_adam_step_is_refused() {
+        let ckpt = small();
+        let err = load_edited(&ckpt, |f| {
+            f.metadata
+                .insert(META_ADAM_STEP.into(), u64::MAX.to_string());
+        })
+        .expect_err("u64::MAX updates after 7 steps");
+        assert!(
+            err.to_string()
+                .contains("metadata `adam.step`: 18446744073709551615"),
+            "{err}"
+        );
+        let err = load_edited(&ckpt, |f| {
+            f.metadata.insert(META_ADAM_STEP.into(), "-1".into());
+        })
+        .expect_err("not a count");
+        assert!(err.to_string().contains("metadata `adam.step`"), "{err}");
+        load_edited(&ckpt, |_| {}).expect("the unedited checkpoint loads");
+    }
+
+    #[test]
+    fn a_state_whose_batch_differs_from_the_grid_is_refused() {
+        let ckpt = small();
+        let err = load_edited(&ckpt, |f| {
+            f.tensors
+                .insert(STATE_TENSOR.into(), HostTensor::zeros(&[4, 3, 4, 5]));
+        })
+        .expect_err("batch 4 against grid.batch 1");
+        assert!(
+            err.to_string()
+                .contains("tensor `state` has shape [4, 3, 4, 5]"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("implies [1, 3, 4, 5]"), "{err}");
+    }
+
+    #[test]
+    fn the_first_non_finite_tensor_is_named() {
+        let mut ckpt = small();
+        assert_eq!(ckpt.first_non_finite(), None);
+        if let Some(s) = &mut ckpt.state {
+            s.data_mut()[3] = f32::INFINITY;
+        }
+        assert_eq!(ckpt.first_non_finite().as_deref(), Some("state"));
+        if let Some(v) = ckpt.adam.as_mut().and_then(|a| a.v.get_mut("bo")) {
+            v.data_mut()[0] = f32::INFINITY;
+        }
+        assert_eq!(ckpt.first_non_finite().as_deref(), Some("adam.v.bo"));
+        if let Some(w) = ckpt.weights.get_mut("wk") {
+            w.data_mut()[0] = f32::NAN;
+        }
+        assert_eq!(ckpt.weights.first_non_finite().as_deref(), Some("wk"));
+        assert_eq!(ckpt.first_non_finite().as_deref(), Some("wk"));
+        // A NaN checkpoint still loads: callers decide, with the tensor named.
+        let back = load_edited(&ckpt, |_| {}).expect("loads");
+        assert_eq!(back.first_non_finite().as_deref(), Some("wk"));
     }
 
     #[test]

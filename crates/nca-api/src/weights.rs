@@ -260,6 +260,14 @@ impl Weights {
         Ok(())
     }
 
+    /// The name of the first parameter holding NaN or infinity, `None` when all are finite.
+    pub fn first_non_finite(&self) -> Option<String> {
+        self.tensors
+            .iter()
+            .find(|(_, t)| !t.is_finite())
+            .map(|(name, _)| (*name).to_string())
+    }
+
     /// True when every parameter is finite.
     pub fn is_finite(&self) -> bool {
         self.tensors.iter().all(|(_, t)| t.is_finite())
