@@ -103,10 +103,10 @@ pub fn rollout_command(args: RolloutArgs) -> Result<Finish> {
     }
     let limit = &args.memory;
     let path = &args.checkpoint;
-    // TODO(B2): Checkpoint::load_limited once nca-api has it.
-    let ckpt = Checkpoint::load(path)
+    let ckpt = Checkpoint::load_limited(path, limit)
         .with_context(|| format!("cannot load checkpoint {}", path.display()))?;
-    if let Some(name) = first_non_finite(&ckpt.weights) {
+    // Only the weights matter here: Adam's moments and the carried state are not used.
+    if let Some(name) = ckpt.weights.first_non_finite() {
         bail!(
             "checkpoint {}: tensor `{name}` holds NaN or inf values, so the rule cannot be \
              rolled out (the checkpoint was probably written by a run that diverged)",
@@ -190,15 +190,6 @@ pub fn rollout_command(args: RolloutArgs) -> Result<Finish> {
         started: Instant::now(),
     };
     dispatch(args.backend, &cfg.model, &cfg.training.optimizer(), job)
-}
-
-/// The name of the first weight tensor holding NaN or inf.
-fn first_non_finite(weights: &nca_api::Weights) -> Option<&'static str> {
-    weights
-        .named()
-        .into_iter()
-        .find(|(_, t)| !t.is_finite())
-        .map(|(name, _)| name)
 }
 
 /// The target a checkpoint written by a training run stores beside the weights, checked
