@@ -550,3 +550,24 @@ fn overflowing_hidden_channels_are_refused_before_anything_is_written() {
     assert!(err.contains("hidden_channels"), "{err}");
     assert!(!out.exists(), "a refused run created {}", out.display());
 }
+
+#[test]
+fn a_grid_beyond_the_memory_limit_is_refused_before_anything_is_written() {
+    let tmp = TempDir::new().expect("tempdir");
+    let text = tiny(20, TINY_OUTPUT).replace(
+        "grid: (height: 8, width: 8)",
+        "grid: (height: 100000, width: 100000)",
+    );
+    let cfg = write(tmp.path(), "huge.ron", &text);
+    let out = tmp.path().join("run");
+    let o = nca()
+        .args([cfg.as_os_str(), "--out".as_ref(), out.as_os_str()])
+        .env("RUST_LOG", "warn")
+        .env("NCA_MEMORY_LIMIT", "1G")
+        .output()
+        .expect("runs");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("NCA_MEMORY_LIMIT"), "names the limit: {err}");
+    assert!(!out.exists(), "a refused run created {}", out.display());
+}

@@ -60,13 +60,15 @@ pub(super) fn plan(args: &TrainArgs) -> Result<Plan> {
     let cfg = RunConfig::load(&args.config)?;
     let base = files::parent_dir(&args.config);
     let nca = cfg.nca();
+    // Sizes first: the target and everything after it allocate in proportion to the grid.
+    let limit = nca_api::MemoryLimit::from_env()?;
+    crate::preflight::check_run(&cfg, &nca, args.backend, &limit)?;
     let target = cfg
         .target
         .render(&nca, &base)
         .with_context(|| format!("{}: cannot build the target", args.config.display()))?;
-    // PREFLIGHT (engineer B2, issue 12): once `crate::preflight` lands, call
-    // `crate::preflight::check_run(&cfg, &nca, args.backend, &nca_api::MemoryLimit::from_env()?)?`
-    // here, so sizes that would not fit are refused before the run directory exists.
+    // TODO(engineer A's `Checkpoint::load_limited`): read the resume checkpoint within
+    // `limit` once it lands; until then `Checkpoint::load` reads regular files only.
     let resume = match &args.resume {
         Some(path) => Some(load_resume(path, &nca, &args.config)?),
         None => None,
