@@ -33,6 +33,10 @@ const CONTACT_SHEET_TILES: usize = 12;
 /// Columns of a run's contact sheet.
 const CONTACT_SHEET_COLUMNS: usize = 6;
 
+/// Bytes a run keeps per training step until its end: the `loss.csv` record, the point
+/// `loss.png` plots and the path plotters draws through it.
+const HISTORY_BYTES_PER_STEP: u64 = 64;
+
 /// The names under which a command's sizes are set, for the hints of its refusals.
 #[derive(Clone, Copy, Debug)]
 pub struct Knobs {
@@ -115,8 +119,15 @@ pub fn check_run(
             RUN_KNOBS.grid, RUN_KNOBS.batch, RUN_KNOBS.scale
         ),
     )?;
+    let steps = nca.training.steps;
+    let history = steps.checked_mul(HISTORY_BYTES_PER_STEP);
+    limit.check(
+        &format!("the loss history of {steps} steps (loss.csv's records and loss.png)"),
+        history,
+        "lower training.steps",
+    )?;
     let pictures_at_end = trajectory.max(sheet).max(regrowth.pictures);
-    let end = sum(&[train, Some(regrowth.states), Some(pictures_at_end)]);
+    let end = sum(&[train, history, Some(regrowth.states), Some(pictures_at_end)]);
     limit.check(
         "the end of the run (the trained model, the regrowth score and its pictures, \
          trajectory.gif and the contact sheet)",
@@ -582,6 +593,20 @@ mod tests {
             8 * GIB,
             &["model.hidden_channels"],
         );
+    }
+
+    #[test]
+    fn a_billion_steps_of_history_name_training_steps() {
+        refused(
+            "(training: (steps: 1000000000), target: Solid(1.0, 0.0, 0.0))",
+            8 * GIB,
+            &["loss history of 1000000000 steps", "training.steps"],
+        );
+        check(
+            "(training: (steps: 1000000), target: Solid(1.0, 0.0, 0.0))",
+            GIB,
+        )
+        .expect("a million steps fit");
     }
 
     #[test]
