@@ -115,6 +115,12 @@ pub fn remove_stale_temporaries(dir: &Path) -> Result<usize> {
             removed += 1;
         }
     }
+    for sub in FRAME_DIRS {
+        let frames = dir.join(sub);
+        if frames.is_dir() {
+            removed += remove_stale_temporaries(&frames)?;
+        }
+    }
     Ok(removed)
 }
 
@@ -126,7 +132,10 @@ fn is_own_temporary(name: &str) -> bool {
     let Some((artefact, pid)) = inner.rsplit_once('.') else {
         return false;
     };
-    !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && ARTEFACTS.contains(&artefact)
+    let numbered_frame = artefact.starts_with("step_") && artefact.ends_with(".png");
+    !pid.is_empty()
+        && pid.bytes().all(|b| b.is_ascii_digit())
+        && (ARTEFACTS.contains(&artefact) || numbered_frame)
 }
 
 /// The temporary beside `path` that an atomic write goes through: `.NAME.PID.tmp`, so a
@@ -338,6 +347,17 @@ mod tests {
             next_free_dir(&base).expect("next"),
             tmp.path().join("cat-3")
         );
+    }
+
+    #[test]
+    fn only_own_temporaries_count_as_stale() {
+        assert!(is_own_temporary(".checkpoint.safetensors.1234.tmp"));
+        assert!(is_own_temporary(".summary.json.7.tmp"));
+        assert!(is_own_temporary(".step_000010.png.99.tmp"));
+        assert!(!is_own_temporary(".notes.tmp"));
+        assert!(!is_own_temporary(".checkpoint.safetensors.tmp"));
+        assert!(!is_own_temporary(".mine.txt.12.tmp"));
+        assert!(!is_own_temporary("checkpoint.safetensors.12.tmp"));
     }
 
     #[test]
