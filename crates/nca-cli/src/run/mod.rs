@@ -3,12 +3,12 @@
 //! A run goes through five phases, each in its own module, so that the order the issue
 //! tracker asked for is the order of the code rather than a matter of care:
 //!
-//! 1. [`plan`]: validate and plan. Everything that can be refused is refused here (run
+//! 1. `plan`: validate and plan. Everything that can be refused is refused here (run
 //!    file, target, resume checkpoint, output directory, inputs inside it, what the run
 //!    will need); nothing is created on disk before this phase has passed.
-//! 2. [`dir`]: create the run directory and take its exclusive lock; only then clean it.
-//! 3. [`train`]: train. The first failure is kept as the run's error.
-//! 4. [`artefacts`]: write plots, GIF, contact sheet and regrowth pictures, each
+//! 2. `dir`: create the run directory and take its exclusive lock; only then clean it.
+//! 3. `train`: train. The first failure is kept as the run's error.
+//! 4. `artefacts`: write plots, GIF, contact sheet and regrowth pictures, each
 //!    atomically; their failures are reported after the first one.
 //! 5. The summary (`summary.json`) and the report.
 
