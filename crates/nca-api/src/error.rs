@@ -38,6 +38,14 @@ pub enum TensorError {
         /// Shape found.
         found: Vec<usize>,
     },
+    /// A tensor's element count overflows usize.
+    #[error("{what}: shape {shape:?} has more elements than fit in memory")]
+    TooManyElements {
+        /// What the tensor is.
+        what: String,
+        /// The requested shape.
+        shape: Vec<usize>,
+    },
     /// A tensor needed by the model is absent.
     #[error("missing tensor `{0}`")]
     Missing(String),

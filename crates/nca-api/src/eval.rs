@@ -116,7 +116,8 @@ pub fn eval_noise_seed(run_seed: u64, k: u64) -> u64 {
 }
 
 /// The `[S, C, H, W]` initial state of the evaluation: batch element `i` is N(0, 1) noise
-/// from [`eval_noise_seed`]`(run_seed, i + 1)`.
+/// from [`eval_noise_seed`]`(run_seed, i + 1)`. The shape's element count must fit in
+/// usize ([`regrowth`] checks it; check memory with [`crate::rollout_bytes`] first).
 pub fn eval_initial_state(shape: [usize; 4], run_seed: u64) -> HostTensor {
     let [s, c, h, w] = shape;
     let mut state = HostTensor::zeros(&shape);
@@ -145,7 +146,15 @@ pub fn regrowth<T: Transition>(
     let [_, _, h, w] = target.dims4("target")?;
     let c = transition.model().channels();
     let seeds = options.seeds.max(1);
-    let host = eval_initial_state([seeds, c, h, w], options.run_seed);
+    let shape = [seeds, c, h, w];
+    if crate::tensor::element_count(&shape).is_none() {
+        return Err(TensorError::TooManyElements {
+            what: "regrowth state [seeds, C, H, W] (evaluation seeds)".into(),
+            shape: shape.to_vec(),
+        }
+        .into());
+    }
+    let host = eval_initial_state(shape, options.run_seed);
     if let Some(f) = on_step.as_mut() {
         f(0, &host);
     }
@@ -303,6 +312,23 @@ mod tests {
         fn set_weights(&mut self, _: &crate::Weights) -> Result<(), MockError> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn an_overflowing_seed_count_is_an_error_not_a_panic() {
+        let target = HostTensor::filled(&[1, 3, 4, 5], 0.25);
+        let mut rule = Paint {
+            model: crate::ModelConfig::plain(),
+            picture: target.data().to_vec(),
+        };
+        let opts = RegrowthOptions {
+            steps: 1,
+            run_seed: 0,
+            seeds: usize::MAX,
+            state_clamp: None,
+        };
+        let err = regrowth(&mut rule, &target, &opts, None).expect_err("too many seeds");
+        assert!(err.to_string().contains("evaluation seeds"), "{err}");
     }
 
     #[test]
