@@ -44,9 +44,10 @@ pub struct ParamSpec {
 }
 
 impl ParamSpec {
-    /// Number of scalars in the tensor.
+    /// Number of scalars in the tensor (`usize::MAX` when the shape overflows, which a
+    /// validated config rules out).
     pub fn len(&self) -> usize {
-        self.shape.iter().product()
+        crate::tensor::element_count(&self.shape).unwrap_or(usize::MAX)
     }
 
     /// True for a tensor without elements.
