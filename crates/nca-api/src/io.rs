@@ -273,18 +273,24 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), IoError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut tmp: PathBuf = path.to_path_buf();
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    tmp.set_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let tmp = temporary_path(path);
     let written = write_and_sync(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
     written.map_err(|e| {
         // Best effort: the write error is the one worth reporting.
         let _ = std::fs::remove_file(&tmp);
         io(e)
     })
+}
+
+/// The temporary beside `path` that an atomic write goes through: `.NAME.PID.tmp`, hidden,
+/// and recognisable by its pattern so that a later run can remove one a killed process
+/// left behind.
+pub fn temporary_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
 /// Creates `path`, writes all of `bytes` and flushes them to disk, so a full disk is

@@ -68,10 +68,9 @@ impl CandleTrainer {
             None => grad,
         };
         let (b1, b2) = (f64::from(o.beta1), f64::from(o.beta2));
-        self.adam_step += 1;
-        let t = self.adam_step as f64;
-        let bias1 = 1.0 - b1.powf(t);
-        let bias2_sqrt = (1.0 - b2.powf(t)).sqrt();
+        // Saturating like FlatAdam: a wrapped count of 0 would zero the bias correction.
+        self.adam_step = self.adam_step.saturating_add(1);
+        let (bias1, bias2_sqrt) = nca_api::optim::bias_corrections(self.adam_step, &o);
         let step_size = f64::from(o.learning_rate) / bias1;
         let m = (self.adam_m.affine(b1, 0.0)? + grad.affine(1.0 - b1, 0.0)?)?;
         let v = (self.adam_v.affine(b2, 0.0)? + grad.sqr()?.affine(1.0 - b2, 0.0)?)?;

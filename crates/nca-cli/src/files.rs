@@ -138,24 +138,17 @@ fn is_own_temporary(name: &str) -> bool {
         && (ARTEFACTS.contains(&artefact) || numbered_frame)
 }
 
-/// The temporary beside `path` that an atomic write goes through: `.NAME.PID.tmp`, so a
-/// crash never leaves a half-written file under the final name, and a later `--force` can
-/// recognise and remove it.
-pub fn temporary_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
-}
+pub use nca_api::io::temporary_path;
 
-/// Writes `bytes` to `path` through [`temporary_path`] and a rename; on failure the
-/// temporary is removed and `path` is untouched.
+/// Writes `bytes` to `path` through [`temporary_path`], a sync and a rename; on failure
+/// the temporary is removed and `path` is untouched.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_artefact(path, |tmp| {
-        std::fs::write(tmp, bytes).map_err(anyhow::Error::new)
+    nca_api::io::write_atomically(path, bytes).map_err(|e| match e {
+        nca_api::IoError::Io { source, .. } => {
+            anyhow::Error::new(source).context(format!("cannot write {}", path.display()))
+        }
+        other => anyhow::Error::new(other),
     })
-    .map(|_| ())
 }
 
 /// Lets `write` produce the file at a temporary path and renames it to `path` when it
@@ -275,36 +268,6 @@ impl CheckpointParts<'_> {
         })?;
         write_atomically(path, &bytes)
     }
-}
-
-/// The first tensor of `ckpt` holding NaN or infinity (weights, `adam.m.*`, `adam.v.*`,
-/// `state`), by name: such a checkpoint is not one to keep or resume from.
-pub fn first_non_finite(ckpt: &Checkpoint) -> Option<String> {
-    let weights = ckpt
-        .weights
-        .named()
-        .into_iter()
-        .map(|(n, t)| (n.to_string(), t));
-    let adam = ckpt.adam.iter().flat_map(|a| {
-        let m =
-            a.m.named()
-                .into_iter()
-                .map(|(n, t)| (format!("adam.m.{n}"), t));
-        let v =
-            a.v.named()
-                .into_iter()
-                .map(|(n, t)| (format!("adam.v.{n}"), t));
-        m.chain(v)
-    });
-    let state = ckpt
-        .state
-        .iter()
-        .map(|t| (nca_api::checkpoint::STATE_TENSOR.to_string(), t));
-    weights
-        .chain(adam)
-        .chain(state)
-        .find(|(_, t)| !t.is_finite())
-        .map(|(name, _)| name)
 }
 
 /// The target stored in a checkpoint written by the CLI, if any.

@@ -453,7 +453,7 @@ fn a_diverging_run_never_keeps_a_checkpoint_with_non_finite_tensors() {
     if path.exists() {
         let ckpt = Checkpoint::load(&path).expect("loads");
         assert!(
-            nca_cli::files::first_non_finite(&ckpt).is_none(),
+            ckpt.first_non_finite().is_none(),
             "kept checkpoint of step {} is not finite; stderr: {err}",
             ckpt.progress.step
         );

@@ -188,7 +188,7 @@ fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
 
 fn load_resume(path: &Path, nca: &NcaConfig, config_path: &Path) -> Result<Resume> {
     let ckpt = read_checkpoint(path)?;
-    if let Some(tensor) = files::first_non_finite(&ckpt) {
+    if let Some(tensor) = ckpt.first_non_finite() {
         bail!(
             "cannot resume from {}: tensor `{tensor}` holds NaN or infinite values, so \
              training would diverge at once; resume from an earlier checkpoint or start a \

@@ -538,7 +538,7 @@ impl RunObserver<'_> {
     ) -> Result<()> {
         self.flush_csv()?;
         let ckpt = self.parts.capture(t, state, progress)?;
-        if let Some(tensor) = files::first_non_finite(&ckpt) {
+        if let Some(tensor) = ckpt.first_non_finite() {
             return Err(NonFiniteCheckpoint {
                 step: progress.step,
                 tensor,
