@@ -99,6 +99,13 @@ pub fn web_weights(checkpoint: &Path) -> Result<Vec<u8>> {
     if v != 1 && v != 3 {
         bail!("the checkpoint has {v} visible channels; the page shows 1 (grey) or 3 (RGB)");
     }
+    if let Some(name) = ckpt.weights.first_non_finite() {
+        bail!(
+            "checkpoint {}: tensor `{name}` holds NaN or inf values, so the page could not \
+             run the rule (the checkpoint was probably written by a run that diverged)",
+            checkpoint.display()
+        );
+    }
     let target = files::checkpoint_target(checkpoint)?;
     let mut file: TensorFile = Checkpoint {
         adam: None,
@@ -239,4 +246,33 @@ fn answer(dir: &Path, mut stream: TcpStream) -> Result<()> {
         stream.write_all(&body)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_weights_are_refused_naming_the_tensor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = nca_api::NcaConfig::default();
+        let mut weights = nca_api::Weights::init(&config.model, 0);
+        weights.get_mut("wk").expect("wk").data_mut()[0] = f32::INFINITY;
+        let path = dir.path().join("nan.safetensors");
+        Checkpoint {
+            config,
+            weights,
+            adam: None,
+            progress: nca_api::Progress::default(),
+            state: None,
+            backend: "test".into(),
+        }
+        .save(&path)
+        .expect("save");
+        let msg = format!("{:#}", web_weights(&path).expect_err("refused"));
+        assert!(
+            msg.contains("`wk`") && msg.contains("nan.safetensors"),
+            "{msg}"
+        );
+    }
 }

@@ -18,13 +18,19 @@ const ADDRESS_SPACE_KIB: u64 = 4_000_000;
 /// Longest any of these commands may take: a refusal is immediate, a hang is a failure.
 const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The binary under test: this build's, or `$NCA_CLI_UNDER_TEST` to run the same
+/// reproductions against another build (e.g. one from before the fix, to see them fail).
+fn binary() -> std::ffi::OsString {
+    std::env::var_os("NCA_CLI_UNDER_TEST").unwrap_or_else(|| env!("CARGO_BIN_EXE_nca-cli").into())
+}
+
 /// Runs `nca-cli ARGS` under `ulimit -v` with `NCA_MEMORY_LIMIT=memory`.
 fn limited<S: AsRef<std::ffi::OsStr>>(memory: &str, args: &[S]) -> Output {
     let script = format!("ulimit -v {ADDRESS_SPACE_KIB}; exec \"$0\" \"$@\"");
     assert_cmd::Command::new("bash")
         .arg("-c")
         .arg(script)
-        .arg(env!("CARGO_BIN_EXE_nca-cli"))
+        .arg(binary())
         .args(args)
         .env("RUST_LOG", "warn")
         .env("NCA_MEMORY_LIMIT", memory)
