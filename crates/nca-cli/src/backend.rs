@@ -57,16 +57,11 @@ impl Backend {
     }
 }
 
-/// Most channels (visible + hidden) the ndarray backend's per-cell scratch holds.
-///
-/// nca-ndarray keeps this limit private (`kernel::MAX_CHANNELS`) and reports it only when
-/// a trainer is built; it is repeated here so a run is refused before anything is
-/// written, and a test builds real trainers on both sides of it to keep the two in step.
-pub const NDARRAY_MAX_CHANNELS: usize = 32;
+/// Most channels (visible + hidden) the ndarray backend supports.
+pub const NDARRAY_MAX_CHANNELS: usize = nca_ndarray::MAX_CHANNELS;
 
-/// Largest `model.attention_dim` the ndarray backend's per-cell scratch holds
-/// (nca-ndarray's private `kernel::MAX_DIM`, kept in step by the same test).
-pub const NDARRAY_MAX_ATTENTION_DIM: usize = 64;
+/// Largest `model.attention_dim` the ndarray backend supports.
+pub const NDARRAY_MAX_ATTENTION_DIM: usize = nca_ndarray::MAX_DIM;
 
 impl Backend {
     /// Checks `model` against this backend's own limits (beyond nca-api's validation) and
@@ -155,7 +150,7 @@ pub fn not_compiled(backend: Backend) -> anyhow::Error {
 mod tests {
     use super::*;
 
-    /// The limits repeated here are exactly where nca-ndarray's trainer starts refusing.
+    /// The limits checked here are exactly where nca-ndarray's trainer starts refusing.
     #[test]
     fn ndarray_limits_match_the_backend() {
         let optimizer = OptimizerConfig::default();

@@ -41,7 +41,7 @@ const GIF_HOLD_FRAMES: usize = 12;
 /// change and a GIF pays for each one).
 fn in_gif(step: u64, steps: u64) -> bool {
     let every = steps.div_ceil(GIF_LATER_FRAMES).max(1);
-    step <= GIF_EVERY_STEP_UNTIL || step % every == 0 || step == steps
+    step <= GIF_EVERY_STEP_UNTIL || step.is_multiple_of(every) || step == steps
 }
 
 /// States a scored regrowth with pictures keeps in memory for `steps` steps (those of
@@ -55,7 +55,7 @@ fn gif_states(steps: u64) -> u64 {
     let every = steps.div_ceil(GIF_LATER_FRAMES).max(1);
     let early = steps.min(GIF_EVERY_STEP_UNTIL) + 1;
     let later = (steps / every).saturating_sub(GIF_EVERY_STEP_UNTIL / every);
-    let last = u64::from(steps > GIF_EVERY_STEP_UNTIL && steps % every != 0);
+    let last = u64::from(steps > GIF_EVERY_STEP_UNTIL && !steps.is_multiple_of(every));
     early + later + last
 }
 

@@ -268,8 +268,6 @@ fn force_removes_stale_temporaries_of_killed_runs_but_not_user_files() {
 }
 
 /// Holds the lock of `dir` as a running nca-cli would: the lock file, locked, with a pid.
-// `File::try_lock`: Rust 1.89+, see `run/dir.rs`.
-#[allow(clippy::incompatible_msrv)]
 fn hold_lock(dir: &Path, pid: &str) -> std::fs::File {
     let file = std::fs::OpenOptions::new()
         .read(true)

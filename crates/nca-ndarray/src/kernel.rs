@@ -28,9 +28,10 @@ use nca_api::{FlatLayout, ModelConfig, NEIGHBOURS};
 
 use crate::simd::{softmax_in_place, Fused, MulAdd, Separate, F8, LANES};
 
-/// Largest attention dimension the per-block scratch supports.
+/// Largest `attention_dim` the backend supports (its per-block scratch is sized for it).
 pub const MAX_DIM: usize = 64;
-/// Largest channel count the per-block scratch supports.
+/// Most channels (visible + hidden) the backend supports (its per-block scratch is sized
+/// for them).
 pub const MAX_CHANNELS: usize = 32;
 
 /// Offsets of each tensor in the kernel's parameter (and gradient) vector: the
@@ -664,7 +665,7 @@ mod tests {
             let g = Geometry::new(b, h, w);
             assert!(g.unit_rows * g.units_per_item >= h);
             assert!(g.unit_rows * (g.units_per_item - 1) < h);
-            assert!(g.wr >= w && g.wr % LANES == 0);
+            assert!(g.wr >= w && g.wr.is_multiple_of(LANES));
         }
     }
 }

@@ -49,7 +49,8 @@ use nca_api::{
 };
 
 use dense::{DenseLayout, DenseWorkspace};
-use kernel::{Geometry, Layout, Mode, Workspace, MAX_CHANNELS, MAX_DIM};
+use kernel::{Geometry, Layout, Mode, Workspace};
+pub use kernel::{MAX_CHANNELS, MAX_DIM};
 
 /// Errors of the ndarray backend.
 #[derive(Debug, thiserror::Error)]

@@ -44,9 +44,6 @@ impl RunDir {
 
 /// Takes the exclusive lock of `dir` and writes this process's pid into the lock file; a
 /// directory locked by another process is refused at once, naming that process.
-// `File::try_lock` is stable since Rust 1.89 (the toolchain is 1.95); the workspace's
-// `rust-version` still says 1.85 and should be raised with this.
-#[allow(clippy::incompatible_msrv)]
 pub(super) fn lock(dir: &Path) -> Result<File> {
     let path = dir.join(files::LOCK_FILE);
     // Not truncated on open: the holder's pid must stay readable for the message below.

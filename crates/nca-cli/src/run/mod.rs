@@ -1,7 +1,8 @@
 //! `nca-cli run.ron`: train, watch, and leave a complete run directory behind.
 //!
-//! A run goes through five phases, each in its own module, so that the order the issue
-//! tracker asked for is the order of the code rather than a matter of care:
+//! A run goes through five phases, each in its own module, so that "refuse before
+//! writing" and "first failure first" are the order of the code rather than a matter of
+//! care:
 //!
 //! 1. `plan`: validate and plan. Everything that can be refused is refused here (run
 //!    file, target, resume checkpoint, output directory, inputs inside it, what the run

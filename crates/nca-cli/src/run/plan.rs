@@ -62,15 +62,14 @@ pub(super) fn plan(args: &TrainArgs) -> Result<Plan> {
     let nca = cfg.nca();
     // Sizes first: the target and everything after it allocate in proportion to the grid.
     let limit = nca_api::MemoryLimit::from_env()?;
-    crate::preflight::check_run(&cfg, &nca, args.backend, &limit)?;
+    crate::preflight::check_run(&cfg, &nca, args.backend, &limit)
+        .with_context(|| format!("{}: the run cannot start", args.config.display()))?;
     let target = cfg
         .target
-        .render(&nca, &base)
+        .render_limited(&nca, &base, &limit)
         .with_context(|| format!("{}: cannot build the target", args.config.display()))?;
-    // TODO(engineer A's `Checkpoint::load_limited`): read the resume checkpoint within
-    // `limit` once it lands; until then `Checkpoint::load` reads regular files only.
     let resume = match &args.resume {
-        Some(path) => Some(load_resume(path, &nca, &args.config)?),
+        Some(path) => Some(load_resume(path, &nca, &args.config, &limit)?),
         None => None,
     };
     let out = choose_out_dir(args, &cfg)?;
@@ -175,8 +174,8 @@ fn refuse_inputs_inside(out: &Path, inputs: &[(&str, PathBuf)], force: bool) -> 
 }
 
 /// Reads a checkpoint, turning a read error into one sentence (the I/O error's text once).
-fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
-    match Checkpoint::load(path) {
+fn read_checkpoint(path: &Path, limit: &nca_api::MemoryLimit) -> Result<Checkpoint> {
+    match Checkpoint::load_limited(path, limit) {
         Ok(c) => Ok(c),
         Err(IoError::Io { source, .. }) => Err(anyhow!(
             "cannot resume from {}: cannot read it: {source}",
@@ -186,8 +185,13 @@ fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
     }
 }
 
-fn load_resume(path: &Path, nca: &NcaConfig, config_path: &Path) -> Result<Resume> {
-    let ckpt = read_checkpoint(path)?;
+fn load_resume(
+    path: &Path,
+    nca: &NcaConfig,
+    config_path: &Path,
+    limit: &nca_api::MemoryLimit,
+) -> Result<Resume> {
+    let ckpt = read_checkpoint(path, limit)?;
     if let Some(tensor) = ckpt.first_non_finite() {
         bail!(
             "cannot resume from {}: tensor `{tensor}` holds NaN or infinite values, so \

@@ -611,19 +611,19 @@ impl RunObserver<'_> {
             spiked: info.spiked,
             spikes: info.spikes,
         })?;
-        if info.step % self.frame_every == 0 {
+        if info.step.is_multiple_of(self.frame_every) {
             self.frame(ctx.trainer, ctx.state, info.step, info.spiked)?;
         }
-        if info.step % self.snapshot_every == 0 {
+        if info.step.is_multiple_of(self.snapshot_every) {
             self.snapshot(ctx.trainer, ctx.state, info.step, info.spiked)?;
             self.flush_csv()?;
         }
-        if info.step % self.checkpoint_every == 0 {
+        if info.step.is_multiple_of(self.checkpoint_every) {
             self.checkpoint(ctx.trainer, ctx.state, ctx.progress)?;
         }
         if let Some(bar) = &self.bar {
             bar.set_position(info.step);
-            if info.step % 10 == 0 || info.spiked {
+            if info.step.is_multiple_of(10) || info.spiked {
                 let (t0, s0) = self.last_log;
                 let rate = (info.step - s0) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
                 bar.set_message(format!(
@@ -631,7 +631,7 @@ impl RunObserver<'_> {
                     info.loss, info.spikes
                 ));
             }
-        } else if info.step % self.snapshot_every == 0 {
+        } else if info.step.is_multiple_of(self.snapshot_every) {
             let (t0, s0) = self.last_log;
             let rate = (info.step - s0) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
             tracing::info!(
