@@ -570,8 +570,18 @@ impl RunObserver<'_> {
         render::snapshot(&host, Some(self.target), self.visible, self.scale)
     }
 
-    fn save_picture(img: &image::RgbImage, path: &Path) -> Result<()> {
-        files::write_artefact(path, |tmp| render::save_png(img, tmp)).map(|_| ())
+    /// Writes the picture of `step` as `dir/STEP.png` (a snapshot or a GIF frame).
+    fn save_step_picture<T: Trainer>(
+        &self,
+        dir: &Path,
+        t: &T,
+        state: &T::State,
+        step: u64,
+        spiked: bool,
+    ) -> Result<()> {
+        let img = self.picture(t, state, step, spiked)?;
+        let path = render::step_path(dir, step);
+        files::write_artefact(&path, |tmp| render::save_png(&img, tmp)).map(|_| ())
     }
 
     fn snapshot<T: Trainer>(
@@ -581,8 +591,7 @@ impl RunObserver<'_> {
         step: u64,
         spiked: bool,
     ) -> Result<()> {
-        let img = self.picture(t, state, step, spiked)?;
-        Self::save_picture(&img, &render::step_path(self.snap_dir, step))?;
+        self.save_step_picture(self.snap_dir, t, state, step, spiked)?;
         self.last_snapshot = Some(step);
         if step == 0 {
             self.frame(t, state, step, spiked)?;
@@ -597,8 +606,7 @@ impl RunObserver<'_> {
         step: u64,
         spiked: bool,
     ) -> Result<()> {
-        let img = self.picture(t, state, step, spiked)?;
-        Self::save_picture(&img, &render::step_path(self.frame_dir, step))?;
+        self.save_step_picture(self.frame_dir, t, state, step, spiked)?;
         self.last_frame = Some(step);
         Ok(())
     }
