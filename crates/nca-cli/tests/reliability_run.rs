@@ -9,8 +9,16 @@ use std::time::{Duration, Instant};
 use nca_api::{Checkpoint, HostTensor, TensorFile};
 use tempfile::TempDir;
 
+/// The binary under test: this build's, or `$NCA_CLI_UNDER_TEST` to run the same
+/// reproductions against another build (e.g. one from before the fix, to see them fail).
+fn binary() -> PathBuf {
+    std::env::var_os("NCA_CLI_UNDER_TEST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| assert_cmd::cargo::cargo_bin!("nca-cli").to_path_buf())
+}
+
 fn nca() -> assert_cmd::Command {
-    assert_cmd::cargo::cargo_bin_cmd!("nca-cli")
+    assert_cmd::Command::new(binary())
 }
 
 /// A tiny, fast run file: 8×8 grid, `steps` steps, green target.
@@ -331,7 +339,7 @@ fn a_locked_run_directory_is_refused_at_once_naming_the_holder() {
 /// Runs nca-cli under `ulimit -f KIB` (files may not grow past it; SIGXFSZ ignored, so
 /// a write past it fails with EFBIG like a full disk), or `None` without bash.
 fn run_with_file_limit(kib: u64, args: &[&Path]) -> Option<Output> {
-    let bin = assert_cmd::cargo::cargo_bin!("nca-cli");
+    let bin = binary();
     let mut script = format!("trap '' XFSZ; ulimit -f {kib}; exec '{}'", bin.display());
     for a in args {
         script.push_str(&format!(" '{}'", a.display()));
@@ -485,7 +493,7 @@ fn sigkill_after_a_checkpoint_then_resume_leaves_no_gap_in_loss_csv() {
         ),
     );
     let out = tmp.path().join("run");
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("nca-cli"))
+    let mut child = std::process::Command::new(binary())
         .arg(&long)
         .arg("--out")
         .arg(&out)
