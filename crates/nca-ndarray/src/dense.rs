@@ -39,9 +39,13 @@ use nca_api::{FlatLayout, ModelConfig, NEIGHBOURS};
 
 use crate::gemm::{self, Epilogue, Start, Vector};
 use crate::kernel::{Geometry, Mode, MAX_DIM};
-use crate::simd::{softmax_in_place, Fused, MulAdd, Separate, F16, F8, LANES};
+use crate::simd::{softmax_in_place, MulAdd, Separate, F8, LANES};
+#[cfg(target_arch = "x86_64")]
+use crate::simd::{Fused, F16};
 
 /// Which instructions the dense path is compiled for, chosen once per run.
+// Elsewhere than x86-64 (aarch64, the browser's wasm32) only `Base` is ever detected.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Isa {
     /// Baseline x86-64 (or another architecture): separate multiply and add, [`F8`].

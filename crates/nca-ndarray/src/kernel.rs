@@ -26,7 +26,9 @@ use rayon::prelude::*;
 
 use nca_api::{FlatLayout, ModelConfig, NEIGHBOURS};
 
-use crate::simd::{softmax_in_place, Fused, MulAdd, Separate, F8, LANES};
+#[cfg(target_arch = "x86_64")]
+use crate::simd::Fused;
+use crate::simd::{softmax_in_place, MulAdd, Separate, F8, LANES};
 
 /// Largest `attention_dim` the backend supports (its per-block scratch is sized for it).
 pub const MAX_DIM: usize = 64;

@@ -110,6 +110,7 @@ impl MulAdd for Separate {
 }
 
 /// Fused multiply-add; only used inside functions compiled with the `fma` feature.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Clone, Copy)]
 pub struct Fused;
 
@@ -130,6 +131,7 @@ impl MulAdd for Fused {
 
 /// Sixteen `f32` lanes: one AVX-512 register, or two AVX2 ones. Used by the dense
 /// matrix products ([`crate::gemm`]) on CPUs with AVX-512.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[repr(align(64))]
 pub struct F16(pub [f32; 16]);
