@@ -135,6 +135,28 @@ pub enum Epilogue<'a> {
     Mask(&'a [f32]),
 }
 
+/// Calls `$tile!(R, V)` for a register tile of `$rows` ≤ [`MR`] rows and `$cols` ≤ [`NV`]
+/// vector columns: tile sizes are const generics, so each shape is spelled out once here
+/// for both products.
+macro_rules! for_tile_shape {
+    ($rows:expr, $cols:expr, $tile:ident) => {
+        match ($rows, $cols) {
+            (4, 3) => $tile!(4, 3),
+            (4, 2) => $tile!(4, 2),
+            (4, _) => $tile!(4, 1),
+            (3, 3) => $tile!(3, 3),
+            (3, 2) => $tile!(3, 2),
+            (3, _) => $tile!(3, 1),
+            (2, 3) => $tile!(2, 3),
+            (2, 2) => $tile!(2, 2),
+            (2, _) => $tile!(2, 1),
+            (_, 3) => $tile!(1, 3),
+            (_, 2) => $tile!(1, 2),
+            _ => $tile!(1, 1),
+        }
+    };
+}
+
 /// `out[i][c] = start + Σ_k w(i, k) · b[k][c]` for `i < m`, `c < n`, with
 /// `w(i, k) = w[i·rsw + k·csw]`, rows of `b` `ldb` apart and rows of `out` `ldo` apart;
 /// `n` is a multiple of eight.
@@ -163,20 +185,7 @@ pub fn project<V: Vector, A: MulAdd>(
                     project_tile::<$r, $v, V, A>(i, j, k, w, rsw, csw, b, ldb, out, ldo, start, epi)
                 };
             }
-            match (rows, step) {
-                (4, 3) => tile!(4, 3),
-                (4, 2) => tile!(4, 2),
-                (4, _) => tile!(4, 1),
-                (3, 3) => tile!(3, 3),
-                (3, 2) => tile!(3, 2),
-                (3, _) => tile!(3, 1),
-                (2, 3) => tile!(2, 3),
-                (2, 2) => tile!(2, 2),
-                (2, _) => tile!(2, 1),
-                (_, 3) => tile!(1, 3),
-                (_, 2) => tile!(1, 2),
-                _ => tile!(1, 1),
-            }
+            for_tile_shape!(rows, step, tile);
             i += rows;
         }
         j += step;
@@ -255,20 +264,7 @@ pub fn reduce<V: Vector, A: MulAdd>(
                     reduce_tile::<$r, $c, V, A>(i, j, cells, a, lda, b, ldb, out, rso, cso)
                 };
             }
-            match (rows, cols) {
-                (4, 3) => tile!(4, 3),
-                (4, 2) => tile!(4, 2),
-                (4, _) => tile!(4, 1),
-                (3, 3) => tile!(3, 3),
-                (3, 2) => tile!(3, 2),
-                (3, _) => tile!(3, 1),
-                (2, 3) => tile!(2, 3),
-                (2, 2) => tile!(2, 2),
-                (2, _) => tile!(2, 1),
-                (_, 3) => tile!(1, 3),
-                (_, 2) => tile!(1, 2),
-                _ => tile!(1, 1),
-            }
+            for_tile_shape!(rows, cols, tile);
             j += cols;
         }
         i += rows;
