@@ -82,11 +82,7 @@ pub fn plot_psnr(path: &Path, points: &[(u64, f64)]) -> Result<()> {
     }
     register_font()?;
     let pts: Vec<(f64, f64)> = points.iter().map(|&(s, p)| (s as f64, p)).collect();
-    let (mut x0, mut x1) = (pts[0].0, pts[pts.len() - 1].0);
-    if x1 <= x0 {
-        x0 -= 1.0;
-        x1 += 1.0;
-    }
+    let (x0, x1) = step_range(&pts);
     let hi = pts.iter().map(|p| p.1).fold(10.0, f64::max);
     let hi = (hi / 5.0).ceil() * 5.0 + 5.0;
     let (w, h) = (960u32, 540u32);
@@ -122,6 +118,20 @@ pub fn plot_psnr(path: &Path, points: &[(u64, f64)]) -> Result<()> {
     save_rgb(path, &buf, w, h)
 }
 
+/// The x range of a plot of `pts` (sorted by step), widened around a single step so the
+/// axis is never empty.
+fn step_range(pts: &[(f64, f64)]) -> (f64, f64) {
+    let (first, last) = match (pts.first(), pts.last()) {
+        (Some(f), Some(l)) => (f.0, l.0),
+        _ => (0.0, 0.0),
+    };
+    if last > first {
+        (first, last)
+    } else {
+        (first - 1.0, last + 1.0)
+    }
+}
+
 fn save_rgb(path: &Path, buf: &[u8], w: u32, h: u32) -> Result<()> {
     image::save_buffer_with_format(
         path,
@@ -147,11 +157,7 @@ pub fn plot_loss(path: &Path, records: &[LossRecord], epsilon: f32) -> Result<()
     }
     register_font()?;
     let eps = f64::from(epsilon);
-    let (mut x0, mut x1) = (pts[0].0, pts[pts.len() - 1].0);
-    if x1 <= x0 {
-        x0 -= 1.0;
-        x1 += 1.0;
-    }
+    let (x0, x1) = step_range(&pts);
     let lo = pts.iter().map(|p| p.1).fold(eps, f64::min) / 2.0;
     // A decade of headroom above the curve keeps the legend (upper right) off it.
     let hi = pts.iter().map(|p| p.1).fold(eps, f64::max) * 20.0;
