@@ -121,11 +121,26 @@ impl Checkpoint {
     /// the state's batch must be the config's `grid.batch`. Non-finite values are not
     /// refused here: [`Checkpoint::first_non_finite`] names them for callers to decide.
     pub fn from_bytes(bytes: &[u8], path: &Path, limit: &MemoryLimit) -> Result<Self, IoError> {
+        let file =
+            TensorFile::from_bytes_limited(bytes, limit).map_err(|message| IoError::Format {
+                path: path.to_path_buf(),
+                message,
+            })?;
+        Self::from_file(file, path, limit).map(|(ckpt, _rest)| ckpt)
+    }
+
+    /// The checkpoint in an already parsed `file`, checked as [`Checkpoint::from_bytes`]
+    /// says, and the rest of the file: the tensors the checkpoint does not use and all
+    /// metadata, for callers that keep more in the same file (so it is read only once).
+    pub fn from_file(
+        mut file: TensorFile,
+        path: &Path,
+        limit: &MemoryLimit,
+    ) -> Result<(Self, TensorFile), IoError> {
         let format = |message: String| IoError::Format {
             path: path.to_path_buf(),
             message,
         };
-        let mut file = TensorFile::from_bytes_limited(bytes, limit).map_err(format)?;
         let config_json = file.metadata.get(META_CONFIG).ok_or_else(|| {
             format(format!(
                 "no `{META_CONFIG}` metadata: not an nca checkpoint (weights-only files can \
@@ -203,14 +218,16 @@ impl Checkpoint {
                 )));
             }
         }
-        Ok(Self {
+        let backend = file.metadata.get(META_BACKEND).cloned().unwrap_or_default();
+        let ckpt = Self {
             config,
             weights,
             adam,
             progress,
             state,
-            backend: file.metadata.get(META_BACKEND).cloned().unwrap_or_default(),
-        })
+            backend,
+        };
+        Ok((ckpt, file))
     }
 
     /// The name of the first tensor holding NaN or infinity: a weight (`wq`, …), an Adam

@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use nca_api::{Checkpoint, HostTensor, NcaConfig, Progress, TensorFile, Trainer};
+use nca_api::{
+    Checkpoint, HostTensor, IoError, MemoryLimit, NcaConfig, Progress, TensorFile, Trainer,
+};
 use serde::Serialize;
 
 /// Metadata key under which the CLI stores the resolved RON run config in a checkpoint.
@@ -270,18 +272,30 @@ impl CheckpointParts<'_> {
     }
 }
 
-/// The target stored in a checkpoint written by the CLI, if any.
-pub fn checkpoint_target(path: &Path) -> Result<Option<HostTensor>> {
-    let mut file = TensorFile::read(path)?;
-    Ok(file.tensors.remove(TARGET_TENSOR))
+/// A checkpoint written by the CLI, read from disk once: the checkpoint and what the CLI
+/// stores beside it in the same file.
+pub struct CliCheckpoint {
+    /// Weights, optimiser state, progress and carried state.
+    pub ckpt: Checkpoint,
+    /// The `[B, V, H, W]` target ([`TARGET_TENSOR`]), if stored.
+    pub target: Option<HostTensor>,
+    /// The resolved RON run file ([`META_RUN_CONFIG`]), if stored and still parseable.
+    pub run_config: Option<crate::config::RunConfig>,
 }
 
-/// The resolved run file stored in a checkpoint written by the CLI, if it has one that
-/// still parses.
-pub fn checkpoint_run_config(path: &Path) -> Option<crate::config::RunConfig> {
-    let file = TensorFile::read(path).ok()?;
-    let text = file.metadata.get(META_RUN_CONFIG)?;
-    crate::config::RunConfig::from_ron(text, &path.display().to_string()).ok()
+/// Reads a checkpoint within `limit` (a regular file, sizes checked before reading; see
+/// [`Checkpoint::from_bytes`]) together with the target and run file the CLI stores in it.
+pub fn load_checkpoint(path: &Path, limit: &MemoryLimit) -> Result<CliCheckpoint, IoError> {
+    let file = TensorFile::read_limited(path, limit)?;
+    let (ckpt, mut rest) = Checkpoint::from_file(file, path, limit)?;
+    let run_config = rest.metadata.get(META_RUN_CONFIG).and_then(|text| {
+        crate::config::RunConfig::from_ron(text, &path.display().to_string()).ok()
+    });
+    Ok(CliCheckpoint {
+        ckpt,
+        target: rest.tensors.remove(TARGET_TENSOR),
+        run_config,
+    })
 }
 
 /// Writes `value` as pretty JSON, atomically.

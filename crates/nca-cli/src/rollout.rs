@@ -103,7 +103,11 @@ pub fn rollout_command(args: RolloutArgs) -> Result<Finish> {
     }
     let limit = &args.memory;
     let path = &args.checkpoint;
-    let ckpt = Checkpoint::load_limited(path, limit)
+    let files::CliCheckpoint {
+        ckpt,
+        target,
+        run_config,
+    } = files::load_checkpoint(path, limit)
         .with_context(|| format!("cannot load checkpoint {}", path.display()))?;
     // Only the weights matter here: Adam's moments and the carried state are not used.
     if let Some(name) = ckpt.weights.first_non_finite() {
@@ -121,17 +125,9 @@ pub fn rollout_command(args: RolloutArgs) -> Result<Finish> {
             path.display()
         );
     }
-    let file = TensorFile::read_limited(path, limit)
-        .with_context(|| format!("cannot load checkpoint {}", path.display()))?;
-    let target = stored_target(&file, cfg, path)?;
+    let target = checked_target(target, cfg, path)?;
     // The run's own evaluation settings, so the score matches its summary.json.
-    let mut evaluation = file
-        .metadata
-        .get(files::META_RUN_CONFIG)
-        .and_then(|text| crate::config::RunConfig::from_ron(text, &path.display().to_string()).ok())
-        .map(|r| r.evaluation)
-        .unwrap_or_default();
-    drop(file);
+    let mut evaluation = run_config.map(|r| r.evaluation).unwrap_or_default();
     if let Some(s) = args.eval_steps {
         evaluation.steps = s;
     }
@@ -194,8 +190,12 @@ pub fn rollout_command(args: RolloutArgs) -> Result<Finish> {
 
 /// The target a checkpoint written by a training run stores beside the weights, checked
 /// against its model and grid (`None` when it holds none).
-fn stored_target(file: &TensorFile, cfg: &NcaConfig, path: &Path) -> Result<Option<HostTensor>> {
-    let Some(target) = file.tensors.get(files::TARGET_TENSOR) else {
+fn checked_target(
+    target: Option<HostTensor>,
+    cfg: &NcaConfig,
+    path: &Path,
+) -> Result<Option<HostTensor>> {
+    let Some(target) = target else {
         return Ok(None);
     };
     let (v, h, w) = (cfg.model.visible_channels, cfg.grid.height, cfg.grid.width);
@@ -216,7 +216,7 @@ fn stored_target(file: &TensorFile, cfg: &NcaConfig, path: &Path) -> Result<Opti
             files::TARGET_TENSOR
         );
     }
-    Ok(Some(target.clone()))
+    Ok(Some(target))
 }
 
 /// Reads the `[B, C, H, W]` tensor `state` of an `--init` file for a rollout of `cfg`'s

@@ -93,8 +93,9 @@ pub fn web_command(args: &WebArgs) -> Result<Finish> {
 /// checkpoints arrive as the plain model), weights and target, without optimiser state or
 /// carried state: the page grows from fresh noise.
 pub fn web_weights(checkpoint: &Path) -> Result<Vec<u8>> {
-    let ckpt = Checkpoint::load(checkpoint)
-        .with_context(|| format!("cannot load checkpoint {}", checkpoint.display()))?;
+    let files::CliCheckpoint { ckpt, target, .. } =
+        files::load_checkpoint(checkpoint, &nca_api::MemoryLimit::from_env()?)
+            .with_context(|| format!("cannot load checkpoint {}", checkpoint.display()))?;
     let v = ckpt.config.model.visible_channels;
     if v != 1 && v != 3 {
         bail!("the checkpoint has {v} visible channels; the page shows 1 (grey) or 3 (RGB)");
@@ -106,7 +107,6 @@ pub fn web_weights(checkpoint: &Path) -> Result<Vec<u8>> {
             checkpoint.display()
         );
     }
-    let target = files::checkpoint_target(checkpoint)?;
     let mut file: TensorFile = Checkpoint {
         adam: None,
         state: None,
