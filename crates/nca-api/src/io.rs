@@ -210,13 +210,12 @@ fn kind_of(file_type: std::fs::FileType) -> &'static str {
     }
 }
 
-/// The bytes of `path`, which must be a regular file no larger than `limit`.
+/// Opens `path` for reading if it is a regular file, with its metadata.
 ///
 /// The type is checked before opening (opening a FIFO for reading blocks until a writer
-/// comes), and the file is opened non-blocking and checked again, so a FIFO swapped in
-/// between cannot hang either. The size is checked before reading, and reading stops
-/// past the limit in case the file grows meanwhile.
-pub fn read_regular_file(path: &Path, limit: &MemoryLimit) -> Result<Vec<u8>, IoError> {
+/// comes, and a directory or device is no data file); on unix the file is opened
+/// non-blocking and checked again, so a FIFO swapped in between cannot hang either.
+pub fn open_regular_file(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), IoError> {
     let io = |source| IoError::Io {
         path: path.to_path_buf(),
         source,
@@ -225,19 +224,10 @@ pub fn read_regular_file(path: &Path, limit: &MemoryLimit) -> Result<Vec<u8>, Io
         path: path.to_path_buf(),
         message: format!("{}, expected a regular file", kind_of(file_type)),
     };
-    let too_large = |source| IoError::Memory {
-        path: path.to_path_buf(),
-        source,
-    };
     let meta = std::fs::metadata(path).map_err(io)?;
     if !meta.is_file() {
         return Err(not_regular(meta.file_type()));
     }
-    let what = "reading the file";
-    let hint = "is it the right file?";
-    limit
-        .check(what, Some(meta.len()), hint)
-        .map_err(too_large)?;
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
     #[cfg(unix)]
@@ -250,6 +240,22 @@ pub fn read_regular_file(path: &Path, limit: &MemoryLimit) -> Result<Vec<u8>, Io
     if !meta.is_file() {
         return Err(not_regular(meta.file_type()));
     }
+    Ok((file, meta))
+}
+
+/// The bytes of `path`, which must be a regular file ([`open_regular_file`]) no larger
+/// than `limit`.
+///
+/// The size is checked before reading, and reading stops past the limit in case the
+/// file grows meanwhile.
+pub fn read_regular_file(path: &Path, limit: &MemoryLimit) -> Result<Vec<u8>, IoError> {
+    let too_large = |source| IoError::Memory {
+        path: path.to_path_buf(),
+        source,
+    };
+    let (file, meta) = open_regular_file(path)?;
+    let what = "reading the file";
+    let hint = "is it the right file?";
     limit
         .check(what, Some(meta.len()), hint)
         .map_err(too_large)?;
@@ -257,7 +263,10 @@ pub fn read_regular_file(path: &Path, limit: &MemoryLimit) -> Result<Vec<u8>, Io
     let mut bytes = Vec::with_capacity(capacity);
     file.take(limit.bytes.saturating_add(1))
         .read_to_end(&mut bytes)
-        .map_err(io)?;
+        .map_err(|source| IoError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
     limit
         .check(what, Some(bytes.len() as u64), hint)
         .map_err(too_large)?;

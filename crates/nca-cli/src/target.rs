@@ -7,10 +7,10 @@ use std::fs::File;
 use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use image::imageops::FilterType;
 use image::{DynamicImage, GenericImageView, ImageFormat};
-use nca_api::{HostTensor, MemoryLimit, NcaConfig};
+use nca_api::{HostTensor, IoError, MemoryLimit, NcaConfig};
 use serde::{Deserialize, Serialize};
 
 /// An `(r, g, b)` colour with components in `[0, 1]`.
@@ -296,61 +296,6 @@ pub fn image_bytes(iw: u32, ih: u32, h: usize, w: usize) -> Option<u64> {
         .checked_add(result)
 }
 
-/// Opens `path` for reading only if it is a regular file: a FIFO would block the open
-/// (and every read) forever, a directory or device is no picture. On unix the file is
-/// opened non-blocking, so one swapped in after the check cannot block either, and the
-/// opened file is checked again.
-pub fn open_regular_file(path: &Path, what: &str) -> Result<File> {
-    let not_regular = |meta: &std::fs::Metadata| -> Option<&'static str> {
-        let kind = meta.file_type();
-        if kind.is_file() {
-            return None;
-        }
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::FileTypeExt;
-            if kind.is_fifo() {
-                return Some("a FIFO (named pipe)");
-            }
-            if kind.is_socket() {
-                return Some("a socket");
-            }
-            if kind.is_block_device() || kind.is_char_device() {
-                return Some("a device");
-            }
-        }
-        Some(if kind.is_dir() {
-            "a directory"
-        } else {
-            "not a regular file"
-        })
-    };
-    let refuse = |kind: &str| {
-        anyhow::anyhow!("cannot open {what}: it is {kind}, expected a regular PNG or GIF file")
-    };
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot open {what}"))?;
-    if let Some(kind) = not_regular(&meta) {
-        return Err(refuse(kind));
-    }
-    let mut options = std::fs::OpenOptions::new();
-    options.read(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.custom_flags(libc::O_NONBLOCK);
-    }
-    let file = options
-        .open(path)
-        .with_context(|| format!("cannot open {what}"))?;
-    let meta = file
-        .metadata()
-        .with_context(|| format!("cannot open {what}"))?;
-    if let Some(kind) = not_regular(&meta) {
-        return Err(refuse(kind));
-    }
-    Ok(file)
-}
-
 fn frac(i: usize, n: usize) -> f32 {
     if n <= 1 {
         0.0
@@ -407,7 +352,16 @@ fn load_image(
     limit: &MemoryLimit,
 ) -> Result<Vec<Rgb>> {
     let what = || format!("target image {}", path.display());
-    let file = open_regular_file(path, &what())?;
+    // A FIFO would block the open (and every read) forever; nca-api checks the type first.
+    let (file, _) = nca_api::io::open_regular_file(path).map_err(|e| match e {
+        IoError::Io { source, .. } => {
+            anyhow::Error::new(source).context(format!("cannot open {}", what()))
+        }
+        IoError::Format { message, .. } => {
+            anyhow!("cannot open {}: it is {message}", what())
+        }
+        other => anyhow::Error::new(other),
+    })?;
     // The declared size first: a small file can claim a picture of gigabytes.
     let (iw, ih) = image_reader(&file, &what(), limit)?
         .into_dimensions()
