@@ -7,15 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use assert_cmd::Command;
 use image::AnimationDecoder;
 use nca_api::{Checkpoint, TensorFile, WEIGHT_NAMES};
 use nca_cli::config::RunConfig;
 use tempfile::TempDir;
 
-fn nca() -> Command {
-    assert_cmd::cargo::cargo_bin_cmd!("nca-cli")
-}
+mod common;
+use common::{nca, stderr, write};
 
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
@@ -29,22 +27,12 @@ fn tiny(steps: u64, extra_training: &str) -> String {
     )
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("write test file");
-    p
-}
-
 fn run(args: &[&std::ffi::OsStr]) -> Output {
     nca()
         .args(args)
         .env("RUST_LOG", "warn")
         .output()
         .expect("runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Runs and expects failure whose stderr contains every `needle`.

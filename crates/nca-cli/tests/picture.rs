@@ -3,22 +3,14 @@
 //! model and backend, model mismatches on resume, and checkpoints older than the picture
 //! model. Runs are tiny (8×8, tens of steps) to stay fast.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
-use assert_cmd::Command;
 use nca_api::{Checkpoint, HostTensor, ModelConfig, NcaConfig, Progress, Weights};
 use tempfile::TempDir;
 
-fn nca() -> Command {
-    assert_cmd::cargo::cargo_bin_cmd!("nca-cli")
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("write test file");
-    p
-}
+mod common;
+use common::{nca, write};
 
 fn run_in(dir: &Path, args: &[&str]) -> Output {
     nca()

@@ -9,17 +9,8 @@ use std::time::{Duration, Instant};
 use nca_api::{Checkpoint, HostTensor, TensorFile};
 use tempfile::TempDir;
 
-/// The binary under test: this build's, or `$NCA_CLI_UNDER_TEST` to run the same
-/// reproductions against another build (e.g. one from before the fix, to see them fail).
-fn binary() -> PathBuf {
-    std::env::var_os("NCA_CLI_UNDER_TEST")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| assert_cmd::cargo::cargo_bin!("nca-cli").to_path_buf())
-}
-
-fn nca() -> assert_cmd::Command {
-    assert_cmd::Command::new(binary())
-}
+mod common;
+use common::{binary, nca, stderr, write};
 
 /// A tiny, fast run file: 8×8 grid, `steps` steps, green target.
 fn tiny(steps: u64, output: &str) -> String {
@@ -31,22 +22,12 @@ fn tiny(steps: u64, output: &str) -> String {
 
 const TINY_OUTPUT: &str = "snapshot_every: 10, checkpoint_every: 20, scale: 4";
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("write test file");
-    p
-}
-
 fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     nca()
         .args(args)
         .env("RUST_LOG", "warn")
         .output()
         .expect("runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Runs and expects exit code 1 with every `needle` in stderr; returns stderr.

@@ -11,18 +11,15 @@ use std::time::{Duration, Instant};
 use nca_api::{Checkpoint, HostTensor, NcaConfig, Progress, TensorFile, Weights};
 use tempfile::TempDir;
 
+mod common;
+use common::{binary, stderr, write};
+
 /// Virtual memory the binary may map, in KiB: far below what any refused request asks,
 /// far above what a tiny run needs.
 const ADDRESS_SPACE_KIB: u64 = 4_000_000;
 
 /// Longest any of these commands may take: a refusal is immediate, a hang is a failure.
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The binary under test: this build's, or `$NCA_CLI_UNDER_TEST` to run the same
-/// reproductions against another build (e.g. one from before the fix, to see them fail).
-fn binary() -> std::ffi::OsString {
-    std::env::var_os("NCA_CLI_UNDER_TEST").unwrap_or_else(|| env!("CARGO_BIN_EXE_nca-cli").into())
-}
 
 /// Runs `nca-cli ARGS` under `ulimit -v` with `NCA_MEMORY_LIMIT=memory`.
 fn limited<S: AsRef<std::ffi::OsStr>>(memory: &str, args: &[S]) -> Output {
@@ -39,10 +36,6 @@ fn limited<S: AsRef<std::ffi::OsStr>>(memory: &str, args: &[S]) -> Output {
         .expect("runs")
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// Asserts exit code 1 (not a panic's 101 or an abort's 134) and every needle in stderr.
 fn refused(o: &Output, needles: &[&str]) -> String {
     let err = stderr(o);
@@ -52,12 +45,6 @@ fn refused(o: &Output, needles: &[&str]) -> String {
         assert!(err.contains(n), "stderr lacks {n:?}: {err}");
     }
     err
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("write test file");
-    p
 }
 
 /// Trains `run_file` with `--out DIR/out` under the limits; expects a refusal with
