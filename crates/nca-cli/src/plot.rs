@@ -1,6 +1,5 @@
 //! `loss.csv` and `loss.png`: the loss of every step, its ε line and the spikes.
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
@@ -59,8 +58,8 @@ pub fn read_csv(path: &Path) -> Result<Vec<LossRecord>> {
     Ok(text.lines().skip(1).filter_map(LossRecord::parse).collect())
 }
 
-/// Writes a whole `loss.csv`.
-pub fn write_csv(path: &Path, records: &[LossRecord]) -> Result<()> {
+/// `loss.csv` as text: the header and one row per record.
+pub fn csv_text(records: &[LossRecord]) -> String {
     let mut out = String::with_capacity(records.len() * 24 + 32);
     out.push_str(CSV_HEADER);
     out.push('\n');
@@ -68,10 +67,7 @@ pub fn write_csv(path: &Path, records: &[LossRecord]) -> Result<()> {
         out.push_str(&r.csv());
         out.push('\n');
     }
-    let mut f =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(out.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))
+    out
 }
 
 /// Draws the mean regrowth PSNR against the training step (`psnr.png`); writes nothing

@@ -23,7 +23,7 @@ use super::plan::Plan;
 use super::{Failures, Finish, Status, Summary, TrainArgs};
 use crate::backend::{Backend, Job};
 use crate::files::{self, CheckpointParts};
-use crate::plot::{LossRecord, CSV_HEADER};
+use crate::plot::{self, LossRecord};
 use crate::render;
 use crate::score;
 
@@ -216,13 +216,7 @@ fn train<T: Trainer>(
     };
 
     let csv_path = out.join("loss.csv");
-    let mut history = String::from(CSV_HEADER);
-    history.push('\n');
-    for r in &plan.history {
-        history.push_str(&r.csv());
-        history.push('\n');
-    }
-    files::write_atomically(&csv_path, history.as_bytes())?;
+    files::write_atomically(&csv_path, plot::csv_text(&plan.history).as_bytes())?;
     let csv = std::fs::OpenOptions::new()
         .append(true)
         .open(&csv_path)
