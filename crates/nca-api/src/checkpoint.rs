@@ -8,7 +8,7 @@ use crate::io::{read_regular_file, TensorFile};
 use crate::memory::{training_bytes, MemoryLimit};
 use crate::tensor::HostTensor;
 use crate::train::Progress;
-use crate::traits::AdamState;
+use crate::traits::{AdamState, Trainer};
 use crate::weights::Weights;
 
 /// Metadata key holding the run's [`NcaConfig`] as JSON.
@@ -21,13 +21,18 @@ pub const META_BACKEND: &str = "nca.backend";
 pub const META_ADAM_STEP: &str = "adam.step";
 /// Tensor name of the carried state.
 pub const STATE_TENSOR: &str = "state";
+/// Tensor name of the `[B, V, H, W]` target the rule was trained towards.
+pub const TARGET_TENSOR: &str = "target";
+/// Metadata key holding the run file (RON) the run was started with, resolved; the name
+/// is the one the first checkpoints used, so those still read.
+pub const META_RUN_FILE: &str = "nca_cli.run_config";
 
 /// Everything needed to roll out a trained rule or resume its training.
 ///
 /// On disk it is one safetensors file: the weights under `wq`, `bq`, … (loadable with
 /// `safetensors.torch.load_file` or `safetensors.numpy.load_file`), Adam's moments under
-/// `adam.m.NAME` / `adam.v.NAME`, the carried state under `state`, and the config and
-/// progress as JSON in the metadata.
+/// `adam.m.NAME` / `adam.v.NAME`, the carried state under `state`, the target under
+/// `target`, the config and progress as JSON and the run file as RON in the metadata.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
     /// The config the weights were trained with.
@@ -42,6 +47,12 @@ pub struct Checkpoint {
     pub state: Option<HostTensor>,
     /// The backend that wrote it (informational).
     pub backend: String,
+    /// The `[B, V, H, W]` target the rule was trained towards, so that a rollout can show
+    /// and score against it.
+    pub target: Option<HostTensor>,
+    /// The run file (RON) the run was started with, with image paths made absolute and
+    /// the values chosen for the grid written out, so that the run can be repeated.
+    pub run_file: Option<String>,
 }
 
 impl Checkpoint {
@@ -62,6 +73,12 @@ impl Checkpoint {
         }
         if let Some(state) = &self.state {
             file.tensors.insert(STATE_TENSOR.into(), state.clone());
+        }
+        if let Some(target) = &self.target {
+            file.tensors.insert(TARGET_TENSOR.into(), target.clone());
+        }
+        if let Some(run_file) = &self.run_file {
+            file.metadata.insert(META_RUN_FILE.into(), run_file.clone());
         }
         let m = &self.config.model;
         let meta = [
@@ -219,6 +236,8 @@ impl Checkpoint {
             }
         }
         let backend = file.metadata.get(META_BACKEND).cloned().unwrap_or_default();
+        let target = file.tensors.remove(TARGET_TENSOR);
+        let run_file = file.metadata.get(META_RUN_FILE).cloned();
         let ckpt = Self {
             config,
             weights,
@@ -226,6 +245,8 @@ impl Checkpoint {
             progress,
             state,
             backend,
+            target,
+            run_file,
         };
         Ok((ckpt, file))
     }
@@ -247,6 +268,224 @@ impl Checkpoint {
             Some(state) if !state.is_finite() => Some(STATE_TENSOR.into()),
             _ => None,
         }
+    }
+}
+
+/// Why a checkpoint cannot continue a run with a given config.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResumeError {
+    /// A weight, Adam moment or the state holds NaN or infinity.
+    #[error(
+        "tensor `{tensor}` holds NaN or infinite values, so training would diverge at once; \
+         resume from an earlier checkpoint or start a new run"
+    )]
+    NonFinite {
+        /// The first such tensor.
+        tensor: String,
+    },
+    /// Adam claims more updates than training steps were taken.
+    #[error(
+        "metadata `{META_ADAM_STEP}` is {adam_step}, expected at most the checkpoint's step \
+         {step} (metadata `{META_PROGRESS}`)"
+    )]
+    AdamAhead {
+        /// Adam's update count.
+        adam_step: u64,
+        /// The checkpoint's training step.
+        step: u64,
+    },
+    /// The grid or model differs: the weights do not fit the config.
+    #[error("its shapes differ ({})", differences.join("; "))]
+    Shapes {
+        /// `field: checkpoint A, config B` for each difference.
+        differences: Vec<String>,
+        /// The checkpoint holds the plain model and the config asks for the picture model
+        /// (a checkpoint from before those options existed).
+        plain_checkpoint: bool,
+    },
+    /// The carried state does not have the config's `[B, C, H, W]`.
+    #[error(
+        "tensor `{STATE_TENSOR}` has shape {found:?}, but the config asks for [grid.batch, \
+         channels, grid.height, grid.width] = {expected:?}"
+    )]
+    StateShape {
+        /// The state's shape.
+        found: Vec<usize>,
+        /// What the config implies.
+        expected: [usize; 4],
+    },
+    /// The checkpoint has already reached `training.steps`.
+    #[error(
+        "the checkpoint is already at step {step} and training.steps is {steps}; raise \
+         training.steps to train further"
+    )]
+    AlreadyDone {
+        /// The checkpoint's step.
+        step: u64,
+        /// `training.steps` of the config.
+        steps: u64,
+    },
+}
+
+/// Something that changes when a checkpoint continues with a config, worth telling the
+/// user but not refusing.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum ResumeNote {
+    /// `model.state_clamp` differs.
+    ClampChanged {
+        /// The checkpoint's clamp.
+        from: Option<f32>,
+        /// The config's clamp.
+        to: Option<f32>,
+    },
+    /// `training.seed` differs: noise from the next step on comes from the new seed.
+    Reseeded {
+        /// The checkpoint's seed.
+        from: u64,
+        /// The config's seed.
+        to: u64,
+        /// The first step whose noise comes from the new seed.
+        at_step: u64,
+    },
+    /// The checkpoint has no Adam state: the moments start at zero.
+    NoAdamState,
+    /// The checkpoint has no carried state: training continues from fresh noise.
+    NoState,
+}
+
+impl std::fmt::Display for ResumeNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResumeNote::ClampChanged { from, to } => write!(
+                f,
+                "model.state_clamp changes from {from:?} to {to:?} on resume"
+            ),
+            ResumeNote::Reseeded { from, to, at_step } => write!(
+                f,
+                "re-seeding: the checkpoint was trained with seed {from}, noise from step \
+                 {at_step} on is drawn from seed {to}"
+            ),
+            ResumeNote::NoAdamState => {
+                f.write_str("checkpoint has no Adam state: moments start at 0")
+            }
+            ResumeNote::NoState => {
+                f.write_str("checkpoint has no state: starting from fresh noise")
+            }
+        }
+    }
+}
+
+impl Checkpoint {
+    /// Checks that this checkpoint can continue a run of `cfg`, in the order a user fixes
+    /// things: finite tensors, a plausible Adam step, the same grid and model (every model
+    /// field that changes the weights, named), the state's shape, and steps left to run.
+    /// Returns what changes without being refused (clamp, seed, missing Adam state or
+    /// carried state).
+    pub fn check_resume(&self, cfg: &NcaConfig) -> Result<Vec<ResumeNote>, ResumeError> {
+        if let Some(tensor) = self.first_non_finite() {
+            return Err(ResumeError::NonFinite { tensor });
+        }
+        if let Some(adam) = &self.adam {
+            // Adam takes one step per training step and may start later (a checkpoint
+            // without moments), never earlier: a larger count is a corrupt file, and near
+            // u64::MAX it would turn the bias correction into NaN a few steps in.
+            if adam.step > self.progress.step {
+                return Err(ResumeError::AdamAhead {
+                    adam_step: adam.step,
+                    step: self.progress.step,
+                });
+            }
+        }
+        let (c, r) = (&self.config, cfg);
+        let mut differences = Vec::new();
+        for (field, a, b) in [
+            ("grid.height", c.grid.height, r.grid.height),
+            ("grid.width", c.grid.width, r.grid.width),
+            ("grid.batch", c.grid.batch, r.grid.batch),
+        ] {
+            if a != b {
+                differences.push(format!("{field}: checkpoint {a}, config {b}"));
+            }
+        }
+        let (cm, rm) = (&c.model, &r.model);
+        // One list of model fields for every check, so a new option is never forgotten.
+        for d in cm.differences(rm) {
+            differences.push(
+                d.replacen(": ", ": checkpoint ", 1)
+                    .replacen(" vs ", ", config ", 1),
+            );
+        }
+        if !differences.is_empty() {
+            let plain_checkpoint = cm.position_octaves.is_none()
+                && cm.mlp_hidden.is_none()
+                && (rm.position_octaves.is_some() || rm.mlp_hidden.is_some());
+            return Err(ResumeError::Shapes {
+                differences,
+                plain_checkpoint,
+            });
+        }
+        // After the field comparison, which names the field; this catches a state tensor
+        // that disagrees with the checkpoint's own config (a batch of 4 in a batch-1 run).
+        if let Some(state) = &self.state {
+            let expected = cfg.state_shape();
+            if state.shape() != expected {
+                return Err(ResumeError::StateShape {
+                    found: state.shape().to_vec(),
+                    expected,
+                });
+            }
+        }
+        if self.progress.step >= cfg.training.steps {
+            return Err(ResumeError::AlreadyDone {
+                step: self.progress.step,
+                steps: cfg.training.steps,
+            });
+        }
+        let mut notes = Vec::new();
+        if cm.state_clamp != rm.state_clamp {
+            notes.push(ResumeNote::ClampChanged {
+                from: cm.state_clamp,
+                to: rm.state_clamp,
+            });
+        }
+        if c.training.seed != r.training.seed {
+            notes.push(ResumeNote::Reseeded {
+                from: c.training.seed,
+                to: r.training.seed,
+                at_step: self.progress.step.saturating_add(1),
+            });
+        }
+        if self.adam.is_none() {
+            notes.push(ResumeNote::NoAdamState);
+        }
+        if self.state.is_none() {
+            notes.push(ResumeNote::NoState);
+        }
+        Ok(notes)
+    }
+
+    /// Sets `trainer` up to continue this checkpoint's run of `cfg` towards `target`:
+    /// weights, Adam's moments (when stored), the target, and the carried state (fresh
+    /// noise from `cfg` when none is stored). Returns the uploaded state and the progress
+    /// to continue from. Call [`Checkpoint::check_resume`] first.
+    pub fn resume<T: Trainer>(
+        &self,
+        trainer: &mut T,
+        cfg: &NcaConfig,
+        target: &HostTensor,
+    ) -> Result<(T::State, Progress), T::Error> {
+        trainer.set_weights(&self.weights)?;
+        if let Some(adam) = &self.adam {
+            trainer.set_adam_state(adam)?;
+        }
+        trainer.set_target(target)?;
+        let state = match &self.state {
+            Some(s) => trainer.upload(s)?,
+            None => trainer.upload(&crate::train::initial_state(cfg))?,
+        };
+        Ok((state, self.progress.clone()))
     }
 }
 
@@ -294,6 +533,8 @@ mod tests {
             },
             state: Some(HostTensor::filled(&config.state_shape(), 0.25)),
             backend: "test".into(),
+            target: Some(HostTensor::filled(&config.target_shape(), 0.75)),
+            run_file: Some("(target: Solid(1.0, 0.0, 0.0))".into()),
             config,
         };
         let path = dir.join("c.safetensors");
@@ -319,6 +560,8 @@ mod tests {
             },
             state: Some(HostTensor::filled(&config.state_shape(), 0.5)),
             backend: "test".into(),
+            target: None,
+            run_file: None,
             config,
         }
     }
@@ -424,6 +667,86 @@ mod tests {
         // A NaN checkpoint still loads: callers decide, with the tensor named.
         let back = load_edited(&ckpt, |_| {}).expect("loads");
         assert_eq!(back.first_non_finite().as_deref(), Some("wk"));
+    }
+
+    #[test]
+    fn resuming_refuses_in_the_order_a_user_fixes_things() {
+        let ckpt = small();
+        let mut cfg = ckpt.config.clone();
+        cfg.training.steps = 100;
+        assert_eq!(ckpt.check_resume(&cfg), Ok(vec![]));
+        let mut other = cfg.clone();
+        other.grid.width = 6;
+        other.model.mlp_hidden = Some(64);
+        match ckpt.check_resume(&other) {
+            Err(ResumeError::Shapes { differences, .. }) => assert_eq!(
+                differences,
+                vec![
+                    "grid.width: checkpoint 5, config 6".to_string(),
+                    "model.mlp_hidden: checkpoint Some(128), config Some(64)".to_string()
+                ]
+            ),
+            other => panic!("expected a shape refusal, got {other:?}"),
+        }
+        let mut done = cfg.clone();
+        done.training.steps = 7;
+        assert_eq!(
+            ckpt.check_resume(&done),
+            Err(ResumeError::AlreadyDone { step: 7, steps: 7 })
+        );
+        let mut ahead = ckpt.clone();
+        if let Some(a) = &mut ahead.adam {
+            a.step = 8;
+        }
+        assert!(matches!(
+            ahead.check_resume(&cfg),
+            Err(ResumeError::AdamAhead {
+                adam_step: 8,
+                step: 7
+            })
+        ));
+        let mut nan = ckpt.clone();
+        if let Some(w) = nan.weights.get_mut("bq") {
+            w.data_mut()[0] = f32::NAN;
+        }
+        // Non-finite tensors come first, even before a shape difference.
+        assert_eq!(
+            nan.check_resume(&other),
+            Err(ResumeError::NonFinite {
+                tensor: "bq".into()
+            })
+        );
+        let mut reseeded = cfg.clone();
+        reseeded.training.seed = 5;
+        reseeded.model.state_clamp = None;
+        let mut bare = ckpt.clone();
+        bare.adam = None;
+        bare.state = None;
+        assert_eq!(
+            bare.check_resume(&reseeded),
+            Ok(vec![
+                ResumeNote::ClampChanged {
+                    from: Some(3.0),
+                    to: None
+                },
+                ResumeNote::Reseeded {
+                    from: 0,
+                    to: 5,
+                    at_step: 8
+                },
+                ResumeNote::NoAdamState,
+                ResumeNote::NoState,
+            ])
+        );
+    }
+
+    #[test]
+    fn the_target_and_run_file_travel_with_the_checkpoint() {
+        let mut ckpt = small();
+        ckpt.target = Some(HostTensor::filled(&ckpt.config.target_shape(), 0.25));
+        ckpt.run_file = Some("(target: Solid(0.0, 0.0, 1.0))".into());
+        let back = load_edited(&ckpt, |_| {}).expect("loads");
+        assert_eq!(back, ckpt);
     }
 
     #[test]

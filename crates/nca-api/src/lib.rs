@@ -25,7 +25,7 @@ pub mod train;
 pub mod traits;
 pub mod weights;
 
-pub use checkpoint::Checkpoint;
+pub use checkpoint::{Checkpoint, ResumeError, ResumeNote};
 pub use config::{
     GridConfig, ModelConfig, NcaConfig, NoiseConfig, OptimizerConfig, TrainingConfig,
     DEFAULT_GRAD_CLIP, DEFAULT_LEARNING_RATE, MAX_MLP_HIDDEN, MAX_POSITION_OCTAVES,

@@ -118,6 +118,8 @@ fn valid_checkpoint() -> Checkpoint {
         },
         state: Some(HostTensor::filled(&config.state_shape(), 0.25)),
         backend: "fuzz".into(),
+        target: None,
+        run_file: None,
         config,
     }
 }

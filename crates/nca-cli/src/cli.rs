@@ -1,17 +1,54 @@
-//! Command-line parsing and the top-level entry point.
+//! Command-line parsing, the top-level entry point, and how the run's events are shown
+//! (a progress bar on a terminal, log lines otherwise).
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use nca_run::bench::{bench, describe_model, BenchArgs, BenchLine};
+use nca_run::events::{Event, Events, Level};
+use nca_run::rollout::{rollout, RolloutRequest};
+use nca_run::run::{Output, RunResult, Status, Summary, TrainRequest};
+use nca_run::score;
 
-use crate::backend::Backend;
-use crate::bench::{bench_command, BenchArgs};
-use crate::rollout::{rollout_command, RolloutArgs};
-use crate::run::{train_command, Finish, TrainArgs};
+/// How a command ended when it did not fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// Ran to its end (steps or `max_spikes`).
+    Completed,
+    /// Stopped early by Ctrl-C; everything was still written.
+    Interrupted,
+}
+
+/// A backend name as given to `--backend` (the names of [`nca_run::Backend`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// Pure-Rust ndarray backend (always compiled).
+    Ndarray,
+    /// dfdx on the CPU (feature `dfdx`).
+    Dfdx,
+    /// candle on the CPU (feature `candle`).
+    Candle,
+    /// candle on CUDA device 0 (feature `candle-cuda`).
+    CandleCuda,
+}
+
+impl From<Backend> for nca_run::Backend {
+    fn from(b: Backend) -> Self {
+        match b {
+            Backend::Ndarray => nca_run::Backend::Ndarray,
+            Backend::Dfdx => nca_run::Backend::Dfdx,
+            Backend::Candle => nca_run::Backend::Candle,
+            Backend::CandleCuda => nca_run::Backend::CandleCuda,
+        }
+    }
+}
 
 /// Train a convolutional-attention Neural Cellular Automaton from a RON run file, or roll
 /// out a trained one.
@@ -161,14 +198,16 @@ pub struct RolloutCli {
 
 /// Runs the parsed command; `interrupt` is set by Ctrl-C.
 pub fn run(cli: Cli, interrupt: Arc<AtomicBool>) -> Result<Finish> {
+    let backend: Option<nca_run::Backend> = cli.backend.map(Into::into);
     match cli.command {
         Some(Command::Bench(b)) => {
             if !(b.seconds.is_finite() && b.seconds > 0.0) {
                 anyhow::bail!("--seconds: expected a duration > 0, found {}", b.seconds);
             }
-            let backends = match (cli.backend, b.backends.is_empty()) {
-                (None, true) => Backend::compiled(),
-                (None, false) => b.backends,
+            let listed: Vec<nca_run::Backend> = b.backends.into_iter().map(Into::into).collect();
+            let backends = match (backend, listed.is_empty()) {
+                (None, true) => nca_run::Backend::compiled(),
+                (None, false) => listed,
                 (Some(one), true) => vec![one],
                 (Some(one), false) => anyhow::bail!(
                     "--backend {} and --backends both given; use --backends for several",
@@ -176,7 +215,7 @@ pub fn run(cli: Cli, interrupt: Arc<AtomicBool>) -> Result<Finish> {
                 ),
             };
             let run_file = match &b.config {
-                Some(path) => Some(crate::config::RunConfig::load(path)?),
+                Some(path) => Some(nca_run::config::RunConfig::load(path)?),
                 None => None,
             };
             let base = run_file.as_ref().map(|r| r.nca()).unwrap_or_default();
@@ -190,14 +229,22 @@ pub fn run(cli: Cli, interrupt: Arc<AtomicBool>) -> Result<Finish> {
                 (true, Some(r)) => vec![r.grid.batch],
                 (true, None) => vec![1, 8],
             };
-            bench_command(&BenchArgs {
+            let args = BenchArgs {
                 backends,
                 base,
                 grids,
                 batches,
                 seconds: b.seconds,
                 memory: nca_api::MemoryLimit::from_env()?,
-            })?;
+            };
+            // Checked before the header is printed, so a refusal is the only output.
+            args.workloads()?;
+            println!("model: {}", describe_model(&args.base.model));
+            println!(
+                "{:<12} {:>12} {:>12} {:>16}",
+                "backend", "grid", "steps/s", "Mcells·steps/s"
+            );
+            bench(&args, &mut print_bench_line)?;
             Ok(Finish::Completed)
         }
         Some(Command::Web(w)) => crate::web::web_command(&crate::web::WebArgs {
@@ -208,36 +255,260 @@ pub fn run(cli: Cli, interrupt: Arc<AtomicBool>) -> Result<Finish> {
             serve: w.serve,
             port: w.port,
         }),
-        Some(Command::Rollout(r)) => rollout_command(RolloutArgs {
-            checkpoint: r.checkpoint,
-            init: r.init,
-            steps: r.steps,
-            noise: r.noise,
-            seed: r.seed,
-            out: r.out,
-            force: r.force,
-            backend: cli.backend.unwrap_or(Backend::Ndarray),
-            frame_every: r.frame_every,
-            scale: r.scale,
-            gif_frame_ms: r.gif_frame_ms,
-            eval_steps: r.eval_steps,
-            eval_seeds: r.eval_seeds,
-            interrupt,
-            memory: nca_api::MemoryLimit::from_env()?,
-        }),
+        Some(Command::Rollout(r)) => {
+            let request = RolloutRequest {
+                checkpoint: r.checkpoint,
+                init: r.init,
+                steps: r.steps,
+                noise: r.noise,
+                seed: r.seed,
+                out: r.out,
+                force: r.force,
+                backend: backend.unwrap_or(nca_run::Backend::Ndarray),
+                frame_every: r.frame_every,
+                scale: r.scale,
+                gif_frame_ms: r.gif_frame_ms,
+                eval_steps: r.eval_steps,
+                eval_seeds: r.eval_seeds,
+                memory: nca_api::MemoryLimit::from_env()?,
+            };
+            let mut events = |event: &Event<'_>| match event {
+                Event::RolloutStep { step } if interrupt.load(Ordering::SeqCst) => {
+                    tracing::warn!("interrupted: stopping after step {step}");
+                    ControlFlow::Break(())
+                }
+                Event::Note { level, message } => {
+                    log(*level, message);
+                    ControlFlow::Continue(())
+                }
+                _ => ControlFlow::Continue(()),
+            };
+            let outcome = rollout(&request, &mut events)?;
+            let summary = &outcome.summary;
+            let loss = summary
+                .final_loss
+                .map_or_else(|| "n/a".into(), |l| format!("{l:.3e}"));
+            println!(
+                "rollout: {} steps on {} (σ = {}), final loss against the target {loss}",
+                summary.steps, summary.backend, summary.sigma
+            );
+            match &summary.regrowth {
+                Some(r) => println!("{}", score::line(r)),
+                None if !outcome.has_target => {
+                    println!("no regrowth score: the checkpoint holds no target")
+                }
+                None => {}
+            }
+            println!("results in {}", request.out.display());
+            Ok(if summary.interrupted {
+                Finish::Interrupted
+            } else {
+                Finish::Completed
+            })
+        }
         None => {
             let config = cli
                 .config
                 .ok_or_else(|| anyhow::anyhow!("no run file given (try --help)"))?;
-            train_command(TrainArgs {
-                config,
-                out: cli.out,
+            let request = TrainRequest {
+                output: cli.out.map_or(Output::Default, Output::Dir),
                 resume: cli.resume,
                 force: cli.force,
-                backend: cli.backend.unwrap_or(Backend::Ndarray),
-                progress_bar: std::io::stderr().is_terminal(),
-                interrupt,
+                ..TrainRequest::file(config, backend.unwrap_or(nca_run::Backend::Ndarray))
+            };
+            let mut shown = Shown::new(std::io::stderr().is_terminal(), &interrupt);
+            let result = nca_run::run::train(&request, &mut shown);
+            shown.finish();
+            let result = result?;
+            report(&result);
+            Ok(if result.status == Status::Interrupted {
+                Finish::Interrupted
+            } else {
+                Finish::Completed
             })
         }
     }
+}
+
+/// Prints one line of `nca-cli bench`.
+fn print_bench_line(line: BenchLine) {
+    match line {
+        BenchLine::Measured(m) => println!(
+            "{:<12} {:>12} {:>12.1} {:>16.2}",
+            m.backend,
+            format!("{}x{}x{}", m.grid.0, m.grid.1, m.batch),
+            m.steps_per_second,
+            m.cells_per_second() / 1e6
+        ),
+        BenchLine::Skipped { backend, error } => {
+            println!("{:<12} skipped: {}", backend.name(), error.report())
+        }
+        BenchLine::Failed {
+            backend,
+            workload: (h, w, b),
+            error,
+        } => println!(
+            "{:<12} {:>12} failed: {}",
+            backend.name(),
+            format!("{h}x{w}x{b}"),
+            error.report()
+        ),
+    }
+}
+
+/// A note of the run, as a log line.
+fn log(level: Level, message: &str) {
+    match level {
+        Level::Info => tracing::info!("{message}"),
+        Level::Warn => tracing::warn!("{message}"),
+    }
+}
+
+/// How a training run's events are shown: a progress bar on a terminal, else a log line
+/// every `output.snapshot_every` steps; Ctrl-C turns into a stop after the current step.
+struct Shown<'a> {
+    terminal: bool,
+    interrupt: &'a AtomicBool,
+    bar: Option<ProgressBar>,
+    total: u64,
+    log_every: u64,
+    last_log: (Instant, u64),
+}
+
+impl<'a> Shown<'a> {
+    fn new(terminal: bool, interrupt: &'a AtomicBool) -> Self {
+        Self {
+            terminal,
+            interrupt,
+            bar: None,
+            total: 0,
+            log_every: 1,
+            last_log: (Instant::now(), 0),
+        }
+    }
+
+    /// A line that does not tear the progress bar.
+    fn say(&self, level: Level, message: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(message),
+            None => log(level, message),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Events for Shown<'_> {
+    fn on_event(&mut self, event: &Event<'_>) -> ControlFlow<()> {
+        match event {
+            Event::Note { level, message } => self.say(*level, message),
+            Event::Started(s) => {
+                self.total = s.total_steps;
+                self.log_every = s.log_every.max(1);
+                self.last_log = (Instant::now(), s.start_step);
+                if !s.chosen.is_empty() {
+                    let list: Vec<String> = s
+                        .chosen
+                        .iter()
+                        .map(|c| format!("{} {}", c.field, c.value))
+                        .collect();
+                    tracing::info!(
+                        "chosen for a {}x{} grid (set them in the run file to override): {}",
+                        s.grid.0,
+                        s.grid.1,
+                        list.join(", ")
+                    );
+                }
+                if self.terminal {
+                    self.bar = Some(progress_bar(s.total_steps, s.start_step));
+                } else {
+                    let into = s
+                        .out
+                        .as_deref()
+                        .map_or_else(|| "memory".to_string(), |p| p.display().to_string());
+                    tracing::info!(
+                        "training {} steps on {} ({}) into {into}",
+                        s.total_steps - s.start_step,
+                        s.backend,
+                        describe_model(&s.model),
+                    );
+                }
+            }
+            Event::Step(info) => {
+                if let Some(bar) = &self.bar {
+                    bar.set_position(info.step);
+                    if info.step.is_multiple_of(10) || info.spiked {
+                        let (t0, s0) = self.last_log;
+                        let rate = (info.step - s0) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+                        bar.set_message(format!(
+                            "loss {:.3e}  spikes {}  {rate:.0} steps/s",
+                            info.loss, info.spikes
+                        ));
+                    }
+                } else if info.step.is_multiple_of(self.log_every) {
+                    let (t0, s0) = self.last_log;
+                    let rate = (info.step - s0) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+                    tracing::info!(
+                        "step {}/{} loss {:.4e} spikes {} ({rate:.0} steps/s)",
+                        info.step,
+                        self.total,
+                        info.loss,
+                        info.spikes
+                    );
+                    self.last_log = (Instant::now(), info.step);
+                }
+                if self.interrupt.load(Ordering::SeqCst) {
+                    self.say(
+                        Level::Warn,
+                        &format!("interrupted: stopping after step {}", info.step),
+                    );
+                    return ControlFlow::Break(());
+                }
+            }
+            Event::Evaluation { step, score } => {
+                self.say(Level::Info, &format!("step {step}: {}", score::line(score)));
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+fn progress_bar(total: u64, start: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total).with_position(start);
+    let style = ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {wide_bar} step {pos}/{len}  {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar
+}
+
+/// The end-of-run lines on stdout.
+fn report(result: &RunResult) {
+    let s: &Summary = &result.summary;
+    let loss = s
+        .final_loss
+        .map_or_else(|| "n/a".into(), |l| format!("{l:.3e}"));
+    let first = s
+        .first_step_below_epsilon
+        .map_or_else(|| "never".into(), |f| format!("step {f}"));
+    println!(
+        "{}: {} steps on {} ({:.0} steps/s), final loss {loss}, first below ε {first}, \
+         {} spikes",
+        s.status, s.final_step, s.backend, s.steps_per_second, s.spikes
+    );
+    if let Some(r) = &s.regrowth {
+        println!("{}", score::line(r));
+    }
+    let out = result.out.as_deref().unwrap_or(Path::new("."));
+    println!(
+        "results in {} (regrowth.png, contact_sheet.png, trajectory.gif, summary.json)",
+        out.display()
+    );
 }

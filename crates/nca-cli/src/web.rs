@@ -14,8 +14,7 @@ use std::process::Command;
 use anyhow::{anyhow, bail, Context, Result};
 use nca_api::{Checkpoint, TensorFile};
 
-use crate::files;
-use crate::run::Finish;
+use crate::cli::Finish;
 
 /// The page, shipped inside the binary so the folder needs nothing else.
 const INDEX_HTML: &str = include_str!("../../nca-web/assets/index.html");
@@ -93,9 +92,8 @@ pub fn web_command(args: &WebArgs) -> Result<Finish> {
 /// checkpoints arrive as the plain model), weights and target, without optimiser state or
 /// carried state: the page grows from fresh noise.
 pub fn web_weights(checkpoint: &Path) -> Result<Vec<u8>> {
-    let files::CliCheckpoint { ckpt, target, .. } =
-        files::load_checkpoint(checkpoint, &nca_api::MemoryLimit::from_env()?)
-            .with_context(|| format!("cannot load checkpoint {}", checkpoint.display()))?;
+    let ckpt = Checkpoint::load_limited(checkpoint, &nca_api::MemoryLimit::from_env()?)
+        .with_context(|| format!("cannot load checkpoint {}", checkpoint.display()))?;
     let v = ckpt.config.model.visible_channels;
     if v != 1 && v != 3 {
         bail!("the checkpoint has {v} visible channels; the page shows 1 (grey) or 3 (RGB)");
@@ -107,18 +105,18 @@ pub fn web_weights(checkpoint: &Path) -> Result<Vec<u8>> {
             checkpoint.display()
         );
     }
-    let mut file: TensorFile = Checkpoint {
+    if ckpt.target.is_none() {
+        eprintln!("note: the checkpoint holds no target; the page shows no PSNR");
+    }
+    // The page grows from fresh noise: no optimiser state, no carried state, and no run
+    // file (its absolute paths mean nothing to a browser).
+    let file: TensorFile = Checkpoint {
         adam: None,
         state: None,
+        run_file: None,
         ..ckpt
     }
     .to_file();
-    match target {
-        Some(t) => {
-            file.tensors.insert(files::TARGET_TENSOR.into(), t);
-        }
-        None => eprintln!("note: the checkpoint holds no target; the page shows no PSNR"),
-    }
     file.to_bytes()
         .map_err(|e| anyhow!("cannot encode weights: {e}"))
 }
@@ -266,6 +264,8 @@ mod tests {
             progress: nca_api::Progress::default(),
             state: None,
             backend: "test".into(),
+            target: None,
+            run_file: None,
         }
         .save(&path)
         .expect("save");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use image::AnimationDecoder;
 use nca_api::{Checkpoint, TensorFile, WEIGHT_NAMES};
-use nca_cli::config::RunConfig;
+use nca_run::config::RunConfig;
 use tempfile::TempDir;
 
 mod common;

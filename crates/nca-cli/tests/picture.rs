@@ -376,6 +376,8 @@ fn a_checkpoint_from_before_the_picture_model_loads_as_plain_and_rolls_out() {
         progress: Progress::default(),
         state: None,
         backend: "ndarray".into(),
+        target: None,
+        run_file: None,
     };
     let mut file = ckpt.to_file();
     // The stored config as the old code wrote it: no position_octaves, no mlp_hidden.

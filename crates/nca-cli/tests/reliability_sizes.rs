@@ -177,6 +177,8 @@ fn checkpoint(dir: &Path, cfg: &NcaConfig, weights: Weights, target_shape: &[usi
         progress: Progress::default(),
         state: None,
         backend: "test".into(),
+        target: None,
+        run_file: None,
     };
     let mut file = ckpt.to_file();
     file.tensors

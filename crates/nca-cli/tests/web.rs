@@ -25,6 +25,8 @@ fn checkpoint(dir: &Path) -> std::path::PathBuf {
         progress: Progress::default(),
         state: Some(HostTensor::zeros(&[1, 3, 6, 5])),
         backend: "ndarray".into(),
+        target: None,
+        run_file: None,
         config,
     };
     let mut file = ckpt.to_file();

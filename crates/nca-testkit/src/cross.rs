@@ -63,6 +63,8 @@ fn trained_checkpoint<T: Trainer>(t: &mut T, cfg: &NcaConfig) -> Weights {
         progress,
         state: Some(t.download(&state).unwrap()),
         backend: "under test".into(),
+        target: None,
+        run_file: None,
     };
     assert!(
         ckpt.weights

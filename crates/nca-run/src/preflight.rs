@@ -12,7 +12,7 @@
 //! [`rollout_bytes`] for the model, plus every picture and every state a command keeps in
 //! memory at once (a GIF's frames are all held until it is written).
 
-use anyhow::{bail, Context, Result};
+use crate::error::{bail, Result, ResultExt};
 use nca_api::{rollout_bytes, training_bytes, MemoryLimit, NcaConfig};
 
 use crate::backend::Backend;

@@ -9,7 +9,7 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use anyhow::{anyhow, Context, Result};
+use crate::error::{invalid, Result, ResultExt};
 use image::codecs::gif::{GifEncoder, Repeat};
 use image::{Delay, Frame, Rgb, RgbImage, RgbaImage};
 use nca_api::HostTensor;
@@ -44,7 +44,7 @@ pub fn register_font() -> Result<()> {
     ONCE.call_once(|| {
         for style in [FontStyle::Normal, FontStyle::Bold] {
             if plotters::style::register_font(FONT_FAMILY, style, FONT).is_err() {
-                result = Err(anyhow!("the bundled font could not be loaded"));
+                result = Err(invalid!("the bundled font could not be loaded"));
             }
         }
     });
@@ -56,7 +56,7 @@ pub fn register_font() -> Result<()> {
 pub fn tile(t: &HostTensor, b: usize, visible: usize, scale: u32) -> Result<RgbImage> {
     let [_, c, h, w] = t.dims4("state")?;
     if visible > c || !(visible == 1 || visible == 3) {
-        return Err(anyhow!(
+        return Err(invalid!(
             "cannot draw {visible} visible channels of a {c}-channel tensor"
         ));
     }
@@ -90,7 +90,7 @@ pub fn tile_size(h: usize, w: usize, scale: u32) -> Result<(u32, u32)> {
             .ok()
             .and_then(|n| n.checked_mul(scale))
             .ok_or_else(|| {
-                anyhow!(
+                invalid!(
                     "grid side {n} at scale {scale} is too large to draw: a picture side is \
                      at most {} pixels",
                     u32::MAX
@@ -110,7 +110,7 @@ pub fn row_size(tiles: usize, h: usize, w: usize, scale: u32) -> Result<(u32, u3
         .and_then(|x| x.checked_add(u64::from(GAP).checked_mul(n.saturating_sub(1))?))
         .and_then(|x| u32::try_from(x).ok())
         .ok_or_else(|| {
-            anyhow!(
+            invalid!(
                 "{tiles} tiles of {tw} pixels side by side are too wide to draw: a picture \
                  side is at most {} pixels",
                 u32::MAX
@@ -142,7 +142,7 @@ pub fn row(tiles: &[RgbImage]) -> Result<RgbImage> {
         .and_then(|sum| {
             sum.checked_add(GAP.checked_mul(u32::try_from(tiles.len().saturating_sub(1)).ok()?)?)
         })
-        .ok_or_else(|| anyhow!("{} tiles side by side are too wide to draw", tiles.len()))?;
+        .ok_or_else(|| invalid!("{} tiles side by side are too wide to draw", tiles.len()))?;
     let mut out = RgbImage::from_pixel(w.max(1), h, BACKGROUND);
     let mut x0 = 0;
     for t in tiles {
@@ -261,7 +261,9 @@ pub fn contact_sheet_size(
     columns: usize,
 ) -> Result<(u32, u32, u32, u32, u32)> {
     let too_large = || {
-        anyhow!("a contact sheet of {count} tiles of {tile_w}x{tile_h} pixels is too large to draw")
+        invalid!(
+            "a contact sheet of {count} tiles of {tile_w}x{tile_h} pixels is too large to draw"
+        )
     };
     let count = u32::try_from(count).map_err(|_| too_large())?;
     let columns =
@@ -307,10 +309,10 @@ pub fn contact_sheet(tiles: &[(String, RgbImage)], columns: usize) -> Result<Rgb
             let (cx, cy) = ((i as u32 % columns) * cell_w, (i as u32 / columns) * cell_h);
             let pos = ((cx + cell_w / 2) as i32, (cy + GAP) as i32);
             root.draw_text(label, &style, pos)
-                .map_err(|e| anyhow!("drawing a label: {e:?}"))?;
+                .map_err(|e| invalid!("drawing a label: {e:?}"))?;
         }
         root.present()
-            .map_err(|e| anyhow!("drawing the contact sheet: {e:?}"))?;
+            .map_err(|e| invalid!("drawing the contact sheet: {e:?}"))?;
     }
     Ok(img)
 }

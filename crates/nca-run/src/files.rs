@@ -2,17 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use nca_api::{
-    Checkpoint, HostTensor, IoError, MemoryLimit, NcaConfig, Progress, TensorFile, Trainer,
-};
+use nca_api::{Checkpoint, HostTensor, NcaConfig, Progress, Trainer};
 use serde::Serialize;
 
-/// Metadata key under which the CLI stores the resolved RON run config in a checkpoint.
-pub const META_RUN_CONFIG: &str = "nca_cli.run_config";
+use crate::error::{bail, invalid, BackendResult, Result, ResultExt};
 
-/// Tensor name of the `[B, V, H, W]` target stored beside the weights.
-pub const TARGET_TENSOR: &str = "target";
+pub use nca_api::checkpoint::TARGET_TENSOR;
 
 /// Files and folders the CLI writes into a run or rollout directory; `--force` removes
 /// only these, never anything else a user keeps there.
@@ -147,9 +142,9 @@ pub use nca_api::io::temporary_path;
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     nca_api::io::write_atomically(path, bytes).map_err(|e| match e {
         nca_api::IoError::Io { source, .. } => {
-            anyhow::Error::new(source).context(format!("cannot write {}", path.display()))
+            crate::error::Error::from(source).context(format!("cannot write {}", path.display()))
         }
-        other => anyhow::Error::new(other),
+        other => crate::error::Error::from(other),
     })
 }
 
@@ -169,7 +164,7 @@ pub fn write_artefact(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> R
     }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        anyhow::Error::new(e).context(format!("cannot write {}", path.display()))
+        crate::error::Error::from(e).context(format!("cannot write {}", path.display()))
     })?;
     Ok(true)
 }
@@ -240,7 +235,8 @@ pub struct CheckpointParts<'a> {
 }
 
 impl CheckpointParts<'_> {
-    /// The checkpoint of the trainer's weights, Adam state and carried state at `progress`.
+    /// The checkpoint of the trainer's weights, Adam state and carried state at
+    /// `progress`, with the target and run file.
     pub fn capture<T: Trainer>(
         &self,
         trainer: &T,
@@ -249,53 +245,32 @@ impl CheckpointParts<'_> {
     ) -> Result<Checkpoint> {
         Ok(Checkpoint {
             config: self.config.clone(),
-            weights: trainer.weights()?,
-            adam: Some(trainer.adam_state()?),
+            weights: trainer.weights().backend()?,
+            adam: Some(trainer.adam_state().backend()?),
             progress: progress.clone(),
-            state: Some(trainer.download(state)?),
+            state: Some(trainer.download(state).backend()?),
             backend: self.backend.to_string(),
+            target: Some(self.target.clone()),
+            run_file: Some(self.run_ron.to_string()),
         })
     }
-
-    /// Writes `ckpt` with the target and run config to `path` atomically (temporary file,
-    /// then rename; the temporary is removed when the write fails).
-    pub fn write(&self, ckpt: &Checkpoint, path: &Path) -> Result<()> {
-        let mut file = ckpt.to_file();
-        file.tensors
-            .insert(TARGET_TENSOR.into(), self.target.clone());
-        file.metadata
-            .insert(META_RUN_CONFIG.into(), self.run_ron.to_string());
-        let bytes = file.to_bytes().map_err(|message| {
-            anyhow::anyhow!("cannot encode checkpoint {}: {message}", path.display())
-        })?;
-        write_atomically(path, &bytes)
-    }
 }
 
-/// A checkpoint written by the CLI, read from disk once: the checkpoint and what the CLI
-/// stores beside it in the same file.
-pub struct CliCheckpoint {
-    /// Weights, optimiser state, progress and carried state.
-    pub ckpt: Checkpoint,
-    /// The `[B, V, H, W]` target ([`TARGET_TENSOR`]), if stored.
-    pub target: Option<HostTensor>,
-    /// The resolved RON run file ([`META_RUN_CONFIG`]), if stored and still parseable.
-    pub run_config: Option<crate::config::RunConfig>,
+/// Writes `ckpt` to `path` atomically (temporary file, sync, rename; the temporary is
+/// removed when the write fails).
+pub fn write_checkpoint(ckpt: &Checkpoint, path: &Path) -> Result<()> {
+    let bytes = ckpt
+        .to_file()
+        .to_bytes()
+        .map_err(|message| invalid!("cannot encode checkpoint {}: {message}", path.display()))?;
+    write_atomically(path, &bytes)
 }
 
-/// Reads a checkpoint within `limit` (a regular file, sizes checked before reading; see
-/// [`Checkpoint::from_bytes`]) together with the target and run file the CLI stores in it.
-pub fn load_checkpoint(path: &Path, limit: &MemoryLimit) -> Result<CliCheckpoint, IoError> {
-    let file = TensorFile::read_limited(path, limit)?;
-    let (ckpt, mut rest) = Checkpoint::from_file(file, path, limit)?;
-    let run_config = rest.metadata.get(META_RUN_CONFIG).and_then(|text| {
-        crate::config::RunConfig::from_ron(text, &path.display().to_string()).ok()
-    });
-    Ok(CliCheckpoint {
-        ckpt,
-        target: rest.tensors.remove(TARGET_TENSOR),
-        run_config,
-    })
+/// The run file stored in a checkpoint, read back (`None` when absent or no longer
+/// readable by this version).
+pub fn stored_run_config(ckpt: &Checkpoint, path: &Path) -> Option<crate::config::RunConfig> {
+    let text = ckpt.run_file.as_deref()?;
+    crate::config::RunConfig::from_ron(text, &path.display().to_string()).ok()
 }
 
 /// Writes `value` as pretty JSON, atomically.

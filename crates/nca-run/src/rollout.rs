@@ -1,11 +1,12 @@
-//! `nca-cli rollout`: run a trained rule without training.
+//! Rolling a trained rule out without training: from seeded noise or a given state, into
+//! a directory of frames, a GIF, the final state and the rule's regrowth score
+//! (`nca-cli rollout`).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{bail, BackendResult, Error, Result, ResultExt};
+use crate::events::{Event, Events};
 use nca_api::{
     Checkpoint, HostTensor, MemoryLimit, NcaConfig, RolloutOptions, TensorFile, Trainer,
 };
@@ -16,16 +17,15 @@ use crate::config::EvaluationConfig;
 use crate::files;
 use crate::preflight::{self, RolloutPlan};
 use crate::render;
-use crate::run::Finish;
 use crate::score;
 
 /// Largest `--noise` σ accepted: a hundred times the N(0, 1) start's spread is already
 /// nothing but noise, and far larger values overflow the attention to NaN.
 pub const MAX_ROLLOUT_NOISE: f32 = 100.0;
 
-/// Options of a rollout, from the command line.
+/// A rollout to do (the options of `nca-cli rollout`).
 #[derive(Clone, Debug)]
-pub struct RolloutArgs {
+pub struct RolloutRequest {
     /// Checkpoint holding the rule.
     pub checkpoint: PathBuf,
     /// Safetensors file with a `state` tensor `[B, C, H, W]` to start from.
@@ -52,8 +52,6 @@ pub struct RolloutArgs {
     pub eval_steps: Option<u64>,
     /// Fresh-noise starts of the score; `None`: the run file's `evaluation.seeds`.
     pub eval_seeds: Option<usize>,
-    /// Set by Ctrl-C: stop after the current step.
-    pub interrupt: Arc<AtomicBool>,
     /// What the rollout may allocate (usually [`MemoryLimit::from_env`]).
     pub memory: MemoryLimit,
 }
@@ -84,9 +82,20 @@ pub struct RolloutSummary {
     pub wall_seconds: f64,
 }
 
-/// Runs `nca-cli rollout`. Everything is read and checked (flags, weights, stored target,
-/// `--init`, the memory and drawing sizes) before the output directory is created.
-pub fn rollout_command(args: RolloutArgs) -> Result<Finish> {
+/// A finished rollout: what `rollout.json` holds, and whether the rule had a target.
+#[derive(Clone, Debug)]
+pub struct RolloutOutcome {
+    /// What `rollout.json` holds.
+    pub summary: RolloutSummary,
+    /// Whether the checkpoint held a target (without one there is no score).
+    pub has_target: bool,
+}
+
+/// Rolls a checkpoint's rule out into `args.out`. Everything is read and checked (flags,
+/// weights, stored target, `--init`, the memory and drawing sizes) before the output
+/// directory is created. `events` sees every step ([`Event::RolloutStep`]); `Break`
+/// stops after that step and still writes the results (`interrupted: true`).
+pub fn rollout(args: &RolloutRequest, events: &mut dyn Events) -> Result<RolloutOutcome> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
@@ -103,12 +112,10 @@ pub fn rollout_command(args: RolloutArgs) -> Result<Finish> {
     }
     let limit = &args.memory;
     let path = &args.checkpoint;
-    let files::CliCheckpoint {
-        ckpt,
-        target,
-        run_config,
-    } = files::load_checkpoint(path, limit)
+    let ckpt = nca_api::Checkpoint::load_limited(path, limit)
         .with_context(|| format!("cannot load checkpoint {}", path.display()))?;
+    let run_config = files::stored_run_config(&ckpt, path);
+    let target = ckpt.target.clone();
     // Only the weights matter here: Adam's moments and the carried state are not used.
     if let Some(name) = ckpt.weights.first_non_finite() {
         bail!(
@@ -136,12 +143,11 @@ pub fn rollout_command(args: RolloutArgs) -> Result<Finish> {
     }
     evaluation.every = None;
     evaluation.validate().map_err(|e| {
-        anyhow!(
-            "{}",
-            format!("{e:#}")
-                .replace("config field `evaluation.steps`", "--eval-steps")
-                .replace("config field `evaluation.seeds`", "--eval-seeds")
-        )
+        let message = e
+            .report()
+            .replace("config field `evaluation.steps`", "--eval-steps")
+            .replace("config field `evaluation.seeds`", "--eval-seeds");
+        e.reworded(message)
     })?;
     let init = match &args.init {
         Some(init) => Some(read_init_state(init, cfg, limit)?),
@@ -176,7 +182,8 @@ pub fn rollout_command(args: RolloutArgs) -> Result<Finish> {
         seed: args.seed,
     };
     let job = RolloutJob {
-        args: &args,
+        args,
+        events,
         ckpt: &ckpt,
         evaluation,
         target,
@@ -253,7 +260,8 @@ pub fn read_init_state(path: &Path, cfg: &NcaConfig, limit: &MemoryLimit) -> Res
 }
 
 struct RolloutJob<'a> {
-    args: &'a RolloutArgs,
+    args: &'a RolloutRequest,
+    events: &'a mut dyn Events,
     ckpt: &'a Checkpoint,
     evaluation: EvaluationConfig,
     target: Option<HostTensor>,
@@ -264,59 +272,31 @@ struct RolloutJob<'a> {
     started: Instant,
 }
 
-/// The rollout's state stopped being finite; the frames so far are on disk.
-#[derive(Debug)]
-struct NonFinite {
-    /// The last step whose state was seen finite (0: the start).
-    last_finite: u64,
-    /// The step whose state was first seen with NaN or inf.
-    seen_at: u64,
-}
-
-impl std::fmt::Display for NonFinite {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.seen_at == self.last_finite + 1 {
-            write!(
-                f,
-                "the rollout became non-finite (NaN or inf) at step {}",
-                self.seen_at
-            )
-        } else {
-            write!(
-                f,
-                "the rollout became non-finite (NaN or inf) after step {} and by step {} \
-                 (the state is checked at every saved frame)",
-                self.last_finite, self.seen_at
-            )
-        }
+/// The message for a rollout whose state stopped being finite: `last_finite` is the last
+/// step whose state was seen finite (0: the start), `seen_at` the step it was first seen
+/// with NaN or inf.
+fn non_finite(last_finite: u64, seen_at: u64) -> String {
+    if seen_at == last_finite + 1 {
+        format!("the rollout became non-finite (NaN or inf) at step {seen_at}")
+    } else {
+        format!(
+            "the rollout became non-finite (NaN or inf) after step {last_finite} and by step \
+             {seen_at} (the state is checked at every saved frame)"
+        )
     }
 }
-
-impl std::error::Error for NonFinite {}
-
-/// Marks the error that stops a rollout on Ctrl-C.
-#[derive(Debug)]
-struct Interrupted;
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("interrupted")
-    }
-}
-
-impl std::error::Error for Interrupted {}
 
 impl Job for RolloutJob<'_> {
-    type Output = Finish;
+    type Output = RolloutOutcome;
 
-    fn run<T: Trainer>(self, mut t: T, backend: Backend) -> Result<Finish> {
+    fn run<T: Trainer>(self, mut t: T, backend: Backend) -> Result<RolloutOutcome> {
         let out = &self.args.out;
         files::prepare_new_dir(out, self.args.force)?;
         let frames = out.join("frames");
         std::fs::create_dir_all(&frames)
             .with_context(|| format!("cannot create {}", frames.display()))?;
-        t.set_weights(&self.ckpt.weights)?;
-        let mut state = t.upload(&self.init)?;
+        t.set_weights(&self.ckpt.weights).backend()?;
+        let mut state = t.upload(&self.init).backend()?;
         let v = self.ckpt.config.model.visible_channels;
         let scale = self.args.scale;
         let target = self.target.as_ref();
@@ -329,51 +309,47 @@ impl Job for RolloutJob<'_> {
         save(&self.init, 0)?;
         let mut done = 0;
         let mut last_finite = 0;
+        let events = self.events;
+        let failed = |e: Error, last_finite: u64, hint: &str| {
+            e.context(format!(
+                "rollout of {} failed; frames up to step {last_finite} are in {}{hint}",
+                self.args.checkpoint.display(),
+                display(&frames)
+            ))
+        };
+        // The loop's error type must come from the backend's, which `Error` cannot name
+        // generically: errors travel boxed and are unboxed below.
         let result = nca_api::rollout(&mut t, &mut state, &self.options, |step, t, s| {
             done = step;
             if step % every == 0 || step == steps {
                 let host = t.download(s)?;
                 if !host.is_finite() {
-                    return Err(anyhow!(NonFinite {
-                        last_finite,
-                        seen_at: step
-                    }));
+                    return Err(Error::Diverged(non_finite(last_finite, step)).into());
                 }
                 last_finite = step;
                 save(&host, step)?;
             }
-            if self.args.interrupt.load(Ordering::SeqCst) {
-                return Err(anyhow!(Interrupted));
+            if events.on_event(&Event::RolloutStep { step }).is_break() {
+                return Err(Error::Interrupted.into());
             }
-            Ok::<(), anyhow::Error>(())
-        });
+            Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+        })
+        .map_err(unbox);
         let interrupted = match result {
             Ok(()) => false,
-            Err(e) if e.is::<Interrupted>() => {
-                tracing::warn!("interrupted: stopping after step {done}");
-                true
-            }
-            Err(e) if e.is::<NonFinite>() => {
-                return Err(e.context(format!(
-                    "rollout of {} failed; frames up to step {last_finite} are in {}; try \
-                     a smaller --noise",
-                    self.args.checkpoint.display(),
-                    display(&frames)
-                )));
+            Err(Error::Interrupted) => true,
+            Err(e @ Error::Diverged(_)) => {
+                return Err(failed(e, last_finite, "; try a smaller --noise"));
             }
             Err(e) => return Err(e),
         };
-        let last = t.download(&state)?;
+        let last = t.download(&state).backend()?;
         if !last.is_finite() {
-            return Err(anyhow!(NonFinite {
+            return Err(failed(
+                Error::Diverged(non_finite(last_finite, done)),
                 last_finite,
-                seen_at: done
-            })
-            .context(format!(
-                "rollout of {} failed; frames up to step {last_finite} are in {}",
-                self.args.checkpoint.display(),
-                display(&frames)
-            )));
+                "",
+            ));
         }
         if interrupted && done % every != 0 {
             save(&last, done)?;
@@ -428,25 +404,19 @@ impl Job for RolloutJob<'_> {
             wall_seconds: self.started.elapsed().as_secs_f64(),
         };
         files::write_json(&out.join("rollout.json"), &summary)?;
-        let loss = final_loss.map_or_else(|| "n/a".into(), |l| format!("{l:.3e}"));
-        println!(
-            "rollout: {done} steps on {} (σ = {}), final loss against the target {loss}",
-            backend.name(),
-            self.options.sigma
-        );
-        match &summary.regrowth {
-            Some(r) => println!("{}", score::line(r)),
-            None if target.is_none() => {
-                println!("no regrowth score: the checkpoint holds no target")
-            }
-            None => {}
-        }
-        println!("results in {}", display(out));
-        Ok(if interrupted {
-            Finish::Interrupted
-        } else {
-            Finish::Completed
+        Ok(RolloutOutcome {
+            summary,
+            has_target: target.is_some(),
         })
+    }
+}
+
+/// An error that travelled boxed through [`nca_api::rollout`]: this crate's own, or the
+/// backend's.
+pub(crate) fn unbox(e: Box<dyn std::error::Error + Send + Sync>) -> Error {
+    match e.downcast::<Error>() {
+        Ok(own) => *own,
+        Err(other) => Error::Backend(other),
     }
 }
 

@@ -5,17 +5,17 @@
 //! memory limit: a counting global allocator measures the peak each call reaches.
 //!
 //! About 2,000 cases per reader run by default in seconds; the `#[ignore]`d variants
-//! run 100,000 (`cargo test -p nca-cli --test fuzz_inputs -- --ignored`).
+//! run 100,000 (`cargo test -p nca-run --test fuzz_inputs -- --ignored`).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
 use nca_api::{HostTensor, MemoryLimit, NcaConfig, TensorFile};
-use nca_cli::backend::Backend;
-use nca_cli::config::RunConfig;
-use nca_cli::preflight::check_run;
-use nca_cli::rollout::read_init_state;
+use nca_run::backend::Backend;
+use nca_run::config::RunConfig;
+use nca_run::preflight::check_run;
+use nca_run::rollout::read_init_state;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use crate::error::{invalid, Result, ResultExt};
 use plotters::prelude::*;
 
 use crate::render::{register_font, FONT_FAMILY};
@@ -83,7 +83,7 @@ pub fn plot_psnr(path: &Path, points: &[(u64, f64)]) -> Result<()> {
     let hi = (hi / 5.0).ceil() * 5.0 + 5.0;
     let (w, h) = (960u32, 540u32);
     let mut buf = vec![255u8; (w * h * 3) as usize];
-    let draw = |e: &dyn std::fmt::Debug| anyhow!("drawing {}: {e:?}", path.display());
+    let draw = |e: &dyn std::fmt::Debug| invalid!("drawing {}: {e:?}", path.display());
     {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| draw(&e))?;
@@ -159,7 +159,7 @@ pub fn plot_loss(path: &Path, records: &[LossRecord], epsilon: f32) -> Result<()
     let hi = pts.iter().map(|p| p.1).fold(eps, f64::max) * 20.0;
     let (w, h) = (960u32, 540u32);
     let mut buf = vec![255u8; (w * h * 3) as usize];
-    let draw = |e: &dyn std::fmt::Debug| anyhow!("drawing {}: {e:?}", path.display());
+    let draw = |e: &dyn std::fmt::Debug| invalid!("drawing {}: {e:?}", path.display());
     {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| draw(&e))?;

@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use crate::error::{Result, ResultExt};
 use image::RgbImage;
 use nca_api::eval::{self, RegrowthOptions, RegrowthScore};
 use nca_api::{HostTensor, Transition};
@@ -102,7 +102,7 @@ pub fn run<T: Transition>(
     };
     let watcher: Option<eval::StepWatcher<'_>> = if pictures { Some(&mut watch) } else { None };
     let score = eval::regrowth(t, target, &options, watcher)
-        .map_err(|e| anyhow::Error::new(e).context("computing the regrowth score"))?;
+        .map_err(|e| crate::error::Error::backend(e).context("computing the regrowth score"))?;
     Ok(Regrowth { score, frames, gif })
 }
 

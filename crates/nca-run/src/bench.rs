@@ -1,4 +1,4 @@
-//! `nca-cli bench`: a quick training-throughput check of every compiled backend, so a
+//! A quick training-throughput check of every compiled backend (`nca-cli bench`), so a
 //! user can pick one without reading criterion output.
 //!
 //! Each measurement runs the real training loop (`nca_api::train`: noise, step, Adam,
@@ -9,7 +9,7 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use crate::error::{BackendResult, Error, Result, ResultExt};
 use nca_api::{
     training_bytes, ConstantNoise, HostTensor, LoopOptions, MemoryLimit, ModelConfig, NcaConfig,
     Progress, StepContext, Trainer,
@@ -97,7 +97,7 @@ impl Job for Measure {
             let at = b * cfg.model.visible_channels * plane;
             target.data_mut()[at..at + plane].fill(1.0);
         }
-        let mut state = nca_api::start(&mut trainer, &cfg, &target)?;
+        let mut state = nca_api::start(&mut trainer, &cfg, &target).backend()?;
         let schedule = ConstantNoise::from(&cfg.noise);
         let options = LoopOptions::from_config(&cfg);
         let mut progress = Progress::default();
@@ -118,7 +118,7 @@ impl Job for Measure {
                 &mut progress,
                 &mut observer,
             )?;
-            trainer.synchronize()?;
+            trainer.synchronize().backend()?;
             Ok(())
         };
         // Warm-up: buffers, caches, device kernels.
@@ -148,17 +148,35 @@ pub fn describe_model(m: &ModelConfig) -> String {
     format!("{kind} D={} C={}{pos}", m.attention_dim, m.channels())
 }
 
-/// Measures every backend × workload. A failure is reported and the next workload tried
-/// (a large grid may not fit in memory), except that a backend whose first workload fails
-/// (e.g. no GPU) is skipped as a whole.
-pub fn bench_command(args: &BenchArgs) -> Result<Vec<Measurement>> {
+/// What one measurement of [`bench`] gave.
+#[derive(Debug)]
+pub enum BenchLine {
+    /// A workload was measured.
+    Measured(Measurement),
+    /// A backend's first workload failed (e.g. no GPU); the backend is skipped.
+    Skipped {
+        /// The backend.
+        backend: Backend,
+        /// Why.
+        error: Error,
+    },
+    /// A later workload failed (e.g. too large); the next one is tried.
+    Failed {
+        /// The backend.
+        backend: Backend,
+        /// The workload `(height, width, batch)`.
+        workload: (usize, usize, usize),
+        /// Why.
+        error: Error,
+    },
+}
+
+/// Measures every backend × workload, telling `report` each result as it comes. A
+/// failure is reported and the next workload tried (a large grid may not fit in memory),
+/// except that a backend whose first workload fails (e.g. no GPU) is skipped as a whole.
+pub fn bench(args: &BenchArgs, report: &mut dyn FnMut(BenchLine)) -> Result<Vec<Measurement>> {
     let workloads = args.workloads()?;
     let mut out = Vec::new();
-    println!("model: {}", describe_model(&args.base.model));
-    println!(
-        "{:<12} {:>12} {:>12} {:>16}",
-        "backend", "grid", "steps/s", "Mcells·steps/s"
-    );
     'backends: for &backend in &args.backends {
         let mut measured_any = false;
         for cfg in &workloads {
@@ -175,27 +193,19 @@ pub fn bench_command(args: &BenchArgs) -> Result<Vec<Measurement>> {
                         batch,
                         steps_per_second,
                     };
-                    println!(
-                        "{:<12} {:>12} {:>12.1} {:>16.2}",
-                        m.backend,
-                        format!("{height}x{width}x{batch}"),
-                        m.steps_per_second,
-                        m.cells_per_second() / 1e6
-                    );
+                    report(BenchLine::Measured(m.clone()));
                     out.push(m);
                     measured_any = true;
                 }
-                Err(e) if !measured_any => {
-                    println!("{:<12} skipped: {e:#}", backend.name());
+                Err(error) if !measured_any => {
+                    report(BenchLine::Skipped { backend, error });
                     continue 'backends;
                 }
-                Err(e) => {
-                    println!(
-                        "{:<12} {:>12} failed: {e:#}",
-                        backend.name(),
-                        format!("{height}x{width}x{batch}")
-                    );
-                }
+                Err(error) => report(BenchLine::Failed {
+                    backend,
+                    workload: (height, width, batch),
+                    error,
+                }),
             }
         }
     }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use crate::error::{Result, ResultExt};
 use nca_api::{HostTensor, NcaConfig, RegrowthScore, Trainer};
 
 use super::plan::Plan;
@@ -13,12 +13,12 @@ use super::Failures;
 use crate::files::write_artefact;
 use crate::{plot, render, score};
 
-/// Writes the run's results; returns the regrowth score (`None` after a failure) and the
-/// names of the files written.
+/// Scores the final rule and writes the run's results (into `out`; nothing without one);
+/// returns the regrowth score (`None` after a failure) and the names of the files written.
 pub(super) fn write<T: Trainer>(
     trainer: &mut T,
     plan: &Plan,
-    out: &Path,
+    out: Option<&Path>,
     trained: &Trained,
     failures: &mut Failures,
 ) -> (Option<RegrowthScore>, Vec<&'static str>) {
@@ -38,9 +38,19 @@ pub(super) fn write<T: Trainer>(
     let (seed, clamp) = (nca.training.seed, nca.model.state_clamp);
     // A rule that failed is not scored: its number would describe a broken run.
     let regrowth = if failures.is_empty() {
-        failures.keep(score::run(trainer, target, eval_cfg, seed, clamp, true))
+        failures.keep(score::run(
+            trainer,
+            target,
+            eval_cfg,
+            seed,
+            clamp,
+            out.is_some(),
+        ))
     } else {
         None
+    };
+    let Some(out) = out else {
+        return (regrowth.map(|r| r.score), written);
     };
     let mut psnr_rows = trained.psnr_rows.clone();
     let mut regrown_tile = None;

@@ -1,27 +1,25 @@
 //! Phase 3, train: the loop with its observer (loss rows, snapshots, frames, checkpoints,
-//! progress, Ctrl-C), ending in a typed [`Status`]; the first failure is kept, not
-//! stringified.
+//! events), ending in a typed [`Status`]; the first failure is kept, not stringified.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{anyhow, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use nca_api::noise::{add_gaussian, stream_seed, Stream};
 use nca_api::{
-    ConstantNoise, HostTensor, LoopOptions, Observer, Progress, StepContext, StopReason,
-    TrainError, Trainer,
+    Checkpoint, ConstantNoise, HostTensor, LoopOptions, Observer, Progress, StepContext,
+    StopReason, TrainError, Trainer,
 };
 
 use super::artefacts;
 use super::dir::RunDir;
 use super::plan::Plan;
-use super::{Failures, Finish, Status, Summary, TrainArgs};
+use super::{Failures, RunResult, Status, Summary, TrainRequest};
 use crate::backend::{Backend, Job};
+use crate::error::{BackendResult, Error, Result, ResultExt};
+use crate::events::{Event, Events, Started};
 use crate::files::{self, CheckpointParts};
 use crate::plot::{self, LossRecord};
 use crate::render;
@@ -29,12 +27,14 @@ use crate::score;
 
 /// A planned run, waiting for its trainer.
 pub(super) struct TrainJob<'a> {
-    /// The command line.
-    pub args: &'a TrainArgs,
+    /// What was asked.
+    pub request: &'a TrainRequest,
     /// The validated plan.
     pub plan: &'a Plan,
     /// When the command started.
     pub started: Instant,
+    /// Who watches.
+    pub events: &'a mut dyn Events,
 }
 
 /// What training left behind for the later phases.
@@ -56,26 +56,25 @@ pub(super) struct Trained {
     /// Step of the checkpoint this run wrote last into the run directory (or found there
     /// when resuming in place).
     pub last_checkpoint: Option<u64>,
+    /// The checkpoint of the last step, in memory (`None` when the run failed before it).
+    pub checkpoint: Option<Checkpoint>,
 }
 
 impl Job for TrainJob<'_> {
-    type Output = Finish;
+    type Output = RunResult;
 
-    fn run<T: Trainer>(self, mut trainer: T, backend: Backend) -> Result<Finish> {
+    fn run<T: Trainer>(self, mut trainer: T, backend: Backend) -> Result<RunResult> {
         let plan = self.plan;
-        let dir = RunDir::open(plan, self.args.force)?;
+        let dir = match &plan.out {
+            Some(path) => Some(RunDir::open(plan, path, self.request.force)?),
+            None => None,
+        };
+        let out = dir.as_ref().map(|d| d.path.as_path());
         let mut failures = Failures::default();
-        let trained = train(
-            &mut trainer,
-            backend,
-            plan,
-            &dir.path,
-            self.args,
-            &mut failures,
-        )?;
+        let trained = train(&mut trainer, backend, plan, out, self.events, &mut failures)?;
         let (regrowth, mut written) =
-            artefacts::write(&mut trainer, plan, &dir.path, &trained, &mut failures);
-        if trained.loss_csv_complete {
+            artefacts::write(&mut trainer, plan, out, &trained, &mut failures);
+        if trained.loss_csv_complete && out.is_some() {
             written.insert(0, "loss.csv");
         }
 
@@ -86,7 +85,7 @@ impl Job for TrainJob<'_> {
             backend: backend.name().into(),
             status: trained.status,
             error: failures.describe(),
-            config: plan.config_path.display().to_string(),
+            config: plan.origin.clone(),
             resumed_from_step: plan.resume.as_ref().map(|r| r.step()),
             steps_run,
             final_step: progress.step,
@@ -105,21 +104,37 @@ impl Job for TrainJob<'_> {
             } else {
                 0.0
             },
-            regrowth,
+            regrowth: regrowth.clone(),
         };
-        if failures
-            .keep(files::write_json(&dir.path.join("summary.json"), &summary))
-            .is_some()
-        {
-            written.push("summary.json");
-        }
-        let aftermath = aftermath(plan, &dir.path, &trained, &written);
-        failures.into_result(aftermath)?;
-        report(&summary, &dir.path);
-        Ok(if trained.status == Status::Interrupted {
-            Finish::Interrupted
+        if let Some(out) = out {
+            if failures
+                .keep(files::write_json(&out.join("summary.json"), &summary))
+                .is_some()
+            {
+                written.push("summary.json");
+            }
+            let aftermath = aftermath(plan, out, &trained, &written);
+            failures.into_result(aftermath)?;
         } else {
-            Finish::Completed
+            failures.into_result(format!(
+                "{} at step {}; nothing was written to disk",
+                trained.status, trained.progress.step
+            ))?;
+        }
+        let mut psnr = trained.psnr_rows.clone();
+        if let Some(r) = &regrowth {
+            psnr.push((trained.progress.step, r.mean_psnr_db, r.mean_mse));
+        }
+        let checkpoint = trained
+            .checkpoint
+            .ok_or_else(|| Error::Diverged("the run ended without a checkpoint".into()))?;
+        Ok(RunResult {
+            status: trained.status,
+            summary,
+            losses: trained.records,
+            psnr,
+            checkpoint,
+            out: out.map(Path::to_path_buf),
         })
     }
 }
@@ -165,6 +180,15 @@ fn aftermath(plan: &Plan, out: &Path, trained: &Trained, written: &[&str]) -> St
     )
 }
 
+/// The run directory's files the observer writes as it goes.
+struct RunFiles {
+    checkpoint: PathBuf,
+    csv_path: PathBuf,
+    csv: BufWriter<File>,
+    snapshots: PathBuf,
+    frames: PathBuf,
+}
+
 /// Sets up the trainer and the run directory's first files, runs the loop, and writes the
 /// final snapshot, frame and checkpoint. Failures before the loop return at once (nothing
 /// to save yet); failures from the loop on are kept in `failures`, first first.
@@ -172,55 +196,25 @@ fn train<T: Trainer>(
     trainer: &mut T,
     backend: Backend,
     plan: &Plan,
-    out: &Path,
-    args: &TrainArgs,
+    out: Option<&Path>,
+    events: &mut dyn Events,
     failures: &mut Failures,
 ) -> Result<Trained> {
     let nca = &plan.nca;
     let cfg = &plan.cfg;
-    let snap_dir = out.join("snapshots");
-    let frame_dir = out.join("frames");
-    for dir in [&snap_dir, &frame_dir] {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    files::write_atomically(&out.join("config.ron"), plan.run_ron.as_bytes())?;
     let v = nca.model.visible_channels;
     let scale = cfg.output.scale;
-    let target_png = render::tile(&plan.target, 0, v, scale)?;
-    files::write_artefact(&out.join("target.png"), |tmp| {
-        render::save_png(&target_png, tmp)
-    })?;
-
     let (mut state, mut progress) = match &plan.resume {
         None => (
-            nca_api::start(trainer, nca, &plan.target)?,
+            nca_api::start(trainer, nca, &plan.target).backend()?,
             Progress::default(),
         ),
-        Some(r) => {
-            let ckpt = &r.ckpt;
-            trainer.set_weights(&ckpt.weights)?;
-            match &ckpt.adam {
-                Some(adam) => trainer.set_adam_state(adam)?,
-                None => tracing::warn!("checkpoint has no Adam state: moments start at 0"),
-            }
-            trainer.set_target(&plan.target)?;
-            let host = match &ckpt.state {
-                Some(s) => s.clone(),
-                None => {
-                    tracing::warn!("checkpoint has no state: starting from fresh noise");
-                    nca_api::initial_state(nca)
-                }
-            };
-            (trainer.upload(&host)?, ckpt.progress.clone())
-        }
+        Some(r) => r.ckpt.resume(trainer, nca, &plan.target).backend()?,
     };
-
-    let csv_path = out.join("loss.csv");
-    files::write_atomically(&csv_path, plot::csv_text(&plan.history).as_bytes())?;
-    let csv = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&csv_path)
-        .with_context(|| format!("cannot open {}", csv_path.display()))?;
+    let files = match out {
+        Some(out) => Some(open_run_files(plan, out)?),
+        None => None,
+    };
     let parts = CheckpointParts {
         config: nca,
         backend: backend.name(),
@@ -231,18 +225,13 @@ fn train<T: Trainer>(
     let total = nca.training.steps;
     let mut obs = RunObserver {
         parts: &parts,
-        checkpoint_path: out.join("checkpoint.safetensors"),
-        csv_path: csv_path.clone(),
-        snap_dir: &snap_dir,
-        frame_dir: &frame_dir,
+        files,
         target: &plan.target,
         visible: v,
         scale,
         snapshot_every: cfg.output.snapshot_every,
         frame_every: total.div_ceil(cfg.output.gif_frames).max(1),
         checkpoint_every: cfg.output.checkpoint_every,
-        total,
-        csv: BufWriter::new(csv),
         records: plan.history.clone(),
         last_snapshot: None,
         last_frame: None,
@@ -253,26 +242,24 @@ fn train<T: Trainer>(
             .map(|r| r.step()),
         run_seed: nca.training.seed,
         sigma_large: nca.noise.sigma_large,
-        interrupt: &args.interrupt,
-        bar: None,
-        last_log: (Instant::now(), start_step),
+        events,
         csv_ok: true,
         error: None,
     };
     if plan.resume.is_none() {
         obs.snapshot(trainer, &state, 0, false)?;
     }
-    if args.progress_bar {
-        obs.bar = Some(progress_bar(total, start_step));
-    } else {
-        tracing::info!(
-            "training {} steps on {} ({}) into {}",
-            total - start_step,
-            backend.name(),
-            crate::bench::describe_model(&nca.model),
-            out.display()
-        );
-    }
+    let started = Started {
+        backend: backend.name(),
+        out: out.map(Path::to_path_buf),
+        start_step,
+        total_steps: total,
+        model: nca.model.clone(),
+        grid: (nca.grid.height, nca.grid.width),
+        chosen: plan.chosen.clone(),
+        log_every: cfg.output.snapshot_every,
+    };
+    let mut stop = obs.events.on_event(&Event::Started(&started)).is_break();
 
     let train_started = Instant::now();
     let schedule = ConstantNoise::from(&nca.noise);
@@ -281,6 +268,9 @@ fn train<T: Trainer>(
     let (seed, clamp) = (nca.training.seed, nca.model.state_clamp);
     let mut psnr_rows = plan.psnr_history.clone();
     let result = loop {
+        if stop {
+            break Ok(StopReason::Interrupted);
+        }
         // With `evaluation.every` the loop runs in chunks and the rule is scored in
         // between; the noise is counter-based, so chunking changes no number.
         let until = match eval_cfg.every {
@@ -303,12 +293,15 @@ fn train<T: Trainer>(
             Ok(outcome) if outcome.reason == StopReason::Steps && progress.step < total => {
                 match score::run(trainer, &plan.target, eval_cfg, seed, clamp, false) {
                     Ok(reg) => {
-                        let msg = format!("step {}: {}", progress.step, score::line(&reg.score));
-                        match &obs.bar {
-                            Some(bar) => bar.println(msg),
-                            None => tracing::info!("{msg}"),
-                        }
-                        psnr_rows.push((progress.step, reg.score.mean_psnr_db, reg.score.mean_mse));
+                        let step = progress.step;
+                        stop = obs
+                            .events
+                            .on_event(&Event::Evaluation {
+                                step,
+                                score: &reg.score,
+                            })
+                            .is_break();
+                        psnr_rows.push((step, reg.score.mean_psnr_db, reg.score.mean_mse));
                     }
                     Err(e) => break Err(LoopEnd::Score(e)),
                 }
@@ -318,32 +311,34 @@ fn train<T: Trainer>(
         }
     };
     let train_seconds = train_started.elapsed().as_secs_f64();
-    if let Some(bar) = obs.bar.take() {
-        bar.finish_and_clear();
-    }
 
+    let mut checkpoint = None;
     let status = match result {
         Ok(reason) => {
             let spiked = obs.records.last().is_some_and(|r| r.spiked);
             let step = progress.step;
-            let mut end = || -> Result<()> {
+            let mut end = || -> Result<Checkpoint> {
                 if obs.last_snapshot != Some(step) {
                     obs.snapshot(trainer, &state, step, spiked)?;
                 }
                 if obs.last_frame != Some(step) {
                     obs.frame(trainer, &state, step, spiked)?;
                 }
+                let ckpt = obs.capture(trainer, &state, &progress)?;
                 if obs.last_checkpoint != Some(step) {
-                    obs.checkpoint(trainer, &state, &progress)?;
+                    obs.write_checkpoint(&ckpt, step)?;
                 }
-                Ok(())
+                Ok(ckpt)
             };
             match end() {
-                Ok(()) => match reason {
-                    StopReason::Steps => Status::Completed,
-                    StopReason::MaxSpikes => Status::MaxSpikes,
-                    StopReason::Interrupted => Status::Interrupted,
-                },
+                Ok(ckpt) => {
+                    checkpoint = Some(ckpt);
+                    match reason {
+                        StopReason::Steps => Status::Completed,
+                        StopReason::MaxSpikes => Status::MaxSpikes,
+                        StopReason::Interrupted => Status::Interrupted,
+                    }
+                }
                 Err(e) => {
                     let status = status_of(&e);
                     failures.push(e.context(format!("after step {step}")));
@@ -352,9 +347,9 @@ fn train<T: Trainer>(
             }
         }
         Err(LoopEnd::Train(TrainError::NonFiniteLoss { step, loss })) => {
-            failures.push(anyhow!(TrainError::<T::Error>::NonFiniteLoss {
+            failures.push(Error::from(TrainError::<T::Error>::NonFiniteLoss {
                 step,
-                loss
+                loss,
             }));
             // The bad row is history too: it shows where and how the run diverged.
             let row = LossRecord {
@@ -367,20 +362,20 @@ fn train<T: Trainer>(
             Status::Diverged
         }
         Err(LoopEnd::Train(TrainError::Observer { step, message })) => {
-            let cause = obs.error.take().unwrap_or_else(|| anyhow!(message));
+            let cause = obs.error.take().unwrap_or(Error::Invalid(message));
             let status = status_of(&cause);
             failures.push(cause.context(format!("training stopped at step {step}")));
             status
         }
         Err(LoopEnd::Train(TrainError::Backend { step, source })) => {
-            failures.push(anyhow::Error::new(source).context(format!(
+            failures.push(Error::backend(source).context(format!(
                 "training stopped at step {step}: the {} backend failed",
                 backend.name()
             )));
             Status::Failed
         }
         Err(LoopEnd::Train(other)) => {
-            failures.push(anyhow::Error::new(other).context("training stopped"));
+            failures.push(Error::backend(other).context("training stopped"));
             Status::Failed
         }
         Err(LoopEnd::Score(e)) => {
@@ -401,35 +396,42 @@ fn train<T: Trainer>(
         psnr_rows,
         train_seconds,
         last_checkpoint: obs.last_checkpoint,
+        checkpoint,
     })
 }
 
-/// The weights, Adam's moments or the state hold NaN or infinity at a checkpoint although
-/// the loss was still finite: the run has diverged, and that checkpoint is not written.
-#[derive(Debug)]
-struct NonFiniteCheckpoint {
-    step: u64,
-    tensor: String,
-}
-
-impl std::fmt::Display for NonFiniteCheckpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "tensor `{}` holds NaN or infinite values at step {} although the loss is still \
-             finite, so the run has diverged and the checkpoint of that step is not written; \
-             try a lower learning rate, a state clamp (model.state_clamp) or gradient \
-             clipping (training.grad_clip)",
-            self.tensor, self.step
-        )
+/// Creates the run directory's folders and first files (`config.ron`, `target.png`,
+/// `loss.csv` with the resumed history) and opens `loss.csv` for appending.
+fn open_run_files(plan: &Plan, out: &Path) -> Result<RunFiles> {
+    let snapshots = out.join("snapshots");
+    let frames = out.join("frames");
+    for dir in [&snapshots, &frames] {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    files::write_atomically(&out.join("config.ron"), plan.run_ron.as_bytes())?;
+    let v = plan.nca.model.visible_channels;
+    let target_png = render::tile(&plan.target, 0, v, plan.cfg.output.scale)?;
+    files::write_artefact(&out.join("target.png"), |tmp| {
+        render::save_png(&target_png, tmp)
+    })?;
+    let csv_path = out.join("loss.csv");
+    files::write_atomically(&csv_path, plot::csv_text(&plan.history).as_bytes())?;
+    let csv = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&csv_path)
+        .with_context(|| format!("cannot open {}", csv_path.display()))?;
+    Ok(RunFiles {
+        checkpoint: out.join("checkpoint.safetensors"),
+        csv_path,
+        csv: BufWriter::new(csv),
+        snapshots,
+        frames,
+    })
 }
-
-impl std::error::Error for NonFiniteCheckpoint {}
 
 /// `Diverged` when `e` is a non-finite checkpoint, else `Failed`.
-fn status_of(e: &anyhow::Error) -> Status {
-    if e.downcast_ref::<NonFiniteCheckpoint>().is_some() {
+fn status_of(e: &Error) -> Status {
+    if matches!(e.root(), Error::Diverged(_)) {
         Status::Diverged
     } else {
         Status::Failed
@@ -441,106 +443,87 @@ enum LoopEnd<E: std::error::Error + 'static> {
     /// The loop itself failed (divergence, backend, observer).
     Train(TrainError<E>),
     /// Scoring between chunks (`evaluation.every`) failed.
-    Score(anyhow::Error),
+    Score(Error),
 }
 
-fn report(s: &Summary, out: &Path) {
-    let loss = s
-        .final_loss
-        .map_or_else(|| "n/a".into(), |l| format!("{l:.3e}"));
-    let first = s
-        .first_step_below_epsilon
-        .map_or_else(|| "never".into(), |f| format!("step {f}"));
-    println!(
-        "{}: {} steps on {} ({:.0} steps/s), final loss {loss}, first below ε {first}, \
-         {} spikes",
-        s.status, s.final_step, s.backend, s.steps_per_second, s.spikes
-    );
-    if let Some(r) = &s.regrowth {
-        println!("{}", score::line(r));
-    }
-    println!(
-        "results in {} (regrowth.png, contact_sheet.png, trajectory.gif, summary.json)",
-        out.display()
-    );
-}
-
-fn progress_bar(total: u64, start: u64) -> ProgressBar {
-    let bar = ProgressBar::new(total).with_position(start);
-    let style = ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {wide_bar} step {pos}/{len}  {msg}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
-    bar.set_style(style);
-    bar
-}
-
-/// Watches the loop: CSV rows, snapshots, checkpoints, progress, Ctrl-C.
+/// Watches the loop: CSV rows, snapshots, checkpoints, events.
 struct RunObserver<'a> {
     parts: &'a CheckpointParts<'a>,
-    checkpoint_path: PathBuf,
-    csv_path: PathBuf,
-    snap_dir: &'a Path,
-    frame_dir: &'a Path,
+    /// The run directory's files; `None` when nothing is written.
+    files: Option<RunFiles>,
     target: &'a HostTensor,
     visible: usize,
     scale: u32,
     snapshot_every: u64,
     frame_every: u64,
     checkpoint_every: u64,
-    total: u64,
-    csv: BufWriter<File>,
     records: Vec<LossRecord>,
     last_snapshot: Option<u64>,
     last_frame: Option<u64>,
     last_checkpoint: Option<u64>,
     run_seed: u64,
     sigma_large: f32,
-    interrupt: &'a AtomicBool,
-    bar: Option<ProgressBar>,
-    last_log: (Instant, u64),
+    events: &'a mut dyn Events,
     /// Whether every row written so far reached the file.
     csv_ok: bool,
     /// The error that made `on_step` fail, kept whole (the loop only carries a string).
-    error: Option<anyhow::Error>,
+    error: Option<Error>,
 }
 
 impl RunObserver<'_> {
     fn record(&mut self, r: LossRecord) -> Result<()> {
-        let written = writeln!(self.csv, "{}", r.csv());
         self.records.push(r);
+        let Some(f) = &mut self.files else {
+            return Ok(());
+        };
+        let written = writeln!(f.csv, "{}", r.csv());
         self.csv_ok &= written.is_ok();
-        written.with_context(|| format!("cannot write {}", self.csv_path.display()))
+        written.with_context(|| format!("cannot write {}", f.csv_path.display()))
     }
 
     fn flush_csv(&mut self) -> Result<()> {
-        let flushed = self.csv.flush();
+        let Some(f) = &mut self.files else {
+            return Ok(());
+        };
+        let flushed = f.csv.flush();
         self.csv_ok &= flushed.is_ok();
-        flushed.with_context(|| format!("cannot write {}", self.csv_path.display()))
+        flushed.with_context(|| format!("cannot write {}", f.csv_path.display()))
     }
 
-    /// Writes the checkpoint of `progress`, after the loss rows up to its step are on disk
-    /// (so a run killed right after it resumes without a gap in `loss.csv`). A checkpoint
-    /// holding NaN or inf anywhere is not written (the previous one stays the kept one) and
-    /// ends the run as diverged.
-    fn checkpoint<T: Trainer>(
-        &mut self,
+    /// The checkpoint of `progress`; one holding NaN or inf anywhere ends the run as
+    /// diverged (the previous one on disk stays the kept one).
+    fn capture<T: Trainer>(
+        &self,
         t: &T,
         state: &T::State,
         progress: &Progress,
-    ) -> Result<()> {
-        self.flush_csv()?;
+    ) -> Result<Checkpoint> {
         let ckpt = self.parts.capture(t, state, progress)?;
         if let Some(tensor) = ckpt.first_non_finite() {
-            return Err(NonFiniteCheckpoint {
-                step: progress.step,
-                tensor,
-            }
-            .into());
+            return Err(Error::Diverged(format!(
+                "tensor `{tensor}` holds NaN or infinite values at step {} although the loss \
+                 is still finite, so the run has diverged and the checkpoint of that step is \
+                 not written; try a lower learning rate, a state clamp (model.state_clamp) or \
+                 gradient clipping (training.grad_clip)",
+                progress.step
+            )));
         }
-        self.parts.write(&ckpt, &self.checkpoint_path)?;
-        self.last_checkpoint = Some(progress.step);
+        Ok(ckpt)
+    }
+
+    /// Writes `ckpt` of `step`, after the loss rows up to its step are on disk (so a run
+    /// killed right after it resumes without a gap in `loss.csv`).
+    fn write_checkpoint(&mut self, ckpt: &Checkpoint, step: u64) -> Result<()> {
+        self.flush_csv()?;
+        let Some(f) = &self.files else {
+            return Ok(());
+        };
+        let path = f.checkpoint.clone();
+        files::write_checkpoint(ckpt, &path)?;
+        self.last_checkpoint = Some(step);
+        let _ = self
+            .events
+            .on_event(&Event::Checkpoint { step, path: &path });
         Ok(())
     }
 
@@ -556,7 +539,7 @@ impl RunObserver<'_> {
         step: u64,
         spiked: bool,
     ) -> Result<image::RgbImage> {
-        let mut host = t.download(state)?;
+        let mut host = t.download(state).backend()?;
         if spiked {
             let seed = stream_seed(self.run_seed, step, Stream::Spike);
             add_gaussian(host.data_mut(), -self.sigma_large, seed);
@@ -564,7 +547,8 @@ impl RunObserver<'_> {
         render::snapshot(&host, Some(self.target), self.visible, self.scale)
     }
 
-    /// Writes the picture of `step` as `dir/STEP.png` (a snapshot or a GIF frame).
+    /// Writes the picture of `step` as `dir/STEP.png` (a snapshot or a GIF frame);
+    /// returns its path.
     fn save_step_picture<T: Trainer>(
         &self,
         dir: &Path,
@@ -572,10 +556,11 @@ impl RunObserver<'_> {
         state: &T::State,
         step: u64,
         spiked: bool,
-    ) -> Result<()> {
+    ) -> Result<PathBuf> {
         let img = self.picture(t, state, step, spiked)?;
         let path = render::step_path(dir, step);
-        files::write_artefact(&path, |tmp| render::save_png(&img, tmp)).map(|_| ())
+        files::write_artefact(&path, |tmp| render::save_png(&img, tmp))?;
+        Ok(path)
     }
 
     fn snapshot<T: Trainer>(
@@ -585,8 +570,12 @@ impl RunObserver<'_> {
         step: u64,
         spiked: bool,
     ) -> Result<()> {
-        self.save_step_picture(self.snap_dir, t, state, step, spiked)?;
+        let Some(dir) = self.files.as_ref().map(|f| f.snapshots.clone()) else {
+            return Ok(());
+        };
+        let path = self.save_step_picture(&dir, t, state, step, spiked)?;
         self.last_snapshot = Some(step);
+        let _ = self.events.on_event(&Event::Snapshot { step, path: &path });
         if step == 0 {
             self.frame(t, state, step, spiked)?;
         }
@@ -600,7 +589,10 @@ impl RunObserver<'_> {
         step: u64,
         spiked: bool,
     ) -> Result<()> {
-        self.save_step_picture(self.frame_dir, t, state, step, spiked)?;
+        let Some(dir) = self.files.as_ref().map(|f| f.frames.clone()) else {
+            return Ok(());
+        };
+        self.save_step_picture(&dir, t, state, step, spiked)?;
         self.last_frame = Some(step);
         Ok(())
     }
@@ -620,47 +612,21 @@ impl RunObserver<'_> {
             self.snapshot(ctx.trainer, ctx.state, info.step, info.spiked)?;
             self.flush_csv()?;
         }
-        if info.step.is_multiple_of(self.checkpoint_every) {
-            self.checkpoint(ctx.trainer, ctx.state, ctx.progress)?;
+        if info.step.is_multiple_of(self.checkpoint_every) && self.files.is_some() {
+            let ckpt = self.capture(ctx.trainer, ctx.state, ctx.progress)?;
+            self.write_checkpoint(&ckpt, info.step)?;
         }
-        if let Some(bar) = &self.bar {
-            bar.set_position(info.step);
-            if info.step.is_multiple_of(10) || info.spiked {
-                let (t0, s0) = self.last_log;
-                let rate = (info.step - s0) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-                bar.set_message(format!(
-                    "loss {:.3e}  spikes {}  {rate:.0} steps/s",
-                    info.loss, info.spikes
-                ));
-            }
-        } else if info.step.is_multiple_of(self.snapshot_every) {
-            let (t0, s0) = self.last_log;
-            let rate = (info.step - s0) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-            tracing::info!(
-                "step {}/{} loss {:.4e} spikes {} ({rate:.0} steps/s)",
-                info.step,
-                self.total,
-                info.loss,
-                info.spikes
-            );
-            self.last_log = (Instant::now(), info.step);
-        }
-        if self.interrupt.load(Ordering::SeqCst) {
-            if let Some(bar) = &self.bar {
-                bar.println(format!("interrupted: stopping after step {}", info.step));
-            } else {
-                tracing::warn!("interrupted: stopping after step {}", info.step);
-            }
-            return Ok(ControlFlow::Break(()));
-        }
-        Ok(ControlFlow::Continue(()))
+        Ok(self.events.on_event(&Event::Step(&info)))
     }
 }
 
 impl<T: Trainer> Observer<T> for RunObserver<'_> {
-    fn on_step(&mut self, ctx: &StepContext<'_, T>) -> Result<ControlFlow<()>, String> {
+    fn on_step(
+        &mut self,
+        ctx: &StepContext<'_, T>,
+    ) -> std::result::Result<ControlFlow<()>, String> {
         self.step(ctx).map_err(|e| {
-            let message = format!("{e:#}");
+            let message = e.report();
             self.error = Some(e);
             message
         })

@@ -6,7 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{bail, invalid, Result, ResultExt};
+use crate::events::Chosen;
+use crate::sizing;
 use nca_api::{GridConfig, ModelConfig, NcaConfig, NoiseConfig, TrainingConfig};
 use ron::extensions::Extensions;
 use serde::{Deserialize, Serialize};
@@ -127,7 +129,7 @@ impl RunConfig {
     /// Parses RON text; the error reads `origin:line:col: message`.
     pub fn from_ron(text: &str, origin: &str) -> Result<Self> {
         ron_options().from_str(text).map_err(|e| {
-            anyhow::anyhow!(
+            invalid!(
                 "{origin}:{}:{}: {}",
                 e.span.start.line,
                 e.span.start.col,
@@ -136,14 +138,43 @@ impl RunConfig {
         })
     }
 
-    /// Reads and validates a run file.
+    /// Reads a run file, fills the fields it leaves out whose values depend on the grid
+    /// (see [`crate::sizing`]) and validates it.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_sized(path).map(|(cfg, _)| cfg)
+    }
+
+    /// [`RunConfig::load`], also returning the values chosen for the grid.
+    pub fn load_sized(path: &Path) -> Result<(Self, Vec<Chosen>)> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        let cfg = Self::from_ron(&text, &path.display().to_string())?;
+        let origin = path.display().to_string();
+        let mut cfg = Self::from_ron(&text, &origin)?;
+        let given: sizing::Given = ron_options().from_str(&text).map_err(|e| {
+            invalid!(
+                "{origin}:{}:{}: {}",
+                e.span.start.line,
+                e.span.start.col,
+                e.code
+            )
+        })?;
+        let chosen = sizing::apply(&mut cfg, &given);
         cfg.validate()
-            .with_context(|| format!("{}: invalid config", path.display()))?;
-        Ok(cfg)
+            .with_context(|| format!("{origin}: invalid config"))?;
+        Ok((cfg, chosen))
+    }
+
+    /// Reads a run config written as JSON with the RON file's structure (how a Python
+    /// `dict` arrives), sized for its grid and validated like a run file. Enums are written
+    /// as serde does: `{"Image": {"path": "cat.png"}}`, `{"Solid": [1.0, 0.0, 0.0]}`.
+    pub fn from_json_sized(json: &str, origin: &str) -> Result<(Self, Vec<Chosen>)> {
+        let mut cfg: Self = serde_json::from_str(json).map_err(|e| invalid!("{origin}: {e}"))?;
+        let given: sizing::Given =
+            serde_json::from_str(json).map_err(|e| invalid!("{origin}: {e}"))?;
+        let chosen = sizing::apply(&mut cfg, &given);
+        cfg.validate()
+            .with_context(|| format!("{origin}: invalid config"))?;
+        Ok((cfg, chosen))
     }
 
     /// The grid, model, noise and training sections as nca-api's config.

@@ -5,12 +5,12 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, Result, ResultExt};
 
 use super::plan::Plan;
 use crate::files;
 
-/// The run directory, locked against every other nca-cli run until this value is dropped.
+/// The run directory, locked against every other run until this value is dropped.
 pub(super) struct RunDir {
     /// The directory.
     pub path: PathBuf,
@@ -22,8 +22,8 @@ impl RunDir {
     /// Creates (if needed) and locks the planned directory, then makes it ready: for a new
     /// run, the CLI's old files are removed (`--force`); for an in-place resume, the frames
     /// after the checkpoint's step. Stale temporaries of killed runs go in both cases.
-    pub fn open(plan: &Plan, force: bool) -> Result<Self> {
-        let path = plan.out.clone();
+    pub fn open(plan: &Plan, path: &Path, force: bool) -> Result<Self> {
+        let path = path.to_path_buf();
         std::fs::create_dir_all(&path)
             .with_context(|| format!("cannot create {}", path.display()))?;
         let lock = lock(&path)?;
@@ -43,8 +43,9 @@ impl RunDir {
 }
 
 /// Takes the exclusive lock of `dir` and writes this process's pid into the lock file; a
-/// directory locked by another process is refused at once, naming that process.
-pub(super) fn lock(dir: &Path) -> Result<File> {
+/// directory locked by another process is refused at once, naming that process. The lock
+/// lasts as long as the returned file is open.
+pub fn lock(dir: &Path) -> Result<File> {
     let path = dir.join(files::LOCK_FILE);
     // Not truncated on open: the holder's pid must stay readable for the message below.
     let mut file = OpenOptions::new()
@@ -60,17 +61,16 @@ pub(super) fn lock(dir: &Path) -> Result<File> {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
             let holder = holder.trim();
-            let who = if holder.is_empty() {
+            let holder = if holder.is_empty() {
                 "another process".to_string()
             } else {
                 format!("another nca-cli process (pid {holder})")
             };
-            bail!(
-                "run directory {} is in use by {who}, which holds its lock {}; wait for that \
-                 run to end, or write to another directory with --out DIR",
-                dir.display(),
-                path.display()
-            );
+            return Err(Error::Busy {
+                dir: dir.to_path_buf(),
+                lock: path,
+                holder,
+            });
         }
         Err(TryLockError::Error(e)) => {
             return Err(e).with_context(|| format!("cannot lock {}", path.display()));

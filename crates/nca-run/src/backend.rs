@@ -4,11 +4,15 @@
 //! place that names backend types, each arm behind its cargo feature. A backend that was
 //! not compiled in is a clear runtime error saying which feature to enable.
 
-use anyhow::{anyhow, Context, Result};
+use std::fmt;
+use std::str::FromStr;
+
 use nca_api::{ModelConfig, OptimizerConfig, Trainer};
 
-/// A backend name as given to `--backend`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+use crate::error::{invalid, Error, Result, ResultExt};
+
+/// A backend that computes the rule: the names `--backend` and `backend=` take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Backend {
     /// Pure-Rust ndarray backend (always compiled).
     Ndarray,
@@ -40,7 +44,40 @@ impl Backend {
     }
 }
 
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Backend {
+    type Err = Error;
+
+    /// Parses a backend name (`ndarray`, `dfdx`, `candle`, `candle-cuda`), whether or not
+    /// it is compiled in; [`Backend::check_model`] says when it is not.
+    fn from_str(name: &str) -> Result<Self> {
+        Backend::ALL
+            .into_iter()
+            .find(|b| b.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Backend::ALL.iter().map(|b| b.name()).collect();
+                invalid!(
+                    "unknown backend `{name}`; expected one of {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
 impl Backend {
+    /// Every backend this crate knows, compiled in or not.
+    pub const ALL: [Backend; 4] = [
+        Backend::Ndarray,
+        Backend::Dfdx,
+        Backend::Candle,
+        Backend::CandleCuda,
+    ];
+
     /// The backends compiled into this binary, default first.
     pub fn compiled() -> Vec<Backend> {
         let mut out = vec![Backend::Ndarray];
@@ -73,7 +110,7 @@ impl Backend {
         if self == Backend::Ndarray {
             let channels = model.channels();
             if channels > NDARRAY_MAX_CHANNELS {
-                return Err(anyhow!(
+                return Err(invalid!(
                     "invalid config field `model.hidden_channels`: the ndarray backend supports \
                      at most {NDARRAY_MAX_CHANNELS} channels in all (visible + hidden), found \
                      {} + {} = {channels}; lower model.hidden_channels to at most {}",
@@ -83,7 +120,7 @@ impl Backend {
                 ));
             }
             if model.attention_dim > NDARRAY_MAX_ATTENTION_DIM {
-                return Err(anyhow!(
+                return Err(invalid!(
                     "invalid config field `model.attention_dim`: the ndarray backend supports \
                      at most {NDARRAY_MAX_ATTENTION_DIM}, found {}",
                     model.attention_dim
@@ -112,22 +149,30 @@ pub fn dispatch<J: Job>(
     let ctx = || format!("cannot start the {} backend", backend.name());
     match backend {
         Backend::Ndarray => {
-            let t = nca_ndarray::NdarrayTrainer::new(model, optimizer).with_context(ctx)?;
+            let t = nca_ndarray::NdarrayTrainer::new(model, optimizer)
+                .map_err(Error::backend)
+                .with_context(ctx)?;
             job.run(t, backend)
         }
         #[cfg(feature = "dfdx")]
         Backend::Dfdx => {
-            let t = nca_dfdx::DfdxTrainer::new(model, optimizer).with_context(ctx)?;
+            let t = nca_dfdx::DfdxTrainer::new(model, optimizer)
+                .map_err(Error::backend)
+                .with_context(ctx)?;
             job.run(t, backend)
         }
         #[cfg(feature = "candle")]
         Backend::Candle => {
-            let t = nca_candle::CandleTrainer::cpu(model, optimizer).with_context(ctx)?;
+            let t = nca_candle::CandleTrainer::cpu(model, optimizer)
+                .map_err(Error::backend)
+                .with_context(ctx)?;
             job.run(t, backend)
         }
         #[cfg(feature = "candle-cuda")]
         Backend::CandleCuda => {
-            let t = nca_candle::CandleTrainer::cuda(model, optimizer, 0).with_context(ctx)?;
+            let t = nca_candle::CandleTrainer::cuda(model, optimizer, 0)
+                .map_err(Error::backend)
+                .with_context(ctx)?;
             job.run(t, backend)
         }
         #[allow(unreachable_patterns)]
@@ -136,19 +181,29 @@ pub fn dispatch<J: Job>(
 }
 
 /// The error for a backend this binary was built without.
-pub fn not_compiled(backend: Backend) -> anyhow::Error {
-    let feature = backend.feature().unwrap_or("?");
-    anyhow!(
-        "the {name} backend is not compiled into this binary; rebuild with the cargo feature \
-         `{feature}`, e.g. `cargo run -p nca-cli --features {feature} -- --backend {name} \
-         run.ron`",
-        name = backend.name()
-    )
+pub fn not_compiled(backend: Backend) -> Error {
+    Error::NotCompiled {
+        name: backend.name(),
+        feature: backend.feature().unwrap_or("?"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_parse_back_and_unknown_names_list_the_known_ones() {
+        for b in Backend::ALL {
+            assert_eq!(b.name().parse::<Backend>().ok(), Some(b));
+        }
+        let err = "cuda".parse::<Backend>().expect_err("unknown");
+        assert!(
+            err.to_string()
+                .contains("ndarray, dfdx, candle, candle-cuda"),
+            "{err}"
+        );
+    }
 
     /// The limits checked here are exactly where nca-ndarray's trainer starts refusing.
     #[test]

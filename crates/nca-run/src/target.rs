@@ -7,7 +7,8 @@ use std::fs::File;
 use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{bail, invalid, Result, ResultExt};
+use crate::events::{self, Events, Level, Quiet};
 use image::imageops::FilterType;
 use image::{DynamicImage, GenericImageView, ImageFormat};
 use nca_api::{HostTensor, IoError, MemoryLimit, NcaConfig};
@@ -173,16 +174,19 @@ impl Target {
     /// Sizes are checked against the memory limit of the environment
     /// ([`MemoryLimit::from_env`]); [`Target::render_limited`] takes one.
     pub fn render(&self, cfg: &NcaConfig, base: &Path) -> Result<HostTensor> {
-        self.render_limited(cfg, base, &MemoryLimit::from_env()?)
+        self.render_limited(cfg, base, &MemoryLimit::from_env()?, &mut Quiet)
     }
 
     /// Renders the `[B, V, H, W]` target of `cfg` (image paths relative to `base`) after
     /// checking that it, and a target image decoded at its declared size, fit `limit`.
+    /// How a picture was fitted to the grid (cropped, resized, composited) is told to
+    /// `events` as notes.
     pub fn render_limited(
         &self,
         cfg: &NcaConfig,
         base: &Path,
         limit: &MemoryLimit,
+        events: &mut dyn Events,
     ) -> Result<HostTensor> {
         let (h, w) = (cfg.grid.height, cfg.grid.width);
         let v = cfg.model.visible_channels;
@@ -197,7 +201,12 @@ impl Target {
                 path,
                 background,
                 fit,
-            } => load_image(&base.join(path), h, w, v, *background, *fit, limit)?,
+            } => {
+                let path = base.join(path);
+                let what = format!("target image {}", path.display());
+                let img = load_image(&path, &what, h, w, v, limit)?;
+                fit_picture(img, &what, h, w, *background, *fit, events)?
+            }
             Target::Gradient {
                 from,
                 to,
@@ -249,22 +258,114 @@ impl Target {
                 out
             }
         };
-        let mut one = Vec::with_capacity(v * h * w);
-        if v == 1 {
-            one.extend(
-                plane
-                    .iter()
-                    .map(|c| 0.299 * c.0 + 0.587 * c.1 + 0.114 * c.2),
-            );
-        } else {
-            one.extend(plane.iter().map(|c| c.0));
-            one.extend(plane.iter().map(|c| c.1));
-            one.extend(plane.iter().map(|c| c.2));
-            one.resize(v * h * w, 0.0);
-        }
-        let data = one.repeat(cfg.grid.batch);
-        Ok(HostTensor::new(&cfg.target_shape(), data)?)
+        target_tensor(&plane, cfg)
     }
+}
+
+/// The `[B, V, H, W]` target of `cfg` from one colour per cell (row-major `H × W`): the
+/// colours' luma with one visible channel, else R, G, B (and zeros for further visible
+/// channels), repeated over the batch.
+fn target_tensor(plane: &[Rgb], cfg: &NcaConfig) -> Result<HostTensor> {
+    let (h, w, v) = (cfg.grid.height, cfg.grid.width, cfg.model.visible_channels);
+    let mut one = Vec::with_capacity(v * h * w);
+    if v == 1 {
+        one.extend(
+            plane
+                .iter()
+                .map(|c| 0.299 * c.0 + 0.587 * c.1 + 0.114 * c.2),
+        );
+    } else {
+        one.extend(plane.iter().map(|c| c.0));
+        one.extend(plane.iter().map(|c| c.1));
+        one.extend(plane.iter().map(|c| c.2));
+        one.resize(v * h * w, 0.0);
+    }
+    let data = one.repeat(cfg.grid.batch);
+    Ok(HostTensor::new(&cfg.target_shape(), data)?)
+}
+
+/// A picture given as pixels rather than a file (a numpy array in Python): `height ×
+/// width` pixels of `channels` (1 grey, 3 RGB or 4 RGBA) values in `[0, 1]`, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pixels {
+    /// Rows.
+    pub height: usize,
+    /// Columns.
+    pub width: usize,
+    /// Values per pixel: 1 (grey), 3 (RGB) or 4 (RGBA).
+    pub channels: usize,
+    /// `height · width · channels` values in `[0, 1]`.
+    pub data: Vec<f32>,
+}
+
+/// Fits `pixels` to `cfg`'s grid exactly as an image file is fitted (alpha composited over
+/// `background`, centre-cropped or stretched by `fit`, Lanczos-resized) and returns the
+/// `[B, V, H, W]` target; `what` names the picture in messages and notes.
+pub fn fit_pixels(
+    pixels: &Pixels,
+    cfg: &NcaConfig,
+    background: Rgb,
+    fit: Fit,
+    what: &str,
+    events: &mut dyn Events,
+) -> Result<HostTensor> {
+    let Pixels {
+        height,
+        width,
+        channels,
+        ..
+    } = *pixels;
+    let expected = height
+        .checked_mul(width)
+        .and_then(|n| n.checked_mul(channels));
+    if !matches!(channels, 1 | 3 | 4) || expected != Some(pixels.data.len()) {
+        bail!(
+            "{what}: expected {height}x{width} pixels of 1, 3 or 4 values ({} values), found \
+             {} values with {channels} per pixel",
+            expected.map_or_else(|| "too many".to_string(), |n| n.to_string()),
+            pixels.data.len()
+        );
+    }
+    if height == 0 || width == 0 {
+        bail!("{what}: expected a picture of at least 1x1 pixels, found {height}x{width}");
+    }
+    if let Some(bad) = pixels
+        .data
+        .iter()
+        .position(|x| !(x.is_finite() && (0.0..=1.0).contains(x)))
+    {
+        bail!(
+            "{what}: values must be in [0, 1] (uint8 pictures are divided by 255), found {} \
+             at index {bad}",
+            pixels.data[bad]
+        );
+    }
+    let (iw, ih) = (
+        u32::try_from(width).map_err(|_| invalid!("{what}: {width} columns are too many"))?,
+        u32::try_from(height).map_err(|_| invalid!("{what}: {height} rows are too many"))?,
+    );
+    let rgba: Vec<f32> = pixels
+        .data
+        .chunks_exact(channels)
+        .flat_map(|p| match *p {
+            [g] => [g, g, g, 1.0],
+            [r, g, b] => [r, g, b, 1.0],
+            [r, g, b, a] => [r, g, b, a],
+            _ => [0.0; 4],
+        })
+        .collect();
+    let img = image::Rgba32FImage::from_raw(iw, ih, rgba)
+        .ok_or_else(|| invalid!("{what}: the pixel count does not match {width}x{height}"))?;
+    let img = DynamicImage::ImageRgba32F(img);
+    if channels >= 3 && cfg.model.visible_channels == 1 {
+        bail!(
+            "{what} is a colour image but model.visible_channels is 1 (grey); convert the \
+             picture to greyscale or set visible_channels: 3"
+        );
+    }
+    let (h, w) = (cfg.grid.height, cfg.grid.width);
+    let plane = fit_picture(img, what, h, w, background, fit, events)?;
+    target_tensor(&plane, cfg)
 }
 
 /// Bytes [`Target::render_limited`] allocates for `cfg`'s target: a colour per cell, one
@@ -342,25 +443,26 @@ fn image_reader<'f>(
     Ok(reader)
 }
 
+/// Decodes the picture at `path` (PNG or GIF, a regular file), after checking its declared
+/// size against `limit`; a colour picture for a grey model is refused.
 fn load_image(
     path: &Path,
+    what: &str,
     h: usize,
     w: usize,
     v: usize,
-    background: Rgb,
-    fit: Fit,
     limit: &MemoryLimit,
-) -> Result<Vec<Rgb>> {
-    let what = || format!("target image {}", path.display());
+) -> Result<DynamicImage> {
+    let what = || what.to_string();
     // A FIFO would block the open (and every read) forever; nca-api checks the type first.
     let (file, _) = nca_api::io::open_regular_file(path).map_err(|e| match e {
         IoError::Io { source, .. } => {
-            anyhow::Error::new(source).context(format!("cannot open {}", what()))
+            crate::error::Error::from(source).context(format!("cannot open {}", what()))
         }
         IoError::Format { message, .. } => {
-            anyhow!("cannot open {}: it is {message}", what())
+            invalid!("cannot open {}: it is {message}", what())
         }
-        other => anyhow::Error::new(other),
+        other => crate::error::Error::from(other),
     })?;
     // The declared size first: a small file can claim a picture of gigabytes.
     let (iw, ih) = image_reader(&file, &what(), limit)?
@@ -382,16 +484,31 @@ fn load_image(
             what()
         );
     }
+    Ok(img)
+}
+
+/// The picture as one colour per grid cell: alpha composited over `background`, fitted
+/// to the grid's aspect ratio by `fit`, resized (Lanczos) and clamped to `[0, 1]`.
+fn fit_picture(
+    img: DynamicImage,
+    what: &str,
+    h: usize,
+    w: usize,
+    background: Rgb,
+    fit: Fit,
+    events: &mut dyn Events,
+) -> Result<Vec<Rgb>> {
     let rgba = img.to_rgba32f();
     let see_through = rgba.pixels().filter(|p| p.0[3] < 1.0).count();
     if see_through > 0 {
-        tracing::info!(
-            "{} has {see_through} (partly) transparent pixels: compositing them over the \
-             background ({}, {}, {})",
-            what(),
-            background.0,
-            background.1,
-            background.2
+        let _ = events::note(
+            events,
+            Level::Info,
+            &format!(
+                "{what} has {see_through} (partly) transparent pixels: compositing them over \
+                 the background ({}, {}, {})",
+                background.0, background.1, background.2
+            ),
         );
     }
     let bg = [background.0, background.1, background.2];
@@ -400,7 +517,7 @@ fn load_image(
         let a = p[3].clamp(0.0, 1.0);
         image::Rgb([0, 1, 2].map(|c| a * p[c] + (1.0 - a) * bg[c]))
     });
-    let rgb = fit_to_grid(DynamicImage::ImageRgb32F(flat), h, w, fit, &what())?;
+    let rgb = fit_to_grid(DynamicImage::ImageRgb32F(flat), h, w, fit, what, events)?;
     Ok(rgb
         .pixels()
         .map(|p| {
@@ -433,26 +550,35 @@ fn fit_to_grid(
     w: usize,
     fit: Fit,
     what: &str,
+    events: &mut dyn Events,
 ) -> Result<image::Rgb32FImage> {
     let (w32, h32) = (
-        u32::try_from(w).context("grid too wide")?,
-        u32::try_from(h).context("grid too tall")?,
+        u32::try_from(w).map_err(|_| invalid!("grid too wide"))?,
+        u32::try_from(h).map_err(|_| invalid!("grid too tall"))?,
     );
     let (iw, ih) = img.dimensions();
     let same_aspect = u64::from(iw) * h as u64 == u64::from(ih) * w as u64;
     let img = match fit {
         Fit::Crop if !same_aspect => {
             let (x, y, cw, ch) = centre_crop(iw, ih, h, w);
-            tracing::info!(
-                "{what} is {iw}x{ih}, the grid {w}x{h}: using its centred {cw}x{ch} part \
-                 (fit: Crop keeps the aspect ratio)"
+            let _ = events::note(
+                events,
+                Level::Info,
+                &format!(
+                    "{what} is {iw}x{ih}, the grid {w}x{h}: using its centred {cw}x{ch} part \
+                     (fit: Crop keeps the aspect ratio)"
+                ),
             );
             img.crop_imm(x, y, cw, ch)
         }
         Fit::Stretch if !same_aspect => {
-            tracing::warn!(
-                "{what} is {iw}x{ih} but the grid is {w}x{h}: stretching it changes its \
-                 aspect ratio (fit: Stretch; fit: Crop would keep it)"
+            let _ = events::note(
+                events,
+                Level::Warn,
+                &format!(
+                    "{what} is {iw}x{ih} but the grid is {w}x{h}: stretching it changes its \
+                     aspect ratio (fit: Stretch; fit: Crop would keep it)"
+                ),
             );
             img
         }
@@ -460,7 +586,11 @@ fn fit_to_grid(
     };
     let (iw, ih) = img.dimensions();
     let img = if (iw, ih) != (w32, h32) {
-        tracing::info!("{what}: resizing {iw}x{ih} to the grid's {w}x{h} (Lanczos)");
+        let _ = events::note(
+            events,
+            Level::Info,
+            &format!("{what}: resizing {iw}x{ih} to the grid's {w}x{h} (Lanczos)"),
+        );
         img.resize_exact(w32, h32, FilterType::Lanczos3)
     } else {
         img

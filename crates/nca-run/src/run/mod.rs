@@ -1,0 +1,283 @@
+//! A training run: train, watch, and (when asked) leave a complete run directory behind.
+//!
+//! A run goes through five phases, each in its own module, so that "refuse before
+//! writing" and "first failure first" are the order of the code rather than a matter of
+//! care:
+//!
+//! 1. `plan`: validate and plan. Everything that can be refused is refused here (run
+//!    file, target, resume checkpoint, output directory, inputs inside it, what the run
+//!    will need); nothing is created on disk before this phase has passed.
+//! 2. `dir`: create the run directory and take its exclusive lock; only then clean it.
+//! 3. `train`: train. The first failure is kept as the run's error.
+//! 4. `artefacts`: write plots, GIF, contact sheet and regrowth pictures, each
+//!    atomically; their failures are reported after the first one.
+//! 5. The summary (`summary.json`).
+//!
+//! With [`Output::Nothing`] phases 2 and 4 write nothing: the run is trained and scored in
+//! memory and returned as a [`RunResult`].
+
+mod artefacts;
+mod dir;
+mod plan;
+mod train;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use nca_api::{Checkpoint, HostTensor, RegrowthScore};
+use serde::Serialize;
+
+use crate::backend::{dispatch, Backend};
+use crate::config::RunConfig;
+use crate::error::{Error, Result};
+use crate::events::Events;
+use crate::plot::LossRecord;
+
+pub use dir::lock;
+pub use plan::PsnrRow;
+
+/// Where a run's settings come from.
+#[derive(Clone, Debug)]
+pub enum RunSource {
+    /// A RON run file; image paths are relative to its directory, and the default run
+    /// directory is `runs/STEM`.
+    File(PathBuf),
+    /// Settings already read (a Python `dict`, a config built in code), sized for the grid
+    /// and validated by [`crate::config::RunConfig::sized`].
+    Config {
+        /// The settings.
+        config: Box<RunConfig>,
+        /// The values chosen for the grid where the settings left them out.
+        chosen: Vec<crate::events::Chosen>,
+        /// Names the settings in messages (`"config"`, a notebook cell, …).
+        origin: String,
+        /// Directory relative image paths are taken from.
+        base: PathBuf,
+    },
+}
+
+/// Where a run writes its results.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// `output.dir` of the run file, else `runs/STEM` (the next free `runs/STEM-N` unless
+    /// `force`); when resuming, the checkpoint's directory.
+    Default,
+    /// This directory.
+    Dir(PathBuf),
+    /// Nothing on disk: the run is returned in memory only.
+    Nothing,
+}
+
+/// One training run to do.
+#[derive(Clone, Debug)]
+pub struct TrainRequest {
+    /// The settings.
+    pub source: RunSource,
+    /// A `[1, V, H, W]` (or `[B, V, H, W]`) target replacing the settings' target (already
+    /// fitted to the grid, e.g. by [`crate::target::fit_pixels`]).
+    pub target: Option<HostTensor>,
+    /// Where results go.
+    pub output: Output,
+    /// Continue from this checkpoint.
+    pub resume: Option<PathBuf>,
+    /// Replace the results of a previous run in the output directory.
+    pub force: bool,
+    /// The backend to train with.
+    pub backend: Backend,
+}
+
+impl TrainRequest {
+    /// A run of the RON file at `path` on `backend`, written to its default directory.
+    pub fn file(path: impl Into<PathBuf>, backend: Backend) -> Self {
+        Self {
+            source: RunSource::File(path.into()),
+            target: None,
+            output: Output::Default,
+            resume: None,
+            force: false,
+            backend,
+        }
+    }
+}
+
+/// How a training run ended, as `summary.json` spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// `training.steps` were run.
+    Completed,
+    /// Stopped by `training.max_spikes`.
+    MaxSpikes,
+    /// Stopped by Ctrl-C (or an event handler asking to stop).
+    Interrupted,
+    /// The loss became NaN or infinite.
+    Diverged,
+    /// Something else failed (a write, the backend, the score).
+    Failed,
+}
+
+impl Status {
+    /// The name in `summary.json` and in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Completed => "completed",
+            Status::MaxSpikes => "max_spikes",
+            Status::Interrupted => "interrupted",
+            Status::Diverged => "diverged",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What `summary.json` holds.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// Backend that trained.
+    pub backend: String,
+    /// How the run ended.
+    pub status: Status,
+    /// The error that stopped the run, if any (the first failure first).
+    pub error: Option<String>,
+    /// Config file the run was started with.
+    pub config: String,
+    /// Step of the checkpoint this run resumed from.
+    pub resumed_from_step: Option<u64>,
+    /// Steps run by this invocation.
+    pub steps_run: u64,
+    /// Steps completed in total (the step counter).
+    pub final_step: u64,
+    /// Spikes in total.
+    pub spikes: u64,
+    /// Loss of the last step (`null` when it was not finite).
+    pub final_loss: Option<f32>,
+    /// The spike threshold ε.
+    pub epsilon: f32,
+    /// First step whose loss was below ε.
+    pub first_step_below_epsilon: Option<u64>,
+    /// Wall-clock seconds of the whole command.
+    pub wall_seconds: f64,
+    /// Seconds spent in the training loop (including snapshots and checkpoints).
+    pub train_seconds: f64,
+    /// `steps_run / train_seconds`.
+    pub steps_per_second: f64,
+    /// The regrowth score of the final rule (`null` when the run failed).
+    pub regrowth: Option<RegrowthScore>,
+}
+
+/// A finished run: how it ended, its summary and history, and the trained rule.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    /// How it ended (completed, max_spikes or interrupted; failures are errors).
+    pub status: Status,
+    /// What `summary.json` holds (written there when the run has a directory).
+    pub summary: Summary,
+    /// Every step's loss, the resumed run's history included.
+    pub losses: Vec<LossRecord>,
+    /// The periodic and final regrowth scores: `(step, mean PSNR dB, mean MSE)`.
+    pub psnr: Vec<PsnrRow>,
+    /// The final checkpoint (weights, Adam state, progress, state, target and run file),
+    /// as written to `checkpoint.safetensors` when the run has a directory.
+    pub checkpoint: Checkpoint,
+    /// The run directory, or `None` for [`Output::Nothing`].
+    pub out: Option<PathBuf>,
+}
+
+/// Failures of one run in the order they happened: the first is the cause, the others
+/// (a plot or the summary that could not be written afterwards) are reported after it.
+#[derive(Debug, Default)]
+pub(crate) struct Failures(Vec<Error>);
+
+impl Failures {
+    /// Adds a failure after the earlier ones.
+    fn push(&mut self, e: Error) {
+        self.0.push(e);
+    }
+
+    /// Keeps the error of `result`, if any; the value otherwise.
+    fn keep<V>(&mut self, result: Result<V>) -> Option<V> {
+        match result {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.push(e);
+                None
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every failure so far, first first, one per line (for `summary.json`).
+    fn describe(&self) -> Option<String> {
+        let mut lines = self.0.iter().map(Error::report);
+        let first = lines.next()?;
+        Some(lines.fold(first, |acc, l| format!("{acc}\nafterwards: {l}")))
+    }
+
+    /// `Ok` when nothing failed, else the first failure followed by the later ones and
+    /// `aftermath`.
+    fn into_result(self, aftermath: String) -> Result<()> {
+        let mut all = self.0.into_iter();
+        match all.next() {
+            None => Ok(()),
+            Some(first) => Err(Error::RunFailed(Box::new(RunFailed {
+                first,
+                later: all.collect(),
+                aftermath,
+            }))),
+        }
+    }
+}
+
+/// A training run that failed: the first failure, the ones after it, and what is on disk
+/// now (which checkpoint is kept, which files were written).
+#[derive(Debug)]
+pub struct RunFailed {
+    /// The cause.
+    pub first: Error,
+    /// Failures after it (results that could not be written afterwards).
+    pub later: Vec<Error>,
+    /// What is on disk now.
+    pub aftermath: String,
+}
+
+impl fmt::Display for RunFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.first.report())?;
+        for later in &self.later {
+            write!(f, "\nafterwards: {}", later.report())?;
+        }
+        write!(f, "\n{}", self.aftermath)
+    }
+}
+
+impl std::error::Error for RunFailed {}
+
+/// Trains one run: plans (refusing before anything is written), trains with `events`
+/// watching every step, writes the run directory (unless [`Output::Nothing`]) and returns
+/// the result. A run stopped by an event (Ctrl-C) still writes everything and returns
+/// `Ok` with [`Status::Interrupted`].
+pub fn train(request: &TrainRequest, events: &mut dyn Events) -> Result<RunResult> {
+    let started = Instant::now();
+    let plan = plan::plan(request, events)?;
+    let job = train::TrainJob {
+        request,
+        plan: &plan,
+        started,
+        events,
+    };
+    dispatch(
+        request.backend,
+        &plan.nca.model,
+        &plan.nca.training.optimizer(),
+        job,
+    )
+}
