@@ -30,10 +30,10 @@ pub use config::{
     GridConfig, ModelConfig, NcaConfig, NoiseConfig, OptimizerConfig, TrainingConfig,
     DEFAULT_GRAD_CLIP, DEFAULT_LEARNING_RATE, MAX_MLP_HIDDEN, MAX_POSITION_OCTAVES,
 };
-pub use error::{ConfigError, IoError, TensorError, TrainError};
+pub use error::{ConfigError, IoError, MemoryError, TensorError, TrainError};
 pub use eval::{psnr_db, regrowth, RegrowthOptions, RegrowthScore, SeedScore};
 pub use io::TensorFile;
-pub use memory::{rollout_bytes, training_bytes, MemoryError, MemoryLimit};
+pub use memory::{rollout_bytes, training_bytes, MemoryLimit};
 pub use noise::ConstantNoise;
 pub use optim::FlatAdam;
 pub use tensor::HostTensor;

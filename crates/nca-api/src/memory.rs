@@ -29,6 +29,7 @@
 //! `$NCA_MEMORY_LIMIT`, admitting one that does not fit can cost the machine.
 
 use crate::config::{ModelConfig, NcaConfig};
+pub use crate::error::{format_bytes, MemoryError};
 use crate::weights::NEIGHBOURS;
 
 /// Bytes in one GiB, for messages and defaults.
@@ -46,57 +47,6 @@ pub struct MemoryLimit {
     /// Where the limit came from, for messages: `NCA_MEMORY_LIMIT` or
     /// `half of 24.0 GiB physical memory`.
     pub source: String,
-}
-
-/// A request exceeds the memory limit, or the limit itself is malformed.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum MemoryError {
-    /// The estimate exceeds the limit.
-    #[error(
-        "{what} needs {}, more than the memory limit of {} ({limit_from}); {hint}",
-        format_bytes(*need),
-        format_bytes(*limit)
-    )]
-    TooLarge {
-        /// What would be allocated.
-        what: String,
-        /// Estimated bytes.
-        need: u64,
-        /// The limit in bytes.
-        limit: u64,
-        /// Where the limit came from.
-        limit_from: String,
-        /// Which field to change.
-        hint: String,
-    },
-    /// The estimate does not even fit in 64 bits.
-    #[error(
-        "{what} needs more than 2^64 bytes (its size overflows), more than any memory \
-         limit ({} from {limit_from}); {hint}",
-        format_bytes(*limit)
-    )]
-    Overflow {
-        /// What would be allocated.
-        what: String,
-        /// The limit in bytes.
-        limit: u64,
-        /// Where the limit came from.
-        limit_from: String,
-        /// Which field to change.
-        hint: String,
-    },
-    /// `$NCA_MEMORY_LIMIT` is not a positive byte count.
-    #[error(
-        "{variable}={value:?}: expected a positive byte count with an optional K, M, G or T \
-         suffix (binary: 8G = 8 GiB), e.g. 8G, 512M or 1500000000"
-    )]
-    BadLimit {
-        /// The environment variable.
-        variable: String,
-        /// Its value.
-        value: String,
-    },
 }
 
 impl MemoryLimit {
@@ -203,18 +153,6 @@ fn mem_total(meminfo: &str) -> Option<u64> {
         .parse()
         .ok()?;
     kib.checked_mul(1024)
-}
-
-/// Bytes as `12.0 GiB`, `340.5 MiB` or `512 bytes`.
-pub fn format_bytes(bytes: u64) -> String {
-    const MIB: u64 = 1 << 20;
-    if bytes >= GIB {
-        format!("{:.1} GiB", bytes as f64 / GIB as f64)
-    } else if bytes >= MIB {
-        format!("{:.1} MiB", bytes as f64 / MIB as f64)
-    } else {
-        format!("{bytes} bytes")
-    }
 }
 
 /// Allowance for the program, its libraries and the allocator's slack, whatever the grid.
