@@ -28,9 +28,8 @@
 //! beside the workspace factors): refusing a run that would have fit costs a re-run with a larger
 //! `$NCA_MEMORY_LIMIT`, admitting one that does not fit can cost the machine.
 
-use crate::config::{ModelConfig, NcaConfig};
+use crate::config::{ModelConfig, NcaConfig, NEIGHBOURS};
 pub use crate::error::{format_bytes, MemoryError};
-use crate::weights::NEIGHBOURS;
 
 /// Bytes in one GiB, for messages and defaults.
 const GIB: u64 = 1 << 30;
@@ -226,17 +225,6 @@ fn cells(config: &NcaConfig, batch: usize) -> Option<u64> {
     b.checked_mul(h)?.checked_mul(w)
 }
 
-/// Number of scalar parameters of `model`, checked.
-pub fn parameter_count(model: &ModelConfig) -> Option<u64> {
-    model.parameters().iter().try_fold(0u64, |sum, spec| {
-        let len = spec
-            .shape
-            .iter()
-            .try_fold(1u64, |len, &dim| len.checked_mul(u64::try_from(dim).ok()?))?;
-        sum.checked_add(len)
-    })
-}
-
 /// Conservative estimate of the bytes a training run of `config` needs on any backend
 /// (state, target, position features, weights, gradients, Adam moments and the per-cell
 /// workspace of the largest CPU backend); `None` when the arithmetic overflows u64.
@@ -250,7 +238,7 @@ pub fn training_bytes(config: &NcaConfig) -> Option<u64> {
     let per_parameter = 8u64;
     let floats = cells(config, config.grid.batch)?
         .checked_mul(per_cell)?
-        .checked_add(parameter_count(model)?.checked_mul(per_parameter)?)?;
+        .checked_add(model.parameter_count()?.checked_mul(per_parameter)?)?;
     floats.checked_mul(4)?.checked_add(FIXED_BYTES)
 }
 
@@ -263,7 +251,7 @@ pub fn rollout_bytes(config: &NcaConfig, batch: usize) -> Option<u64> {
         .checked_add(resident_floats_per_cell(model)?)?;
     let floats = cells(config, batch)?
         .checked_mul(per_cell)?
-        .checked_add(parameter_count(model)?.checked_mul(2)?)?;
+        .checked_add(model.parameter_count()?.checked_mul(2)?)?;
     floats.checked_mul(4)?.checked_add(FIXED_BYTES)
 }
 
