@@ -190,7 +190,7 @@ impl Checkpoint {
             None => Progress::default(),
         };
         let model = &config.model;
-        let weights = Weights::from_lookup(model, |n| file.tensors.remove(n))
+        let weights = Weights::from_lookup(model, |p| file.tensors.remove(p.name()))
             .map_err(|e| format(format!("weights: {e}")))?;
         let adam = match file.metadata.get(META_ADAM_STEP) {
             Some(step) => {
@@ -208,10 +208,10 @@ impl Checkpoint {
                     )));
                 }
                 let m =
-                    Weights::from_lookup(model, |n| file.tensors.remove(&format!("adam.m.{n}")))
+                    Weights::from_lookup(model, |p| file.tensors.remove(&format!("adam.m.{p}")))
                         .map_err(|e| format(format!("adam.m: {e}")))?;
                 let v =
-                    Weights::from_lookup(model, |n| file.tensors.remove(&format!("adam.v.{n}")))
+                    Weights::from_lookup(model, |p| file.tensors.remove(&format!("adam.v.{p}")))
                         .map_err(|e| format(format!("adam.v: {e}")))?;
                 Some(AdamState { step, m, v })
             }
@@ -254,8 +254,8 @@ impl Checkpoint {
     /// The name of the first tensor holding NaN or infinity: a weight (`wq`, …), an Adam
     /// moment (`adam.m.wq`, `adam.v.wq`, …) or `state`; `None` when all are finite.
     pub fn first_non_finite(&self) -> Option<String> {
-        if let Some(name) = self.weights.first_non_finite() {
-            return Some(name);
+        if let Some(param) = self.weights.first_non_finite() {
+            return Some(param.name().to_string());
         }
         if let Some(adam) = &self.adam {
             for (prefix, moments) in [("adam.m.", &adam.m), ("adam.v.", &adam.v)] {
@@ -512,6 +512,7 @@ fn parse_config(json: &str) -> Result<NcaConfig, serde_json::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Param;
 
     #[test]
     fn round_trips_and_is_atomic() {
@@ -520,9 +521,7 @@ mod tests {
         let config = NcaConfig::default();
         let mut adam = AdamState::new(&config.model);
         adam.step = 12;
-        if let Some(wq) = adam.m.get_mut("wq") {
-            wq.data_mut()[0] = 0.5;
-        }
+        adam.m[Param::Wq].data_mut()[0] = 0.5;
         let ckpt = Checkpoint {
             weights: Weights::init(&config.model, 3),
             adam: Some(adam),
@@ -655,14 +654,12 @@ mod tests {
             s.data_mut()[3] = f32::INFINITY;
         }
         assert_eq!(ckpt.first_non_finite().as_deref(), Some("state"));
-        if let Some(v) = ckpt.adam.as_mut().and_then(|a| a.v.get_mut("bo")) {
-            v.data_mut()[0] = f32::INFINITY;
+        if let Some(adam) = &mut ckpt.adam {
+            adam.v[Param::Bo].data_mut()[0] = f32::INFINITY;
         }
         assert_eq!(ckpt.first_non_finite().as_deref(), Some("adam.v.bo"));
-        if let Some(w) = ckpt.weights.get_mut("wk") {
-            w.data_mut()[0] = f32::NAN;
-        }
-        assert_eq!(ckpt.weights.first_non_finite().as_deref(), Some("wk"));
+        ckpt.weights[Param::Wk].data_mut()[0] = f32::NAN;
+        assert_eq!(ckpt.weights.first_non_finite(), Some(Param::Wk));
         assert_eq!(ckpt.first_non_finite().as_deref(), Some("wk"));
         // A NaN checkpoint still loads: callers decide, with the tensor named.
         let back = load_edited(&ckpt, |_| {}).expect("loads");
@@ -706,7 +703,7 @@ mod tests {
             })
         ));
         let mut nan = ckpt.clone();
-        if let Some(w) = nan.weights.get_mut("bq") {
+        if let Some(w) = nan.weights.get_mut(Param::Bq) {
             w.data_mut()[0] = f32::NAN;
         }
         // Non-finite tensors come first, even before a shape difference.
@@ -747,6 +744,24 @@ mod tests {
         ckpt.run_file = Some("(target: Solid(0.0, 0.0, 1.0))".into());
         let back = load_edited(&ckpt, |_| {}).expect("loads");
         assert_eq!(back, ckpt);
+    }
+
+    #[test]
+    fn a_misspelt_tensor_in_the_file_is_an_error_naming_the_tensor() {
+        let ckpt = small();
+        for (stored, misspelt) in [("wq", "wqq"), ("adam.m.pv", "adam.m.pvv")] {
+            let err = load_edited(&ckpt, |f| {
+                let t = f.tensors.remove(stored).expect("stored");
+                f.tensors.insert(misspelt.into(), t);
+            })
+            .expect_err("a parameter is missing");
+            let missing = stored.rsplit('.').next().unwrap_or(stored);
+            assert!(
+                err.to_string()
+                    .contains(&format!("missing tensor `{missing}`")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

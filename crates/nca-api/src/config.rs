@@ -5,7 +5,6 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ConfigError, TensorError};
-use crate::weights::{Init, ParamSpec, NEIGHBOURS};
 
 /// Largest `model.position_octaves` accepted: 2^16·π is already far beyond what a grid
 /// of any size can resolve.
@@ -124,43 +123,18 @@ impl ModelConfig {
         self.mlp_hidden.unwrap_or(self.attention_dim)
     }
 
-    /// The model's parameter list: the single source of names, shapes and initialisation
-    /// that weights, checkpoints and every backend's layout are derived from.
-    ///
-    /// Order: `wq bq wk bk wv bv wo bo`, then `pk pv` (position embeddings), then `w1 b1`
-    /// (MLP). Projections and biases are uniform in `±1/√fan_in` (PyTorch's
-    /// `nn.Linear`), `pk`/`pv` in `±1/√D`, and the output projection `wo`, `bo` is zero
-    /// so that `f(s) = 0` at first (a random output made trajectories blow up).
-    pub fn parameters(&self) -> Vec<ParamSpec> {
-        let (c, d, x) = (self.channels(), self.attention_dim, self.input_width());
-        let uniform = |fan_in: usize| Init::Uniform {
-            bound: 1.0 / (fan_in.max(1) as f32).sqrt(),
-        };
-        let p = |name, shape: &[usize], init| ParamSpec {
-            name,
-            shape: shape.to_vec(),
-            init,
-        };
-        let mut list = vec![
-            p("wq", &[d, x], uniform(x)),
-            p("bq", &[d], uniform(x)),
-            p("wk", &[d, x], uniform(x)),
-            p("bk", &[d], uniform(x)),
-            p("wv", &[d, x], uniform(x)),
-            p("bv", &[d], uniform(x)),
-            p("wo", &[c, self.output_width()], Init::Zero),
-            p("bo", &[c], Init::Zero),
-        ];
-        if self.position_embeddings {
-            list.push(p("pk", &[NEIGHBOURS, d], uniform(d)));
-            list.push(p("pv", &[NEIGHBOURS, d], uniform(d)));
-        }
-        if let Some(m) = self.mlp_hidden {
-            let fan_in = d.saturating_add(x);
-            list.push(p("w1", &[m, fan_in], uniform(fan_in)));
-            list.push(p("b1", &[m], uniform(fan_in)));
-        }
-        list
+    /// Number of scalar parameters of the model, summed over [`Param::ALL`] in checked
+    /// arithmetic (`None` when it overflows u64).
+    pub fn parameter_count(&self) -> Option<u64> {
+        Param::ALL
+            .iter()
+            .filter_map(|param| param.shape(self))
+            .try_fold(0u64, |sum, shape| {
+                let len = shape
+                    .iter()
+                    .try_fold(1u64, |len, &dim| len.checked_mul(u64::try_from(dim).ok()?))?;
+                sum.checked_add(len)
+            })
     }
 
     /// The fields in which `other` differs from `self` that change the parameter list
@@ -267,7 +241,8 @@ impl ModelConfig {
     /// Refuses a model whose weight tensors' element counts overflow, naming the field
     /// that makes them so.
     fn check_parameter_count(&self) -> Result<(), ConfigError> {
-        if crate::memory::parameter_count(self)
+        if self
+            .parameter_count()
             .and_then(|n| n.checked_mul(4))
             .is_some_and(|bytes| bytes <= MAX_BUFFER_BYTES)
         {
@@ -292,6 +267,199 @@ impl ModelConfig {
 /// Largest buffer Rust can allocate (`isize::MAX` bytes): a tensor larger than this is
 /// refused by the config, not discovered as a capacity-overflow panic.
 const MAX_BUFFER_BYTES: u64 = isize::MAX as u64;
+
+/// Number of cells in the 3×3 neighbourhood.
+pub const NEIGHBOURS: usize = 9;
+
+/// How a parameter is initialised by [`crate::Weights::init`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// All zeros (the output projection, so that `f(s) = 0` at first).
+    Zero,
+    /// Uniform in `[-bound, bound)`, like PyTorch's `nn.Linear` with `bound = 1/√fan_in`.
+    Uniform {
+        /// Half-width of the interval.
+        bound: f32,
+    },
+}
+
+/// One parameter tensor of the transition: its name in files, its shape and its
+/// initialisation all follow from the variant, so a misspelt parameter does not compile.
+///
+/// With D = `attention_dim`, C = channels, X = C + P the cell's input width, M =
+/// `mlp_hidden` and O the width `wo` reads (M with the MLP, else D):
+///
+/// | param | shape | init | present |
+/// |---|---|---|---|
+/// | `wq`, `wk`, `wv` | `[D, X]` | ±1/√X | always |
+/// | `bq`, `bk`, `bv` | `[D]` | ±1/√X | always |
+/// | `wo` | `[C, O]` | zero | always |
+/// | `bo` | `[C]` | zero | always |
+/// | `pk`, `pv` | `[9, D]` | ±1/√D | `model.position_embeddings` |
+/// | `w1` | `[M, D + X]` | ±1/√(D + X) | `model.mlp_hidden` |
+/// | `b1` | `[M]` | ±1/√(D + X) | `model.mlp_hidden` |
+///
+/// The output projection starts at zero so that `f(s) = 0` at first (a random output
+/// made trajectories blow up); the others are drawn like PyTorch's `nn.Linear`.
+///
+/// ```
+/// use nca_api::{ModelConfig, Param};
+/// let model = ModelConfig::default();
+/// assert_eq!(Param::Wq.name(), "wq");
+/// assert_eq!(Param::Wq.shape(&model), Some(vec![16, 3 + 26]));
+/// assert_eq!(Param::W1.shape(&ModelConfig::plain()), None);
+/// assert_eq!("pk".parse::<Param>(), Ok(Param::Pk));
+/// ```
+///
+/// A name that is not a parameter is a compile error, not a lookup that finds nothing:
+///
+/// ```compile_fail,E0599
+/// let _ = nca_api::Param::Wqq;
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Param {
+    /// Query projection.
+    Wq,
+    /// Query bias.
+    Bq,
+    /// Key projection.
+    Wk,
+    /// Key bias.
+    Bk,
+    /// Value projection.
+    Wv,
+    /// Value bias.
+    Bv,
+    /// Output projection (zero at initialisation).
+    Wo,
+    /// Output bias (zero at initialisation).
+    Bo,
+    /// Per-offset key embeddings (with `model.position_embeddings`).
+    Pk,
+    /// Per-offset value embeddings (with `model.position_embeddings`).
+    Pv,
+    /// MLP hidden layer (with `model.mlp_hidden`).
+    W1,
+    /// MLP hidden bias (with `model.mlp_hidden`).
+    B1,
+}
+
+impl Param {
+    /// Every parameter a model can have, in parameter-list order (the order of
+    /// [`ModelConfig::parameters`], [`crate::Weights::flatten`] and [`crate::FlatLayout`]).
+    ///
+    /// Parameters of newer model options come last, so a model without them keeps the
+    /// initial weights it always had for a seed.
+    pub const ALL: [Param; 12] = [
+        Param::Wq,
+        Param::Bq,
+        Param::Wk,
+        Param::Bk,
+        Param::Wv,
+        Param::Bv,
+        Param::Wo,
+        Param::Bo,
+        Param::Pk,
+        Param::Pv,
+        Param::W1,
+        Param::B1,
+    ];
+
+    /// The tensor name in safetensors files (those of `testdata/README.md`, so files open
+    /// unchanged in PyTorch or NumPy).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Param::Wq => "wq",
+            Param::Bq => "bq",
+            Param::Wk => "wk",
+            Param::Bk => "bk",
+            Param::Wv => "wv",
+            Param::Bv => "bv",
+            Param::Wo => "wo",
+            Param::Bo => "bo",
+            Param::Pk => "pk",
+            Param::Pv => "pv",
+            Param::W1 => "w1",
+            Param::B1 => "b1",
+        }
+    }
+
+    /// The model option that adds this parameter, `None` for those every model has.
+    pub const fn option(self) -> Option<&'static str> {
+        match self {
+            Param::Pk | Param::Pv => Some("model.position_embeddings"),
+            Param::W1 | Param::B1 => Some("model.mlp_hidden"),
+            _ => None,
+        }
+    }
+
+    /// Whether `model` has this parameter.
+    pub fn is_in(self, model: &ModelConfig) -> bool {
+        match self {
+            Param::Pk | Param::Pv => model.position_embeddings,
+            Param::W1 | Param::B1 => model.mlp_hidden.is_some(),
+            _ => true,
+        }
+    }
+
+    /// The shape, outermost first, of this parameter in `model`; `None` when the model
+    /// has no such parameter.
+    pub fn shape(self, model: &ModelConfig) -> Option<Vec<usize>> {
+        if !self.is_in(model) {
+            return None;
+        }
+        let (c, d, x) = (model.channels(), model.attention_dim, model.input_width());
+        let m = model.mlp_hidden.unwrap_or(0);
+        Some(match self {
+            Param::Wq | Param::Wk | Param::Wv => vec![d, x],
+            Param::Bq | Param::Bk | Param::Bv => vec![d],
+            Param::Wo => vec![c, model.output_width()],
+            Param::Bo => vec![c],
+            Param::Pk | Param::Pv => vec![NEIGHBOURS, d],
+            Param::W1 => vec![m, d.saturating_add(x)],
+            Param::B1 => vec![m],
+        })
+    }
+
+    /// How [`crate::Weights::init`] draws this parameter for `model`.
+    pub fn init(self, model: &ModelConfig) -> Init {
+        let uniform = |fan_in: usize| Init::Uniform {
+            bound: 1.0 / (fan_in.max(1) as f32).sqrt(),
+        };
+        let (d, x) = (model.attention_dim, model.input_width());
+        match self {
+            Param::Wq | Param::Bq | Param::Wk | Param::Bk | Param::Wv | Param::Bv => uniform(x),
+            Param::Wo | Param::Bo => Init::Zero,
+            Param::Pk | Param::Pv => uniform(d),
+            Param::W1 | Param::B1 => uniform(d.saturating_add(x)),
+        }
+    }
+}
+
+impl std::fmt::Display for Param {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Param {
+    type Err = TensorError;
+
+    /// The parameter whose file name is `name`; any other name is
+    /// [`TensorError::Unexpected`], naming it and the valid ones.
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Param::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| {
+                let valid: Vec<&str> = Param::ALL.iter().map(|p| p.name()).collect();
+                TensorError::Unexpected(format!(
+                    "{name} (not a parameter name; expected one of {})",
+                    valid.join(", ")
+                ))
+            })
+    }
+}
 
 /// Noise levels and the spike threshold.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -672,5 +840,64 @@ mod tests {
         let mut cfg = NcaConfig::default();
         cfg.grid.width = 0;
         assert_eq!(cfg.validate().unwrap_err().field, "grid.width");
+    }
+
+    #[test]
+    fn param_names_round_trip_and_unknown_names_are_named() {
+        for param in Param::ALL {
+            assert_eq!(param.name().parse::<Param>(), Ok(param));
+            assert_eq!(param.to_string(), param.name());
+        }
+        let err = "wqq".parse::<Param>().unwrap_err();
+        assert!(
+            matches!(&err, TensorError::Unexpected(m) if m.starts_with("wqq ")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("wq, bq, wk"), "{err}");
+        assert!("WQ".parse::<Param>().is_err());
+    }
+
+    #[test]
+    fn param_presence_and_shapes_follow_the_options() {
+        let bare = ModelConfig {
+            position_embeddings: false,
+            ..ModelConfig::plain()
+        };
+        let full = ModelConfig {
+            hidden_channels: 2,
+            attention_dim: 4,
+            position_octaves: Some(1),
+            mlp_hidden: Some(7),
+            ..ModelConfig::default()
+        };
+        for param in Param::ALL {
+            assert_eq!(param.is_in(&bare), param.option().is_none(), "{param}");
+            assert!(param.is_in(&full), "{param}");
+            assert_eq!(param.shape(&bare).is_some(), param.is_in(&bare), "{param}");
+        }
+        assert_eq!(Param::Pk.option(), Some("model.position_embeddings"));
+        assert_eq!(Param::B1.option(), Some("model.mlp_hidden"));
+        // C = 5, D = 4, X = C + P = 5 + 6, M = 7.
+        let shape = |p: Param| p.shape(&full).unwrap();
+        assert_eq!(shape(Param::Wv), vec![4, 11]);
+        assert_eq!(shape(Param::Bk), vec![4]);
+        assert_eq!(shape(Param::Wo), vec![5, 7]);
+        assert_eq!(shape(Param::Bo), vec![5]);
+        assert_eq!(shape(Param::Pv), vec![NEIGHBOURS, 4]);
+        assert_eq!(shape(Param::W1), vec![7, 15]);
+        assert_eq!(shape(Param::B1), vec![7]);
+        assert_eq!(Param::Wo.shape(&bare), Some(vec![3, 16]));
+        assert_eq!(
+            full.parameter_count(),
+            Some(3 * (44 + 4) + 35 + 5 + 2 * 36 + 105 + 7)
+        );
+        let bound = |p: Param| match p.init(&full) {
+            Init::Uniform { bound } => bound,
+            Init::Zero => 0.0,
+        };
+        assert_eq!(bound(Param::Wq), 1.0 / 11f32.sqrt());
+        assert_eq!(bound(Param::Pk), 0.5);
+        assert_eq!(bound(Param::B1), 1.0 / 15f32.sqrt());
+        assert_eq!(Param::Wo.init(&full), Init::Zero);
     }
 }

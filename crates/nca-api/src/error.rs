@@ -9,8 +9,7 @@ pub enum TensorError {
     /// The element count does not match the requested shape.
     #[error(
         "shape {expected:?} needs {} elements but {len} were given",
-        crate::tensor::element_count(expected)
-            .map_or_else(|| "more than 2^64".to_string(), |n| n.to_string())
+        element_count_text(expected)
     )]
     ShapeMismatch {
         /// Requested shape.
@@ -82,7 +81,7 @@ pub enum IoError {
         /// The file.
         path: PathBuf,
         /// How much it needs and the limit.
-        source: crate::memory::MemoryError,
+        source: MemoryError,
     },
     /// The file is not valid safetensors or lacks something the model needs.
     #[error("{}: {message}", path.display())]
@@ -126,4 +125,76 @@ pub enum TrainError<E: std::error::Error + 'static> {
         /// Its message.
         message: String,
     },
+}
+
+/// A request exceeds the memory limit, or the limit itself is malformed.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MemoryError {
+    /// The estimate exceeds the limit.
+    #[error(
+        "{what} needs {}, more than the memory limit of {} ({limit_from}); {hint}",
+        format_bytes(*need),
+        format_bytes(*limit)
+    )]
+    TooLarge {
+        /// What would be allocated.
+        what: String,
+        /// Estimated bytes.
+        need: u64,
+        /// The limit in bytes.
+        limit: u64,
+        /// Where the limit came from.
+        limit_from: String,
+        /// Which field to change.
+        hint: String,
+    },
+    /// The estimate does not even fit in 64 bits.
+    #[error(
+        "{what} needs more than 2^64 bytes (its size overflows), more than any memory \
+         limit ({} from {limit_from}); {hint}",
+        format_bytes(*limit)
+    )]
+    Overflow {
+        /// What would be allocated.
+        what: String,
+        /// The limit in bytes.
+        limit: u64,
+        /// Where the limit came from.
+        limit_from: String,
+        /// Which field to change.
+        hint: String,
+    },
+    /// `$NCA_MEMORY_LIMIT` is not a positive byte count.
+    #[error(
+        "{variable}={value:?}: expected a positive byte count with an optional K, M, G or T \
+         suffix (binary: 8G = 8 GiB), e.g. 8G, 512M or 1500000000"
+    )]
+    BadLimit {
+        /// The environment variable.
+        variable: String,
+        /// Its value.
+        value: String,
+    },
+}
+
+/// Bytes as `12.0 GiB`, `340.5 MiB` or `512 bytes`.
+pub fn format_bytes(bytes: u64) -> String {
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    if bytes >= GIB {
+        format!("{:.1} GiB", bytes as f64 / GIB as f64)
+    } else if bytes >= MIB {
+        format!("{:.1} MiB", bytes as f64 / MIB as f64)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+/// The element count of `shape` for a message; a product that overflows usize is said so.
+fn element_count_text(shape: &[usize]) -> String {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .map_or_else(|| "more than 2^64".to_string(), |n| n.to_string())
 }

@@ -8,8 +8,8 @@ use std::io::{Read, Write};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use crate::error::IoError;
-use crate::memory::{MemoryError, MemoryLimit};
+use crate::error::{IoError, MemoryError};
+use crate::memory::MemoryLimit;
 use crate::tensor::HostTensor;
 
 /// The tensors and string metadata of one safetensors file.

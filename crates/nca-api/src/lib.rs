@@ -2,7 +2,8 @@
 //! 3×3 convolutional attention.
 //!
 //! * [`HostTensor`] and [`Weights`]: plain tensors for states, targets and parameters, with
-//!   safetensors I/O under the names of `testdata/README.md`.
+//!   safetensors I/O under the names of `testdata/README.md`; [`Param`] names each
+//!   parameter (its file name, shape and initialisation), checked by the compiler.
 //! * [`Transition`], [`Trainer`], [`NoiseSchedule`]: what a backend implements.
 //! * [`train()`] and [`rollout()`]: the single-trajectory training loop and the rollout
 //!   loop, written once over those traits.
@@ -27,13 +28,13 @@ pub mod weights;
 
 pub use checkpoint::{Checkpoint, ResumeError, ResumeNote};
 pub use config::{
-    GridConfig, ModelConfig, NcaConfig, NoiseConfig, OptimizerConfig, TrainingConfig,
-    DEFAULT_GRAD_CLIP, DEFAULT_LEARNING_RATE, MAX_MLP_HIDDEN, MAX_POSITION_OCTAVES,
+    GridConfig, Init, ModelConfig, NcaConfig, NoiseConfig, OptimizerConfig, Param, TrainingConfig,
+    DEFAULT_GRAD_CLIP, DEFAULT_LEARNING_RATE, MAX_MLP_HIDDEN, MAX_POSITION_OCTAVES, NEIGHBOURS,
 };
-pub use error::{ConfigError, IoError, TensorError, TrainError};
+pub use error::{ConfigError, IoError, MemoryError, TensorError, TrainError};
 pub use eval::{psnr_db, regrowth, RegrowthOptions, RegrowthScore, SeedScore};
 pub use io::TensorFile;
-pub use memory::{rollout_bytes, training_bytes, MemoryError, MemoryLimit};
+pub use memory::{rollout_bytes, training_bytes, MemoryLimit};
 pub use noise::ConstantNoise;
 pub use optim::FlatAdam;
 pub use tensor::HostTensor;
@@ -42,4 +43,4 @@ pub use train::{
     RolloutOptions, StepContext, StepInfo, StopReason, TrainOutcome,
 };
 pub use traits::{AdamState, NoiseSchedule, Trainer, Transition};
-pub use weights::{FlatLayout, Init, ParamSpec, Weights, NEIGHBOURS, WEIGHT_NAMES};
+pub use weights::{FlatLayout, ParamSpec, Weights, WEIGHT_NAMES};

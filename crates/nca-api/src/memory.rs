@@ -28,8 +28,8 @@
 //! beside the workspace factors): refusing a run that would have fit costs a re-run with a larger
 //! `$NCA_MEMORY_LIMIT`, admitting one that does not fit can cost the machine.
 
-use crate::config::{ModelConfig, NcaConfig};
-use crate::weights::NEIGHBOURS;
+use crate::config::{ModelConfig, NcaConfig, NEIGHBOURS};
+pub use crate::error::{format_bytes, MemoryError};
 
 /// Bytes in one GiB, for messages and defaults.
 const GIB: u64 = 1 << 30;
@@ -46,57 +46,6 @@ pub struct MemoryLimit {
     /// Where the limit came from, for messages: `NCA_MEMORY_LIMIT` or
     /// `half of 24.0 GiB physical memory`.
     pub source: String,
-}
-
-/// A request exceeds the memory limit, or the limit itself is malformed.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum MemoryError {
-    /// The estimate exceeds the limit.
-    #[error(
-        "{what} needs {}, more than the memory limit of {} ({limit_from}); {hint}",
-        format_bytes(*need),
-        format_bytes(*limit)
-    )]
-    TooLarge {
-        /// What would be allocated.
-        what: String,
-        /// Estimated bytes.
-        need: u64,
-        /// The limit in bytes.
-        limit: u64,
-        /// Where the limit came from.
-        limit_from: String,
-        /// Which field to change.
-        hint: String,
-    },
-    /// The estimate does not even fit in 64 bits.
-    #[error(
-        "{what} needs more than 2^64 bytes (its size overflows), more than any memory \
-         limit ({} from {limit_from}); {hint}",
-        format_bytes(*limit)
-    )]
-    Overflow {
-        /// What would be allocated.
-        what: String,
-        /// The limit in bytes.
-        limit: u64,
-        /// Where the limit came from.
-        limit_from: String,
-        /// Which field to change.
-        hint: String,
-    },
-    /// `$NCA_MEMORY_LIMIT` is not a positive byte count.
-    #[error(
-        "{variable}={value:?}: expected a positive byte count with an optional K, M, G or T \
-         suffix (binary: 8G = 8 GiB), e.g. 8G, 512M or 1500000000"
-    )]
-    BadLimit {
-        /// The environment variable.
-        variable: String,
-        /// Its value.
-        value: String,
-    },
 }
 
 impl MemoryLimit {
@@ -205,18 +154,6 @@ fn mem_total(meminfo: &str) -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-/// Bytes as `12.0 GiB`, `340.5 MiB` or `512 bytes`.
-pub fn format_bytes(bytes: u64) -> String {
-    const MIB: u64 = 1 << 20;
-    if bytes >= GIB {
-        format!("{:.1} GiB", bytes as f64 / GIB as f64)
-    } else if bytes >= MIB {
-        format!("{:.1} MiB", bytes as f64 / MIB as f64)
-    } else {
-        format!("{bytes} bytes")
-    }
-}
-
 /// Allowance for the program, its libraries and the allocator's slack, whatever the grid.
 const FIXED_BYTES: u64 = 64 << 20;
 
@@ -288,17 +225,6 @@ fn cells(config: &NcaConfig, batch: usize) -> Option<u64> {
     b.checked_mul(h)?.checked_mul(w)
 }
 
-/// Number of scalar parameters of `model`, checked.
-pub fn parameter_count(model: &ModelConfig) -> Option<u64> {
-    model.parameters().iter().try_fold(0u64, |sum, spec| {
-        let len = spec
-            .shape
-            .iter()
-            .try_fold(1u64, |len, &dim| len.checked_mul(u64::try_from(dim).ok()?))?;
-        sum.checked_add(len)
-    })
-}
-
 /// Conservative estimate of the bytes a training run of `config` needs on any backend
 /// (state, target, position features, weights, gradients, Adam moments and the per-cell
 /// workspace of the largest CPU backend); `None` when the arithmetic overflows u64.
@@ -312,7 +238,7 @@ pub fn training_bytes(config: &NcaConfig) -> Option<u64> {
     let per_parameter = 8u64;
     let floats = cells(config, config.grid.batch)?
         .checked_mul(per_cell)?
-        .checked_add(parameter_count(model)?.checked_mul(per_parameter)?)?;
+        .checked_add(model.parameter_count()?.checked_mul(per_parameter)?)?;
     floats.checked_mul(4)?.checked_add(FIXED_BYTES)
 }
 
@@ -325,7 +251,7 @@ pub fn rollout_bytes(config: &NcaConfig, batch: usize) -> Option<u64> {
         .checked_add(resident_floats_per_cell(model)?)?;
     let floats = cells(config, batch)?
         .checked_mul(per_cell)?
-        .checked_add(parameter_count(model)?.checked_mul(2)?)?;
+        .checked_add(model.parameter_count()?.checked_mul(2)?)?;
     floats.checked_mul(4)?.checked_add(FIXED_BYTES)
 }
 

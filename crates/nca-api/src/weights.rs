@@ -1,42 +1,29 @@
-//! The transition's parameters as plain tensors: one parameter list derived from the
-//! model config ([`ModelConfig::parameters`]), with PyTorch-like initialisation.
+//! The transition's parameters as plain tensors: one parameter list per model config
+//! ([`ModelConfig::parameters`]), derived from [`Param`], with PyTorch-like initialisation.
 
 use rand::{Rng, SeedableRng};
 
-use crate::config::ModelConfig;
+use crate::config::{Init, ModelConfig, Param};
 use crate::error::TensorError;
 use crate::tensor::HostTensor;
 
-/// Every parameter name a model can have, in the order of [`ModelConfig::parameters`]
-/// (and so of [`Weights::flatten`]).
-///
-/// These are the tensor names of `testdata/README.md`, so files open unchanged in
-/// PyTorch or NumPy. `pk`/`pv` exist only with position embeddings, `w1`/`b1` only with
-/// the MLP update.
-pub const WEIGHT_NAMES: [&str; 12] = [
-    "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "pk", "pv", "w1", "b1",
-];
+/// The file name of every parameter a model can have, in the order of [`Param::ALL`]
+/// (and so of [`Weights::flatten`]); `Param::ALL[i].name()`.
+pub const WEIGHT_NAMES: [&str; Param::ALL.len()] = {
+    let mut names = [""; Param::ALL.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = Param::ALL[i].name();
+        i += 1;
+    }
+    names
+};
 
-/// Number of cells in the 3×3 neighbourhood.
-pub const NEIGHBOURS: usize = 9;
-
-/// How a parameter is initialised by [`Weights::init`].
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Init {
-    /// All zeros (the output projection, so that `f(s) = 0` at first).
-    Zero,
-    /// Uniform in `[-bound, bound)`, like PyTorch's `nn.Linear` with `bound = 1/√fan_in`.
-    Uniform {
-        /// Half-width of the interval.
-        bound: f32,
-    },
-}
-
-/// One entry of a model's parameter list: name, shape and initialisation.
+/// One entry of a model's parameter list: which parameter, its shape and initialisation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamSpec {
-    /// Tensor name (one of [`WEIGHT_NAMES`]).
-    pub name: &'static str,
+    /// The parameter.
+    pub param: Param,
     /// Shape, outermost first.
     pub shape: Vec<usize>,
     /// How [`Weights::init`] draws it.
@@ -44,6 +31,11 @@ pub struct ParamSpec {
 }
 
 impl ParamSpec {
+    /// The tensor name in files ([`Param::name`]).
+    pub fn name(&self) -> &'static str {
+        self.param.name()
+    }
+
     /// Number of scalars in the tensor (`usize::MAX` when the shape overflows, which a
     /// validated config rules out).
     pub fn len(&self) -> usize {
@@ -56,13 +48,34 @@ impl ParamSpec {
     }
 }
 
+impl ModelConfig {
+    /// The model's parameter list: the [`Param`]s this model has, in [`Param::ALL`]
+    /// order, with their shapes and initialisation. Weights, checkpoints and every
+    /// backend's layout are derived from it.
+    ///
+    /// Order: `wq bq wk bk wv bv wo bo`, then `pk pv` (position embeddings), then `w1 b1`
+    /// (MLP).
+    pub fn parameters(&self) -> Vec<ParamSpec> {
+        Param::ALL
+            .into_iter()
+            .filter_map(|param| {
+                Some(ParamSpec {
+                    param,
+                    shape: param.shape(self)?,
+                    init: param.init(self),
+                })
+            })
+            .collect()
+    }
+}
+
 /// Where each parameter lives in the flat vector of [`Weights::flatten`].
 ///
 /// Backends that keep all parameters in one buffer index it with this instead of
 /// writing the list out again.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FlatLayout {
-    entries: Vec<(&'static str, usize, usize)>,
+    entries: Vec<(Param, usize, usize)>,
     len: usize,
 }
 
@@ -72,7 +85,7 @@ impl FlatLayout {
         let mut entries = Vec::new();
         let mut offset = 0;
         for spec in model.parameters() {
-            entries.push((spec.name, offset, spec.len()));
+            entries.push((spec.param, offset, spec.len()));
             offset += spec.len();
         }
         Self {
@@ -81,17 +94,17 @@ impl FlatLayout {
         }
     }
 
-    /// `(offset, len)` of `name`, or `None` when the model has no such parameter.
-    pub fn get(&self, name: &str) -> Option<(usize, usize)> {
+    /// `(offset, len)` of `param`, or `None` when the model has no such parameter.
+    pub fn get(&self, param: Param) -> Option<(usize, usize)> {
         self.entries
             .iter()
-            .find(|(n, _, _)| *n == name)
+            .find(|(p, _, _)| *p == param)
             .map(|&(_, o, l)| (o, l))
     }
 
-    /// Offset of `name`, or `None` when the model has no such parameter.
-    pub fn offset(&self, name: &str) -> Option<usize> {
-        self.get(name).map(|(o, _)| o)
+    /// Offset of `param`, or `None` when the model has no such parameter.
+    pub fn offset(&self, param: Param) -> Option<usize> {
+        self.get(param).map(|(o, _)| o)
     }
 
     /// Total number of scalars.
@@ -109,15 +122,23 @@ impl FlatLayout {
 /// the same shapes), in the order of [`ModelConfig::parameters`].
 ///
 /// ```
-/// use nca_api::{ModelConfig, Weights};
+/// use nca_api::{ModelConfig, Param, Weights};
 /// let model = ModelConfig::default();
 /// let w = Weights::init(&model, 0);
-/// assert_eq!(w.get("wq").map(|t| t.shape().to_vec()), Some(vec![16, 3 + 26]));
-/// assert!(w.get("wo").is_some_and(|t| t.data().iter().all(|&x| x == 0.0)));
+/// assert_eq!(w[Param::Wq].shape(), &[16, 3 + 26]);
+/// assert!(w[Param::Wo].data().iter().all(|&x| x == 0.0));
+/// assert!(Weights::init(&ModelConfig::plain(), 0).get(Param::W1).is_none());
+/// ```
+///
+/// Lookups take a [`Param`], never a string:
+///
+/// ```compile_fail,E0308
+/// let w = nca_api::Weights::zeros(&nca_api::ModelConfig::default());
+/// let _ = w.get("wq");
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Weights {
-    tensors: Vec<(&'static str, HostTensor)>,
+    tensors: Vec<(Param, HostTensor)>,
 }
 
 impl Weights {
@@ -127,7 +148,7 @@ impl Weights {
             tensors: model
                 .parameters()
                 .into_iter()
-                .map(|p| (p.name, HostTensor::zeros(&p.shape)))
+                .map(|p| (p.param, HostTensor::zeros(&p.shape)))
                 .collect(),
         }
     }
@@ -150,48 +171,52 @@ impl Weights {
         w
     }
 
-    /// The tensor `name`, or `None` when the model has no such parameter.
-    pub fn get(&self, name: &str) -> Option<&HostTensor> {
+    /// The tensor of `param`, or `None` when the model has no such parameter.
+    pub fn get(&self, param: Param) -> Option<&HostTensor> {
         self.tensors
             .iter()
-            .find(|(n, _)| *n == name)
+            .find(|(p, _)| *p == param)
             .map(|(_, t)| t)
     }
 
-    /// Mutable access to the tensor `name`, or `None` when the model has no such parameter.
-    pub fn get_mut(&mut self, name: &str) -> Option<&mut HostTensor> {
+    /// Mutable access to the tensor of `param`, or `None` when the model has no such
+    /// parameter.
+    pub fn get_mut(&mut self, param: Param) -> Option<&mut HostTensor> {
         self.tensors
             .iter_mut()
-            .find(|(n, _)| *n == name)
+            .find(|(p, _)| *p == param)
             .map(|(_, t)| t)
     }
 
-    /// The tensor `name`, or [`TensorError::Missing`].
-    pub fn tensor(&self, name: &str) -> Result<&HostTensor, TensorError> {
-        self.get(name)
-            .ok_or_else(|| TensorError::Missing(name.to_string()))
+    /// The tensor of `param`, or [`TensorError::Missing`] naming it.
+    pub fn tensor(&self, param: Param) -> Result<&HostTensor, TensorError> {
+        self.get(param)
+            .ok_or_else(|| TensorError::Missing(param.name().to_string()))
     }
 
-    /// The tensors with their names, in parameter-list order.
-    pub fn named(&self) -> Vec<(&'static str, &HostTensor)> {
-        self.tensors.iter().map(|(n, t)| (*n, t)).collect()
+    /// The tensors with their parameters, in parameter-list order.
+    pub fn named(&self) -> Vec<(Param, &HostTensor)> {
+        self.tensors.iter().map(|(p, t)| (*p, t)).collect()
     }
 
-    /// Mutable tensors with their names, in parameter-list order.
-    pub fn named_mut(&mut self) -> Vec<(&'static str, &mut HostTensor)> {
-        self.tensors.iter_mut().map(|(n, t)| (*n, t)).collect()
+    /// Mutable tensors with their parameters, in parameter-list order.
+    pub fn named_mut(&mut self) -> Vec<(Param, &mut HostTensor)> {
+        self.tensors.iter_mut().map(|(p, t)| (*p, t)).collect()
     }
 
-    /// Builds weights for `model` by looking each name up with `get`; checks every shape.
+    /// Builds weights for `model` by looking each of its parameters up with `get` (a file
+    /// reader looks up [`Param::name`]); checks every shape. A parameter `get` does not
+    /// find is [`TensorError::Missing`] naming it.
     pub fn from_lookup(
         model: &ModelConfig,
-        mut get: impl FnMut(&str) -> Option<HostTensor>,
+        mut get: impl FnMut(Param) -> Option<HostTensor>,
     ) -> Result<Self, TensorError> {
         let mut tensors = Vec::new();
         for spec in model.parameters() {
-            let t = get(spec.name).ok_or_else(|| TensorError::Missing(spec.name.to_string()))?;
-            t.expect_shape(spec.name, &spec.shape)?;
-            tensors.push((spec.name, t));
+            let name = spec.name();
+            let t = get(spec.param).ok_or_else(|| TensorError::Missing(name.to_string()))?;
+            t.expect_shape(name, &spec.shape)?;
+            tensors.push((spec.param, t));
         }
         Ok(Self { tensors })
     }
@@ -201,30 +226,30 @@ impl Weights {
     pub fn check(&self, model: &ModelConfig) -> Result<(), TensorError> {
         let specs = model.parameters();
         for spec in &specs {
-            if self.get(spec.name).is_none() {
+            if self.get(spec.param).is_none() {
                 return Err(TensorError::Missing(format!(
                     "{} (required by {})",
-                    spec.name,
-                    requirement(spec.name)
+                    spec.param,
+                    spec.param.option().unwrap_or("every model")
                 )));
             }
         }
-        for (name, _) in &self.tensors {
-            if !specs.iter().any(|s| s.name == *name) {
+        for (param, _) in &self.tensors {
+            if !param.is_in(model) {
                 return Err(TensorError::Unexpected(format!(
-                    "{name} (the model has no such parameter: {} is off)",
-                    requirement(name)
+                    "{param} (the model has no such parameter: {} is off)",
+                    param.option().unwrap_or("every model")
                 )));
             }
         }
-        for (spec, (name, t)) in specs.iter().zip(&self.tensors) {
-            if spec.name != *name {
+        for (spec, (param, t)) in specs.iter().zip(&self.tensors) {
+            if spec.param != *param {
                 return Err(TensorError::Unexpected(format!(
-                    "{name} where {} belongs (parameters out of order)",
-                    spec.name
+                    "{param} where {} belongs (parameters out of order)",
+                    spec.param
                 )));
             }
-            t.expect_shape(name, &spec.shape)?;
+            t.expect_shape(param.name(), &spec.shape)?;
         }
         Ok(())
     }
@@ -261,12 +286,12 @@ impl Weights {
         Ok(())
     }
 
-    /// The name of the first parameter holding NaN or infinity, `None` when all are finite.
-    pub fn first_non_finite(&self) -> Option<String> {
+    /// The first parameter holding NaN or infinity, `None` when all are finite.
+    pub fn first_non_finite(&self) -> Option<Param> {
         self.tensors
             .iter()
             .find(|(_, t)| !t.is_finite())
-            .map(|(name, _)| (*name).to_string())
+            .map(|(param, _)| *param)
     }
 
     /// True when every parameter is finite.
@@ -275,12 +300,32 @@ impl Weights {
     }
 }
 
-/// The model option a parameter belongs to, for error messages.
-fn requirement(name: &str) -> &'static str {
-    match name {
-        "pk" | "pv" => "model.position_embeddings",
-        "w1" | "b1" => "model.mlp_hidden",
-        _ => "every model",
+impl std::ops::Index<Param> for Weights {
+    type Output = HostTensor;
+
+    /// The tensor of `param`.
+    ///
+    /// # Panics
+    /// When the model has no such parameter: only `pk`, `pv` (position embeddings) and
+    /// `w1`, `b1` (MLP) can be absent; [`Weights::get`] asks without panicking.
+    fn index(&self, param: Param) -> &HostTensor {
+        match self.get(param) {
+            Some(t) => t,
+            None => panic!("the model has no parameter {param}"),
+        }
+    }
+}
+
+impl std::ops::IndexMut<Param> for Weights {
+    /// Mutable access to the tensor of `param`.
+    ///
+    /// # Panics
+    /// When the model has no such parameter; [`Weights::get_mut`] asks without panicking.
+    fn index_mut(&mut self, param: Param) -> &mut HostTensor {
+        match self.get_mut(param) {
+            Some(t) => t,
+            None => panic!("the model has no parameter {param}"),
+        }
     }
 }
 
@@ -302,7 +347,7 @@ mod tests {
             let w = Weights::init(&model, 7);
             for (name, t) in w.named() {
                 let zero = t.data().iter().all(|&x| x == 0.0);
-                assert_eq!(zero, name == "wo" || name == "bo", "{name}");
+                assert_eq!(zero, matches!(name, Param::Wo | Param::Bo), "{name}");
             }
             assert_eq!(w, Weights::init(&model, 7));
             assert_ne!(w, Weights::init(&model, 8));
@@ -325,13 +370,11 @@ mod tests {
         };
         let new = Weights::init(&mlp, 3);
         for (name, t) in old.named() {
-            if name != "wo" {
+            if name != Param::Wo {
                 assert_eq!(Some(t), new.get(name), "{name}");
             }
         }
-        assert!(new
-            .get("w1")
-            .is_some_and(|t| t.data().iter().any(|&x| x != 0.0)));
+        assert!(new[Param::W1].data().iter().any(|&x| x != 0.0));
     }
 
     #[test]
@@ -343,14 +386,18 @@ mod tests {
             ..ModelConfig::default()
         };
         let w = Weights::zeros(&model);
-        let shape = |n: &str| w.get(n).map(|t| t.shape().to_vec());
-        assert_eq!(shape("wq"), Some(vec![8, 13]));
-        assert_eq!(shape("w1"), Some(vec![12, 21]));
-        assert_eq!(shape("wo"), Some(vec![3, 12]));
-        assert_eq!(shape("pk"), Some(vec![9, 8]));
+        let shape = |p: Param| w.get(p).map(|t| t.shape().to_vec());
+        assert_eq!(shape(Param::Wq), Some(vec![8, 13]));
+        assert_eq!(shape(Param::W1), Some(vec![12, 21]));
+        assert_eq!(shape(Param::Wo), Some(vec![3, 12]));
+        assert_eq!(shape(Param::Pk), Some(vec![9, 8]));
         let layout = FlatLayout::new(&model);
         assert_eq!(layout.len(), w.num_params());
-        assert_eq!(layout.get("b1"), Some((w.num_params() - 12, 12)));
+        assert_eq!(model.parameter_count(), Some(w.num_params() as u64));
+        assert_eq!(layout.get(Param::B1), Some((w.num_params() - 12, 12)));
+        let plain = FlatLayout::new(&plain());
+        assert_eq!(plain.get(Param::Pk).map(|(_, len)| len), Some(9 * 16));
+        assert_eq!(plain.get(Param::W1), None);
     }
 
     #[test]
@@ -365,7 +412,7 @@ mod tests {
         assert!(Weights::zeros(&without).check(&with).is_err());
         // pk without pv is refused, not padded.
         let mut half = Weights::zeros(&with);
-        half.tensors.retain(|(n, _)| *n != "pv");
+        half.tensors.retain(|(p, _)| *p != Param::Pv);
         let err = half.check(&with).expect_err("pv missing");
         assert!(err.to_string().contains("pv"), "{err}");
         let no_mlp = ModelConfig {
@@ -382,5 +429,60 @@ mod tests {
         let mut z = Weights::zeros(&ModelConfig::default());
         z.unflatten_from(&w.flatten()).expect("same size");
         assert_eq!(z, w);
+    }
+
+    #[test]
+    fn the_list_follows_param_all() {
+        let every = ModelConfig::default();
+        let listed: Vec<Param> = every.parameters().iter().map(|s| s.param).collect();
+        assert_eq!(listed, Param::ALL);
+        let names: Vec<&str> = Weights::zeros(&every)
+            .named()
+            .iter()
+            .map(|(p, _)| p.name())
+            .collect();
+        assert_eq!(names, WEIGHT_NAMES);
+        assert_eq!(
+            WEIGHT_NAMES,
+            ["wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "pk", "pv", "w1", "b1"]
+        );
+        let bare = ModelConfig {
+            position_embeddings: false,
+            ..ModelConfig::plain()
+        };
+        let listed: Vec<&str> = bare.parameters().iter().map(ParamSpec::name).collect();
+        assert_eq!(listed, ["wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo"]);
+    }
+
+    #[test]
+    fn lookups_by_param_build_weights_and_name_what_is_missing() {
+        let model = ModelConfig::default();
+        let w = Weights::init(&model, 5);
+        let copy = Weights::from_lookup(&model, |p| w.get(p).cloned()).expect("complete");
+        assert_eq!(copy, w);
+        let err = Weights::from_lookup(&model, |p| (p != Param::Bv).then(|| w[p].clone()))
+            .expect_err("bv missing");
+        assert_eq!(err, TensorError::Missing("bv".into()));
+        assert_eq!(w.tensor(Param::Bv), Ok(&w[Param::Bv]));
+        assert_eq!(
+            Weights::zeros(&ModelConfig::plain()).tensor(Param::W1),
+            Err(TensorError::Missing("w1".into()))
+        );
+    }
+
+    #[test]
+    fn the_first_non_finite_parameter_is_named() {
+        let mut w = Weights::init(&ModelConfig::default(), 2);
+        assert_eq!(w.first_non_finite(), None);
+        w[Param::Pv].data_mut()[1] = f32::NAN;
+        w[Param::B1].data_mut()[0] = f32::INFINITY;
+        assert_eq!(w.first_non_finite(), Some(Param::Pv));
+        assert!(!w.is_finite());
+    }
+
+    #[test]
+    #[should_panic(expected = "no parameter w1")]
+    fn indexing_a_parameter_the_model_lacks_panics() {
+        let _ = &Weights::zeros(&ModelConfig::plain())[Param::W1];
     }
 }

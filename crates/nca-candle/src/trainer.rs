@@ -80,8 +80,8 @@ impl CandleTrainer {
         let layout = FlatLayout::new(&self.model);
         for (spec, var) in self.model.parameters().iter().zip(&self.params) {
             let (offset, len) = layout
-                .get(spec.name)
-                .ok_or_else(|| TensorError::Missing(spec.name.to_string()))?;
+                .get(spec.param)
+                .ok_or_else(|| TensorError::Missing(spec.name().to_string()))?;
             var.set(&params.narrow(0, offset, len)?.reshape(var.shape())?)?;
         }
         self.adam_m = m;

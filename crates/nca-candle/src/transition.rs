@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use nca_api::noise::fill_gaussian;
 use nca_api::{
-    HostTensor, ModelConfig, OptimizerConfig, TensorError, Transition, Weights, NEIGHBOURS,
+    HostTensor, ModelConfig, OptimizerConfig, Param, TensorError, Transition, Weights, NEIGHBOURS,
 };
 
 use crate::Error;
@@ -31,10 +31,10 @@ impl ParamIndex {
     /// The indices of `model`'s parameters; an error if the list lacks one the model's
     /// options require (so a model this code cannot run is refused, never run wrongly).
     pub(crate) fn new(model: &ModelConfig) -> Result<Self, Error> {
-        let names: Vec<&str> = model.parameters().iter().map(|p| p.name).collect();
-        let find = |name: &str| names.iter().position(|n| *n == name);
-        let need = |name: &str| find(name).ok_or_else(|| TensorError::Missing(name.to_string()));
-        let pair = |a: &str, b: &str, on: bool| -> Result<Option<(usize, usize)>, Error> {
+        let list: Vec<Param> = model.parameters().iter().map(|p| p.param).collect();
+        let find = |param: Param| list.iter().position(|p| *p == param);
+        let need = |p: Param| find(p).ok_or_else(|| TensorError::Missing(p.name().to_string()));
+        let pair = |a: Param, b: Param, on: bool| -> Result<Option<(usize, usize)>, Error> {
             match (on, find(a), find(b)) {
                 (true, Some(i), Some(j)) => Ok(Some((i, j))),
                 (false, None, None) => Ok(None),
@@ -43,16 +43,16 @@ impl ParamIndex {
             }
         };
         Ok(Self {
-            wq: need("wq")?,
-            bq: need("bq")?,
-            wk: need("wk")?,
-            bk: need("bk")?,
-            wv: need("wv")?,
-            bv: need("bv")?,
-            wo: need("wo")?,
-            bo: need("bo")?,
-            pk_pv: pair("pk", "pv", model.position_embeddings)?,
-            w1_b1: pair("w1", "b1", model.mlp_hidden.is_some())?,
+            wq: need(Param::Wq)?,
+            bq: need(Param::Bq)?,
+            wk: need(Param::Wk)?,
+            bk: need(Param::Bk)?,
+            wv: need(Param::Wv)?,
+            bv: need(Param::Bv)?,
+            wo: need(Param::Wo)?,
+            bo: need(Param::Bo)?,
+            pk_pv: pair(Param::Pk, Param::Pv, model.position_embeddings)?,
+            w1_b1: pair(Param::W1, Param::B1, model.mlp_hidden.is_some())?,
         })
     }
 }

@@ -2,7 +2,9 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use nca_api::noise::fill_gaussian;
-use nca_api::{AdamState, HostTensor, ModelConfig, OptimizerConfig, Trainer, Transition, Weights};
+use nca_api::{
+    AdamState, HostTensor, ModelConfig, OptimizerConfig, Param, Trainer, Transition, Weights,
+};
 use nca_candle::{CandleTrainer, Error};
 
 fn trainer(model: &ModelConfig) -> CandleTrainer {
@@ -126,8 +128,8 @@ fn relu_has_no_gradient_at_zero() {
     // b1 without gradient (candle's own relu would pass it through).
     let model = ModelConfig::default();
     let mut weights = nca_testkit::checks::random_weights(&model, 7);
-    weights.get_mut("w1").unwrap().data_mut().fill(0.0);
-    weights.get_mut("b1").unwrap().data_mut().fill(0.0);
+    weights[Param::W1].data_mut().fill(0.0);
+    weights[Param::B1].data_mut().fill(0.0);
     let mut t = trainer(&model);
     t.set_weights(&weights).unwrap();
     t.set_target(&HostTensor::filled(&[1, 3, 4, 5], 0.5))
@@ -136,11 +138,11 @@ fn relu_has_no_gradient_at_zero() {
         .upload(&nca_testkit::checks::random_tensor(&[1, 3, 4, 5], 8))
         .unwrap();
     let (_, grads) = t.loss_and_gradients(&s).unwrap();
-    for name in ["w1", "b1"] {
-        let g = grads.tensor(name).unwrap();
+    for param in [Param::W1, Param::B1] {
+        let g = &grads[param];
         assert!(
             g.data().iter().all(|&x| x == 0.0),
-            "{name}: {:?}",
+            "{param}: {:?}",
             &g.data()[..4]
         );
     }

@@ -255,7 +255,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = nca_api::NcaConfig::default();
         let mut weights = nca_api::Weights::init(&config.model, 0);
-        weights.get_mut("wk").expect("wk").data_mut()[0] = f32::INFINITY;
+        weights[nca_api::Param::Wk].data_mut()[0] = f32::INFINITY;
         let path = dir.path().join("nan.safetensors");
         Checkpoint {
             config,

@@ -348,7 +348,7 @@ fn nan_weights_are_refused_naming_the_tensor() {
     let tmp = TempDir::new().expect("tempdir");
     let cfg = small_config();
     let mut weights = Weights::init(&cfg.model, 0);
-    weights.get_mut("wq").expect("wq").data_mut()[3] = f32::NAN;
+    weights[nca_api::Param::Wq].data_mut()[3] = f32::NAN;
     let ckpt = checkpoint(tmp.path(), &cfg, weights, &cfg.target_shape());
     rollout_refused(
         "1G",
@@ -398,7 +398,7 @@ fn a_rollout_that_becomes_non_finite_fails_naming_the_step() {
     let mut cfg = small_config();
     cfg.model.state_clamp = None;
     let mut weights = Weights::init(&cfg.model, 0);
-    weights.get_mut("bo").expect("bo").data_mut().fill(f32::MAX);
+    weights[nca_api::Param::Bo].data_mut().fill(f32::MAX);
     let ckpt = checkpoint(tmp.path(), &cfg, weights, &cfg.target_shape());
     let out = tmp.path().join("out");
     let o = limited(

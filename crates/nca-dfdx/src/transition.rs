@@ -16,6 +16,8 @@
 //! [`gather_by_slices`] for the numbers).
 
 use dfdx::prelude::*;
+// `Param` here is this backend's tensor of one parameter; nca-api's names which one.
+use nca_api::Param as ParamId;
 use nca_api::{HostTensor, ModelConfig, TensorError, Transition, Weights, NEIGHBOURS};
 
 use crate::trainer::DfdxTrainer;
@@ -83,7 +85,7 @@ impl Param {
 /// parameters (`pk`/`pv` and `w1`/`b1` only when their option is on) in
 /// [`Weights::flatten`] order; the forward pass takes them out by name.
 pub(crate) struct Params<T = NoneTape> {
-    list: Vec<(&'static str, Param<T>)>,
+    list: Vec<(ParamId, Param<T>)>,
 }
 
 fn rank_error(name: &str, expected: usize, found: Vec<usize>) -> Error {
@@ -106,14 +108,20 @@ impl Params {
     pub(crate) fn upload(dev: &Cpu, model: &ModelConfig, w: &Weights) -> Result<Self, Error> {
         let mut list = Vec::new();
         for spec in model.parameters() {
-            let t = w.tensor(spec.name)?;
+            let t = w.tensor(spec.param)?;
             let data = t.data().to_vec();
             let param = match *t.shape() {
                 [n] => Param::Vector(dev.try_tensor_from_vec(data, (n,))?),
                 [r, c] => Param::Matrix(dev.try_tensor_from_vec(data, (r, c))?),
-                _ => return Err(rank_error(spec.name, spec.shape.len(), t.shape().to_vec())),
+                _ => {
+                    return Err(rank_error(
+                        spec.name(),
+                        spec.shape.len(),
+                        t.shape().to_vec(),
+                    ))
+                }
             };
-            list.push((spec.name, param));
+            list.push((spec.param, param));
         }
         Ok(Self { list })
     }
@@ -147,36 +155,36 @@ impl Params {
 }
 
 impl<T: Tape<f32, Cpu>> Params<T> {
-    /// Removes `name` from the list; `None` when the model has no such parameter.
-    fn take(&mut self, name: &str) -> Option<Param<T>> {
-        let i = self.list.iter().position(|(n, _)| *n == name)?;
+    /// Removes `id` from the list; `None` when the model has no such parameter.
+    fn take(&mut self, id: ParamId) -> Option<Param<T>> {
+        let i = self.list.iter().position(|(n, _)| *n == id)?;
         Some(self.list.swap_remove(i).1)
     }
 
-    fn opt_matrix(&mut self, name: &str) -> Result<Option<T2<T>>, Error> {
-        match self.take(name) {
+    fn opt_matrix(&mut self, id: ParamId) -> Result<Option<T2<T>>, Error> {
+        match self.take(id) {
             None => Ok(None),
             Some(Param::Matrix(t)) => Ok(Some(t)),
-            Some(p) => Err(rank_error(name, 2, p.shape())),
+            Some(p) => Err(rank_error(id.name(), 2, p.shape())),
         }
     }
 
-    fn opt_vector(&mut self, name: &str) -> Result<Option<T1<T>>, Error> {
-        match self.take(name) {
+    fn opt_vector(&mut self, id: ParamId) -> Result<Option<T1<T>>, Error> {
+        match self.take(id) {
             None => Ok(None),
             Some(Param::Vector(t)) => Ok(Some(t)),
-            Some(p) => Err(rank_error(name, 1, p.shape())),
+            Some(p) => Err(rank_error(id.name(), 1, p.shape())),
         }
     }
 
-    fn matrix(&mut self, name: &str) -> Result<T2<T>, Error> {
-        self.opt_matrix(name)?
-            .ok_or_else(|| TensorError::Missing(name.to_string()).into())
+    fn matrix(&mut self, id: ParamId) -> Result<T2<T>, Error> {
+        self.opt_matrix(id)?
+            .ok_or_else(|| TensorError::Missing(id.name().to_string()).into())
     }
 
-    fn vector(&mut self, name: &str) -> Result<T1<T>, Error> {
-        self.opt_vector(name)?
-            .ok_or_else(|| TensorError::Missing(name.to_string()).into())
+    fn vector(&mut self, id: ParamId) -> Result<T1<T>, Error> {
+        self.opt_vector(id)?
+            .ok_or_else(|| TensorError::Missing(id.name().to_string()).into())
     }
 }
 
@@ -287,15 +295,16 @@ pub(crate) fn forward<T: Tape<f32, Cpu>>(
     nb: &Neighbourhood,
 ) -> Result<Forward<T>, Error> {
     let n = nb.cells;
-    let (wq, bq) = (p.matrix("wq")?, p.vector("bq")?);
-    let (wk, bk, pk) = (p.matrix("wk")?, p.vector("bk")?, p.opt_matrix("pk")?);
-    let (wv, bv, pv) = (p.matrix("wv")?, p.vector("bv")?, p.opt_matrix("pv")?);
-    let (wo, bo) = (p.matrix("wo")?, p.vector("bo")?);
-    let mlp = match (p.opt_matrix("w1")?, p.opt_vector("b1")?) {
+    let (wq, bq) = (p.matrix(ParamId::Wq)?, p.vector(ParamId::Bq)?);
+    let (wk, bk) = (p.matrix(ParamId::Wk)?, p.vector(ParamId::Bk)?);
+    let (wv, bv) = (p.matrix(ParamId::Wv)?, p.vector(ParamId::Bv)?);
+    let (pk, pv) = (p.opt_matrix(ParamId::Pk)?, p.opt_matrix(ParamId::Pv)?);
+    let (wo, bo) = (p.matrix(ParamId::Wo)?, p.vector(ParamId::Bo)?);
+    let mlp = match (p.opt_matrix(ParamId::W1)?, p.opt_vector(ParamId::B1)?) {
         (Some(w1), Some(b1)) => Some((w1, b1)),
         (None, None) => None,
-        (Some(_), None) => return Err(TensorError::Missing("b1".into()).into()),
-        (None, Some(_)) => return Err(TensorError::Missing("w1".into()).into()),
+        (Some(_), None) => return Err(TensorError::Missing(ParamId::B1.name().into()).into()),
+        (None, Some(_)) => return Err(TensorError::Missing(ParamId::W1.name().into()).into()),
     };
     let d = wq.shape().0;
     let c = wo.shape().0;

@@ -114,7 +114,7 @@ fn every_model_option_agrees_with_ndarray() {
         let names = |g: &nca_api::Weights| g.named().iter().map(|(n, _)| *n).collect::<Vec<_>>();
         assert_eq!(names(&ga), names(&gb));
         assert_eq!(
-            names(&ga).contains(&"w1"),
+            names(&ga).contains(&nca_api::Param::W1),
             hidden.is_some(),
             "w1 exactly with the MLP"
         );

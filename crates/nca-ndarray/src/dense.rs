@@ -35,7 +35,7 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use nca_api::{FlatLayout, ModelConfig, NEIGHBOURS};
+use nca_api::{FlatLayout, ModelConfig, Param, NEIGHBOURS};
 
 use crate::gemm::{self, Epilogue, Start, Vector};
 use crate::kernel::{Geometry, Mode, MAX_DIM};
@@ -168,12 +168,12 @@ impl DenseLayout {
     /// The layout of `model`, or `None` if its parameter list lacks a projection.
     pub fn new(model: &ModelConfig) -> Option<Self> {
         let flat = FlatLayout::new(model);
-        let at = |name: &str| flat.offset(name);
-        let pkv = match (at("pk"), at("pv")) {
+        let at = |param: Param| flat.offset(param);
+        let pkv = match (at(Param::Pk), at(Param::Pv)) {
             (Some(k), Some(v)) => Some((k, v)),
             _ => None,
         };
-        let mlp = match (at("w1"), at("b1")) {
+        let mlp = match (at(Param::W1), at(Param::B1)) {
             (Some(w), Some(b)) => Some((w, b)),
             _ => None,
         };
@@ -183,14 +183,14 @@ impl DenseLayout {
             d: model.attention_dim,
             x: model.input_width(),
             m: model.mlp_hidden.unwrap_or(0),
-            wq: at("wq")?,
-            bq: at("bq")?,
-            wk: at("wk")?,
-            bk: at("bk")?,
-            wv: at("wv")?,
-            bv: at("bv")?,
-            wo: at("wo")?,
-            bo: at("bo")?,
+            wq: at(Param::Wq)?,
+            bq: at(Param::Bq)?,
+            wk: at(Param::Wk)?,
+            bk: at(Param::Bk)?,
+            wv: at(Param::Wv)?,
+            bv: at(Param::Bv)?,
+            wo: at(Param::Wo)?,
+            bo: at(Param::Bo)?,
             pkv,
             mlp,
             params: flat.len(),

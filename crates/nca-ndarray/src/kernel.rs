@@ -24,7 +24,7 @@
 
 use rayon::prelude::*;
 
-use nca_api::{FlatLayout, ModelConfig, NEIGHBOURS};
+use nca_api::{FlatLayout, ModelConfig, Param, NEIGHBOURS};
 
 #[cfg(target_arch = "x86_64")]
 use crate::simd::Fused;
@@ -67,25 +67,25 @@ impl Layout {
             return None;
         }
         let flat = FlatLayout::new(model);
-        let at = |name: &str| flat.offset(name);
+        let at = |param: Param| flat.offset(param);
         let (c, d) = (model.channels(), model.attention_dim);
         let nd = NEIGHBOURS * d;
         let params = flat.len();
-        let (pk, pv, loss) = match (at("pk"), at("pv")) {
+        let (pk, pv, loss) = match (at(Param::Pk), at(Param::Pv)) {
             (Some(pk), Some(pv)) => (pk, pv, params),
             _ => (params, params + nd, params + 2 * nd),
         };
         Some(Self {
             c,
             d,
-            wq: at("wq")?,
-            bq: at("bq")?,
-            wk: at("wk")?,
-            bk: at("bk")?,
-            wv: at("wv")?,
-            bv: at("bv")?,
-            wo: at("wo")?,
-            bo: at("bo")?,
+            wq: at(Param::Wq)?,
+            bq: at(Param::Bq)?,
+            wk: at(Param::Wk)?,
+            bk: at(Param::Bk)?,
+            wv: at(Param::Wv)?,
+            bv: at(Param::Bv)?,
+            wo: at(Param::Wo)?,
+            bo: at(Param::Bo)?,
             pk,
             pv,
             params,

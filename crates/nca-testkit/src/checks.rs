@@ -6,7 +6,7 @@ use nca_api::eval::{regrowth, RegrowthOptions, DEFAULT_EVAL_STEPS};
 use nca_api::io::TensorFile;
 use nca_api::{
     train, AdamState, ConstantNoise, HostTensor, LoopOptions, ModelConfig, NcaConfig, NoObserver,
-    OptimizerConfig, Progress, StepContext, Trainer, Transition, Weights,
+    OptimizerConfig, Param, Progress, StepContext, Trainer, Transition, Weights,
 };
 use rand::{Rng, SeedableRng};
 
@@ -102,13 +102,13 @@ impl Golden {
 
     /// The weights stored in the file.
     pub fn weights(&self) -> Weights {
-        Weights::from_lookup(&self.model, |n| self.file.tensors.get(n).cloned()).unwrap()
+        Weights::from_lookup(&self.model, |p| self.file.tensors.get(p.name()).cloned()).unwrap()
     }
 
     /// The expected gradients `grad.NAME`.
     pub fn gradients(&self) -> Weights {
-        Weights::from_lookup(&self.model, |n| {
-            self.file.tensors.get(&format!("grad.{n}")).cloned()
+        Weights::from_lookup(&self.model, |p| {
+            self.file.tensors.get(&format!("grad.{p}")).cloned()
         })
         .unwrap()
     }
@@ -686,13 +686,13 @@ pub fn hidden_channels_do_not_enter_the_loss<H: Harness>() {
     let (loss_a, grads) = t.loss_and_gradients(&state).unwrap();
     let width = model.output_width();
     let hidden_rows = 3 * width..7 * width;
-    let (gwo, gbo) = (grads.tensor("wo").unwrap(), grads.tensor("bo").unwrap());
+    let (gwo, gbo) = (&grads[Param::Wo], &grads[Param::Bo]);
     assert!(gwo.data()[hidden_rows.clone()].iter().all(|&g| g == 0.0));
     assert!(gbo.data()[3..].iter().all(|&g| g == 0.0));
-    for x in &mut weights.get_mut("wo").unwrap().data_mut()[hidden_rows] {
+    for x in &mut weights[Param::Wo].data_mut()[hidden_rows] {
         *x *= -7.0;
     }
-    weights.get_mut("bo").unwrap().data_mut()[3..].fill(5.0);
+    weights[Param::Bo].data_mut()[3..].fill(5.0);
     t.set_weights(&weights).unwrap();
     let (loss_b, _) = t.loss_and_gradients(&state).unwrap();
     assert_eq!(loss_a, loss_b);
@@ -710,7 +710,7 @@ pub fn weights_and_adam_state_round_trip<H: Harness>() {
         file.tensors.insert(n.to_string(), w.clone());
     }
     let back = TensorFile::from_bytes(&file.to_bytes().unwrap()).unwrap();
-    let loaded = Weights::from_lookup(&model, |n| back.tensors.get(n).cloned()).unwrap();
+    let loaded = Weights::from_lookup(&model, |p| back.tensors.get(p.name()).cloned()).unwrap();
     let mut other = build::<H>(&model, &OptimizerConfig::default());
     other.set_weights(&loaded).unwrap();
     assert_eq!(other.weights().unwrap(), weights);

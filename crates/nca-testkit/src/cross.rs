@@ -3,7 +3,7 @@
 
 use nca_api::{
     initial_state, rollout, train, Checkpoint, ConstantNoise, HostTensor, LoopOptions, NcaConfig,
-    NoObserver, Progress, RolloutOptions, Trainer, Transition, Weights,
+    NoObserver, Param, Progress, RolloutOptions, Trainer, Transition, Weights,
 };
 
 use crate::Harness;
@@ -67,17 +67,12 @@ fn trained_checkpoint<T: Trainer>(t: &mut T, cfg: &NcaConfig) -> Weights {
         run_file: None,
     };
     assert!(
-        ckpt.weights
-            .tensor("wo")
-            .unwrap()
-            .data()
-            .iter()
-            .any(|&x| x != 0.0),
+        ckpt.weights[Param::Wo].data().iter().any(|&x| x != 0.0),
         "training must move the output projection away from its zero init"
     );
     let bytes = ckpt.to_file().to_bytes().unwrap();
     let file = nca_api::TensorFile::from_bytes(&bytes).unwrap();
-    Weights::from_lookup(&cfg.model, |n| file.tensors.get(n).cloned()).unwrap()
+    Weights::from_lookup(&cfg.model, |p| file.tensors.get(p.name()).cloned()).unwrap()
 }
 
 fn rolled_out<T: Transition>(t: &mut T, weights: &Weights, cfg: &NcaConfig) -> HostTensor {
@@ -198,7 +193,7 @@ pub fn training_matches<A: Harness, B: Harness>() {
         assert_eq!(na.len(), nb.len());
         for ((name, a), (name_b, b)) in na.into_iter().zip(nb) {
             assert_eq!(name, name_b);
-            if name == "bk" {
+            if name == Param::Bk {
                 continue;
             }
             let diff = a.max_abs_diff(b);

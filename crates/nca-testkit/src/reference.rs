@@ -1,7 +1,7 @@
 //! A slow, obviously-correct float64 implementation of the transition and loss, straight
 //! from the formulas of `testdata/README.md`, used for finite-difference gradient checks.
 
-use nca_api::{position, HostTensor, ModelConfig, Weights, NEIGHBOURS};
+use nca_api::{position, HostTensor, ModelConfig, Param, Weights, NEIGHBOURS};
 
 fn to64(t: &HostTensor) -> Vec<f64> {
     t.data().iter().map(|&x| f64::from(x)).collect()
@@ -32,12 +32,22 @@ pub struct Forward {
 /// Panics when `weights` do not fit `model` or the state is not `[B, C, H, W]`.
 pub fn forward(model: &ModelConfig, weights: &Weights, state: &HostTensor) -> Forward {
     weights.check(model).expect("weights must fit the model");
-    let get = |n: &str| weights.get(n).map(to64);
-    let need = |n: &str| get(n).expect("checked above");
-    let (wq, bq, wk, bk) = (need("wq"), need("bq"), need("wk"), need("bk"));
-    let (wv, bv, wo, bo) = (need("wv"), need("bv"), need("wo"), need("bo"));
-    let (pk, pv) = (get("pk"), get("pv"));
-    let mlp = get("w1").zip(get("b1"));
+    let get = |p: Param| weights.get(p).map(to64);
+    let need = |p: Param| to64(&weights[p]);
+    let (wq, bq, wk, bk) = (
+        need(Param::Wq),
+        need(Param::Bq),
+        need(Param::Wk),
+        need(Param::Bk),
+    );
+    let (wv, bv, wo, bo) = (
+        need(Param::Wv),
+        need(Param::Bv),
+        need(Param::Wo),
+        need(Param::Bo),
+    );
+    let (pk, pv) = (get(Param::Pk), get(Param::Pv));
+    let mlp = get(Param::W1).zip(get(Param::B1));
     let [b, c, h, wd] = model.check_state(state.shape()).expect("state shape");
     let (d, p) = (model.attention_dim, model.position_features());
     let features = model
@@ -159,7 +169,7 @@ pub fn numerical_gradients(
     state: &HostTensor,
     target: &HostTensor,
     h: f32,
-) -> Vec<(&'static str, Vec<f64>)> {
+) -> Vec<(Param, Vec<f64>)> {
     let signs = |w: &Weights| -> Vec<bool> {
         forward(model, w, state)
             .pre_activations
@@ -193,12 +203,10 @@ pub fn numerical_gradients(
     out
 }
 
-fn bump(w: &mut Weights, name: &str, i: usize, h: f32) {
-    if let Some(t) = w.get_mut(name) {
-        t.data_mut()[i] += h;
-    }
+fn bump(w: &mut Weights, param: Param, i: usize, h: f32) {
+    w[param].data_mut()[i] += h;
 }
 
-fn value(w: &Weights, name: &str, i: usize) -> f32 {
-    w.get(name).map_or(0.0, |t| t.data()[i])
+fn value(w: &Weights, param: Param, i: usize) -> f32 {
+    w[param].data()[i]
 }

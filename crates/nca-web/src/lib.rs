@@ -94,7 +94,7 @@ impl Sim {
             }
             None => (model_from_keys(&file.metadata)?, None, 0.0),
         };
-        let weights = Weights::from_lookup(&model, |n| file.tensors.get(n).cloned())?;
+        let weights = Weights::from_lookup(&model, |p| file.tensors.get(p.name()).cloned())?;
         let mut trainer = NdarrayTrainer::new(&model, &OptimizerConfig::default())?;
         trainer.set_weights(&weights)?;
         let stored = file.tensors.remove(STATE_TENSOR);

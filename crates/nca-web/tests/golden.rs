@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use nca_api::{HostTensor, NcaConfig, TensorFile, Weights};
+use nca_api::{HostTensor, NcaConfig, Param, TensorFile, Weights};
 use nca_web::{ffi, Sim};
 
 fn testdata(name: &str) -> PathBuf {
@@ -112,7 +112,7 @@ fn a_config_file_starts_from_the_runs_noise_and_matches_rollout() {
     cfg.training.seed = 5;
     let mut weights = Weights::init(&cfg.model, 3);
     // Init has a zero output layer: give it one so that steps change the state.
-    for x in weights.get_mut("wo").unwrap().data_mut() {
+    for x in weights[Param::Wo].data_mut() {
         *x = 0.05;
     }
     let target = HostTensor::filled(&[1, 3, 6, 7], 0.5);
