@@ -39,8 +39,8 @@ pub use noise::ConstantNoise;
 pub use optim::FlatAdam;
 pub use tensor::HostTensor;
 pub use train::{
-    initial_state, rollout, start, train, LoopOptions, NoObserver, Observer, Progress,
-    RolloutOptions, StepContext, StepInfo, StopReason, TrainOutcome,
+    initial_noise, initial_state, rollout, start, train, LoopOptions, NoObserver, Observer,
+    Progress, RolloutOptions, StepContext, StepInfo, StopReason, TrainOutcome,
 };
 pub use traits::{AdamState, NoiseSchedule, Trainer, Transition};
 pub use weights::{FlatLayout, ParamSpec, Weights, WEIGHT_NAMES};

@@ -119,12 +119,14 @@ pub struct TrainOutcome {
 
 /// The initial state: N(0, 1) in every channel, reproducible from the run seed.
 pub fn initial_state(cfg: &NcaConfig) -> HostTensor {
-    let mut state = HostTensor::zeros(&cfg.state_shape());
-    fill_gaussian(
-        state.data_mut(),
-        1.0,
-        stream_seed(cfg.training.seed, 0, Stream::Init),
-    );
+    initial_noise(cfg.state_shape(), cfg.training.seed)
+}
+
+/// N(0, 1) noise of shape `[B, C, H, W]`: the initial state of a run with seed `seed` (see
+/// [`initial_state`]), for callers that know the shape but not a whole config.
+pub fn initial_noise(shape: [usize; 4], seed: u64) -> HostTensor {
+    let mut state = HostTensor::zeros(&shape);
+    fill_gaussian(state.data_mut(), 1.0, stream_seed(seed, 0, Stream::Init));
     state
 }
 
@@ -237,10 +239,14 @@ pub struct RolloutOptions {
     pub state_clamp: Option<f32>,
     /// Seed for the noise.
     pub seed: u64,
+    /// Steps already taken on this state: the rollout continues with step `first_step + 1`,
+    /// whose noise is the one an uninterrupted rollout would draw there (0 for a new one).
+    pub first_step: u64,
 }
 
 /// Runs `steps` steps of `s ← clamp(s + noise + f(s + noise))`, calling `on_step` with the
-/// 1-based step and the new state after each one.
+/// 1-based step (counted from the start, `first_step + 1` first) and the new state after
+/// each one.
 pub fn rollout<T, E>(
     transition: &mut T,
     state: &mut T::State,
@@ -251,7 +257,8 @@ where
     T: Transition,
     E: From<T::Error>,
 {
-    for step in 1..=options.steps {
+    let last = options.first_step.saturating_add(options.steps);
+    for step in options.first_step.saturating_add(1)..=last {
         let seed = stream_seed(options.seed, step, Stream::Rollout);
         transition.add_noise(state, options.sigma, seed)?;
         *state = transition.step(state)?;

@@ -180,6 +180,7 @@ pub fn rollout(args: &RolloutRequest, events: &mut dyn Events) -> Result<Rollout
         sigma: args.noise.unwrap_or(cfg.noise.sigma_small),
         state_clamp: cfg.model.state_clamp,
         seed: args.seed,
+        first_step: 0,
     };
     let job = RolloutJob {
         args,

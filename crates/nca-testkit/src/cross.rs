@@ -83,6 +83,7 @@ fn rolled_out<T: Transition>(t: &mut T, weights: &Weights, cfg: &NcaConfig) -> H
         sigma: 0.0,
         state_clamp: cfg.model.state_clamp,
         seed: 0,
+        first_step: 0,
     };
     rollout(t, &mut state, &options, |_, _, _| Ok::<(), T::Error>(())).unwrap();
     t.download(&state).unwrap()

@@ -27,16 +27,13 @@ use std::collections::BTreeMap;
 
 use nca_api::checkpoint::{META_CONFIG, STATE_TENSOR};
 use nca_api::eval::{psnr_db, visible_mse};
-use nca_api::noise::{add_gaussian, fill_gaussian, stream_seed, Stream};
 use nca_api::{
-    ConfigError, HostTensor, ModelConfig, NcaConfig, OptimizerConfig, TensorError, TensorFile,
-    Transition, Weights,
+    ConfigError, HostTensor, ModelConfig, NcaConfig, OptimizerConfig, RolloutOptions, TensorError,
+    TensorFile, Transition, Weights,
 };
 use nca_ndarray::{NdarrayTrainer, State};
 
-/// Name of the tensor holding the picture the rule was trained to grow, `[1, V, H, W]`
-/// (the name `nca-cli` checkpoints use).
-pub const TARGET_TENSOR: &str = "target";
+pub use nca_api::checkpoint::TARGET_TENSOR;
 
 /// Why a file cannot be run or a step failed.
 #[derive(Debug, thiserror::Error)]
@@ -164,10 +161,9 @@ impl Sim {
     /// Starts over from N(0, 1) noise drawn from `seed` (the same numbers
     /// [`nca_api::initial_state`] draws for a run with that seed); the step count restarts.
     pub fn reset(&mut self, seed: u64) -> Result<(), Error> {
-        let [b, c, h, w] = self.shape();
-        let mut host = HostTensor::zeros(&[b, c, h, w]);
-        fill_gaussian(host.data_mut(), 1.0, stream_seed(seed, 0, Stream::Init));
-        self.state = self.trainer.upload(&host)?;
+        self.state = self
+            .trainer
+            .upload(&nca_api::initial_noise(self.shape(), seed))?;
         self.seed = seed;
         self.steps = 0;
         Ok(())
@@ -195,24 +191,17 @@ impl Sim {
     /// Runs `n` steps of `s ← clamp(s + ε + f(s + ε))`, ε ~ N(0, σ²) per step, exactly as
     /// [`nca_api::rollout`] does with this seed.
     pub fn step(&mut self, n: u32) -> Result<(), Error> {
-        for _ in 0..n {
-            let next = self.steps + 1;
-            if self.sigma > 0.0 {
-                // Host noise, like the training loop's default: the numbers do not depend
-                // on the machine.
-                let seed = stream_seed(self.seed, next, Stream::Rollout);
-                if let Some(data) = self.state.as_slice_mut() {
-                    add_gaussian(data, self.sigma, seed);
-                } else {
-                    self.trainer.add_noise(&mut self.state, self.sigma, seed)?;
-                }
-            }
-            self.state = self.trainer.step(&self.state)?;
-            if let Some(limit) = self.clamp {
-                self.state.mapv_inplace(|x| x.clamp(-limit, limit));
-            }
-            self.steps = next;
-        }
+        let options = RolloutOptions {
+            steps: u64::from(n),
+            sigma: self.sigma,
+            state_clamp: self.clamp,
+            seed: self.seed,
+            first_step: self.steps,
+        };
+        nca_api::rollout::<_, Error>(&mut self.trainer, &mut self.state, &options, |_, _, _| {
+            Ok(())
+        })?;
+        self.steps += u64::from(n);
         Ok(())
     }
 

@@ -133,6 +133,7 @@ fn a_config_file_starts_from_the_runs_noise_and_matches_rollout() {
         sigma: cfg.noise.sigma_small,
         state_clamp: cfg.model.state_clamp,
         seed: 5,
+        first_step: 0,
     };
     nca_api::rollout::<_, nca_ndarray::Error>(&mut t, &mut s, &options, |_, _, _| Ok(())).unwrap();
     sim.step(3).unwrap();
