@@ -148,7 +148,7 @@ pub fn describe_model(m: &ModelConfig) -> String {
     format!("{kind} D={} C={}{pos}", m.attention_dim, m.channels())
 }
 
-/// What one measurement of [`bench`] gave.
+/// What one measurement of [`bench()`] gave.
 #[derive(Debug)]
 pub enum BenchLine {
     /// A workload was measured.

@@ -6,8 +6,8 @@
 //!
 //! `nca-cli` is a thin binary over this crate and the Python package `nca` calls it too,
 //! so both refuse the same inputs with the same messages and compute the same numbers.
-//! Nothing here prints: progress, scores and notes reach the caller as [`Event`]s, and
-//! failures as a typed [`Error`].
+//! Nothing here prints: progress, scores and notes reach the caller as [`Event`](events::Event)s,
+//! and failures as a typed [`Error`].
 #![warn(missing_docs)]
 
 pub mod backend;

@@ -2,7 +2,7 @@
 //! best value depends on the picture's size take the value chosen for its grid; a field
 //! written out always wins, even when it says `None`.
 //!
-//! Which fields were written is read from the same text a second time into [`Given`],
+//! Which fields were written is read from the same text a second time into `Given`,
 //! whose fields only record presence; the chosen values are written into the resolved
 //! `config.ron` and the checkpoint, so a run is repeated exactly from either.
 

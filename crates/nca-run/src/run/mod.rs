@@ -44,7 +44,7 @@ pub enum RunSource {
     /// directory is `runs/STEM`.
     File(PathBuf),
     /// Settings already read (a Python `dict`, a config built in code), sized for the grid
-    /// and validated by [`crate::config::RunConfig::sized`].
+    /// and validated by [`crate::config::RunConfig::from_json_sized`] or [`crate::config::RunConfig::load_sized`].
     Config {
         /// The settings.
         config: Box<RunConfig>,
