@@ -18,8 +18,8 @@
 //!    `dWo += G_f·Hᵀ`; `G_h = (Woᵀ·G_f) ⊙ [Z > 0]`; `dW1 += G_h·UXᵀ`, `db1 += Σ G_h`;
 //!    `G_u = W1[:, :D]ᵀ·G_h` (without the MLP, `G_u = Woᵀ·G_f`, `dWo += G_f·Uᵀ`). No
 //!    gradient flows into the state: the incoming state is a constant.
-//! 5. Per cell, the attention backward gives `dz_n = s·a_n(g_u·ṽ_n − Σ_m a_m g_u·ṽ_m)`,
-//!    `dq = Σ dz_n k̃_n`, `xk = Σ dz_n x_n` and `xv = Σ a_n x_n`, plus the `pk`, `pv` and
+//! 5. Per cell, the attention backward ([`crate::attention`], shared with the plain
+//!    kernel) gives `dq`, `xk = Σ dz_n x_n` and `xv = Σ a_n x_n`, plus the `pk`, `pv` and
 //!    bias gradients in vector lanes; then `dWq += DQ·X_cᵀ`, `dWk += Q·XKᵀ`,
 //!    `dWv += G_u·XVᵀ` are GEMMs again.
 //!
@@ -37,95 +37,12 @@ use rayon::prelude::*;
 
 use nca_api::{FlatLayout, ModelConfig, Param, NEIGHBOURS};
 
-use crate::gemm::{self, Epilogue, Start, Vector};
+use crate::attention::{self, GradLanes, Neighbourhood, Taps};
+use crate::gemm::{self, Epilogue, Start};
 use crate::kernel::{Geometry, Mode, MAX_DIM};
-use crate::simd::{softmax_in_place, MulAdd, Separate, F8, LANES};
-#[cfg(target_arch = "x86_64")]
-use crate::simd::{Fused, F16};
-
-/// Which instructions the dense path is compiled for, chosen once per run.
-// Elsewhere than x86-64 (aarch64, the browser's wasm32) only `Base` is ever detected.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
-    /// Baseline x86-64 (or another architecture): separate multiply and add, [`F8`].
-    Base,
-    /// AVX2 + FMA: fused multiply-add, [`F8`] vectors.
-    Avx2,
-    /// AVX-512: fused multiply-add, [`F16`] vectors in the matrix products.
-    Avx512,
-}
-
-impl Isa {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 =
-                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-            let avx512 = std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512vl");
-            if avx2 && avx512 {
-                return Isa::Avx512;
-            }
-            if avx2 {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Base
-    }
-}
-
-/// Calls `$f::<D>` (baseline), `$f_fma::<D>` (AVX2 + FMA) or `$f_512::<D>` (AVX-512) as
-/// `$isa` says, with D a compile-time constant for the default width 16 (0 = run-time).
-/// Every specialisation is another full copy of the chunk body for the compiler to
-/// optimise; see `specialise!` in `kernel.rs` for why there are no more.
-macro_rules! dispatch {
-    ($isa:expr, $d:expr, $f:ident, $f_fma:ident, $f_512:ident, ($($arg:expr),*)) => {{
-        let d: usize = $d;
-        match $isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::detect` checked that the CPU supports AVX-512, AVX2 and FMA.
-            Isa::Avx512 => unsafe {
-                match d {
-                    16 => $f_512::<16>($($arg),*),
-                    _ => $f_512::<0>($($arg),*),
-                }
-            },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::detect` checked that the CPU supports AVX2 and FMA.
-            Isa::Avx2 => unsafe {
-                match d {
-                    16 => $f_fma::<16>($($arg),*),
-                    _ => $f_fma::<0>($($arg),*),
-                }
-            },
-            _ => match d {
-                16 => $f::<16>($($arg),*),
-                _ => $f::<0>($($arg),*),
-            },
-        }
-    }};
-}
-
-/// Declares `$name` (baseline), `$name_fma` (AVX2 + FMA) and `$name_512` (AVX-512)
-/// around one inlined body.
-macro_rules! triplet {
-    ($name:ident, $name_fma:ident, $name_512:ident, $body:ident, ($($p:ident: $t:ty),*)) => {
-        fn $name<const D: usize>($($p: $t),*) {
-            $body::<D, Separate, F8>($($p),*)
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn $name_fma<const D: usize>($($p: $t),*) {
-            $body::<D, Fused, F8>($($p),*)
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-        unsafe fn $name_512<const D: usize>($($p: $t),*) {
-            $body::<D, Fused, F16>($($p),*)
-        }
-    };
-}
+#[cfg(doc)]
+use crate::simd::F16;
+use crate::simd::{self, Kernel, MulAdd, Vector, F8, LANES};
 
 /// Target number of cells in a chunk: large enough for efficient GEMMs, small enough
 /// that a chunk's matrices (about 1.7 KB per cell for the default model) stay in L2.
@@ -307,7 +224,6 @@ struct Ctx<'a> {
     bqkv: &'a [f32],
     target: &'a [f32],
     mode: Mode,
-    isa: Isa,
 }
 
 impl DenseWorkspace {
@@ -376,7 +292,6 @@ impl DenseWorkspace {
             self.attention
                 .resize(geo.b * geo.h * NEIGHBOURS * geo.wr, 0.0);
         }
-        let isa = Isa::detect();
         let nd = NEIGHBOURS * l.d;
         let ctx = Ctx {
             w,
@@ -391,7 +306,6 @@ impl DenseWorkspace {
             bqkv: &derived[2 * nd + 3 * l.d * l.x..],
             target,
             mode,
-            isa,
         };
         let scratch = &self.scratch;
         let plen = l.partial_len();
@@ -403,7 +317,14 @@ impl DenseWorkspace {
             let mut s = scratch[idx]
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            unit_pass(&ctx, &mut s, unit, o, a, p);
+            simd::run(UnitPass {
+                ctx: &ctx,
+                s: &mut s,
+                unit,
+                out: o,
+                att: a,
+                partial: p,
+            });
         };
         let out_items = self.out.par_chunks_mut(geo.h * l.c * geo.wr);
         let part_items = self.partials.par_chunks_mut(per_item * plen);
@@ -454,78 +375,78 @@ impl DenseWorkspace {
     }
 }
 
-triplet!(unit_pass_base, unit_pass_fma, unit_pass_512, unit_body,
-    (ctx: &Ctx<'_>, s: &mut Scratch, unit: usize, out: &mut [f32], att: &mut [f32], partial: &mut [f32]));
-
 /// One unit: its chunks in order, then the lane sums into the unit's gradient vector.
-fn unit_pass(
-    ctx: &Ctx<'_>,
-    s: &mut Scratch,
+struct UnitPass<'a, 'c> {
+    ctx: &'a Ctx<'c>,
+    s: &'a mut Scratch,
     unit: usize,
-    out: &mut [f32],
-    att: &mut [f32],
-    partial: &mut [f32],
-) {
-    dispatch!(
-        ctx.isa,
-        ctx.l.d,
-        unit_pass_base,
-        unit_pass_fma,
-        unit_pass_512,
-        (ctx, s, unit, out, att, partial)
-    )
+    out: &'a mut [f32],
+    att: &'a mut [f32],
+    partial: &'a mut [f32],
 }
 
-#[inline(always)]
-fn unit_body<const D: usize, A: MulAdd, V: Vector>(
-    ctx: &Ctx<'_>,
-    s: &mut Scratch,
-    unit: usize,
-    out: &mut [f32],
-    att: &mut [f32],
-    partial: &mut [f32],
-) {
-    let (l, geo) = (ctx.l, ctx.geo);
-    let bi = unit / geo.units_per_item;
-    let y0 = (unit % geo.units_per_item) * geo.unit_rows;
-    let rows = out.len() / (l.c * geo.wr);
-    partial.fill(0.0);
-    s.lanes.fill(F8::ZERO);
-    let mut r0 = 0;
-    while r0 < rows {
-        let n = ctx.chunk_rows.min(rows - r0);
-        let o = &mut out[r0 * l.c * geo.wr..(r0 + n) * l.c * geo.wr];
-        let a = if att.is_empty() {
-            &mut [][..]
-        } else {
-            &mut att[r0 * NEIGHBOURS * geo.wr..(r0 + n) * NEIGHBOURS * geo.wr]
-        };
-        chunk_body::<D, A, V>(ctx, s, bi, y0 + r0, n, o, a, partial);
-        r0 += n;
-    }
-    if ctx.mode != Mode::Train {
-        return;
-    }
-    let d = l.d;
-    let nd = NEIGHBOURS * d;
-    let lanes = &s.lanes;
-    let sum = |i: usize| lanes[i].sum();
-    for dd in 0..d {
-        partial[l.bq + dd] += sum(dd);
-        partial[l.bk + dd] += sum(d + dd);
-        partial[l.bv + dd] += sum(2 * d + dd);
-    }
-    if let Some((pk, pv)) = l.pkv {
-        for i in 0..nd {
-            partial[pk + i] += sum(3 * d + i);
-            partial[pv + i] += sum(3 * d + nd + i);
+impl Kernel for UnitPass<'_, '_> {
+    const WIDE: bool = true;
+    type Output = ();
+    /// With D a compile-time constant for the default width 16 (0 = run-time); every
+    /// specialisation is another full copy of the chunk body for the compiler to
+    /// optimise; see `by_shape!` in `kernel.rs` for why there are no more.
+    #[inline(always)]
+    fn body<A: MulAdd, V: Vector>(self) {
+        match self.ctx.l.d {
+            16 => self.chunks::<16, A, V>(),
+            _ => self.chunks::<0, A, V>(),
         }
     }
-    let bo_at = 3 * d + 2 * nd;
-    for ch in 0..l.c {
-        partial[l.bo + ch] += sum(bo_at + ch);
+}
+
+impl UnitPass<'_, '_> {
+    #[inline(always)]
+    fn chunks<const D: usize, A: MulAdd, V: Vector>(self) {
+        let (ctx, s, unit) = (self.ctx, self.s, self.unit);
+        let (out, att, partial) = (self.out, self.att, self.partial);
+        let (l, geo) = (ctx.l, ctx.geo);
+        let bi = unit / geo.units_per_item;
+        let y0 = (unit % geo.units_per_item) * geo.unit_rows;
+        let rows = out.len() / (l.c * geo.wr);
+        partial.fill(0.0);
+        s.lanes.fill(F8::ZERO);
+        let mut r0 = 0;
+        while r0 < rows {
+            let n = ctx.chunk_rows.min(rows - r0);
+            let o = &mut out[r0 * l.c * geo.wr..(r0 + n) * l.c * geo.wr];
+            let a = if att.is_empty() {
+                &mut [][..]
+            } else {
+                &mut att[r0 * NEIGHBOURS * geo.wr..(r0 + n) * NEIGHBOURS * geo.wr]
+            };
+            chunk_body::<D, A, V>(ctx, s, bi, y0 + r0, n, o, a, partial);
+            r0 += n;
+        }
+        if ctx.mode != Mode::Train {
+            return;
+        }
+        let d = l.d;
+        let nd = NEIGHBOURS * d;
+        let lanes = &s.lanes;
+        let sum = |i: usize| lanes[i].sum();
+        for dd in 0..d {
+            partial[l.bq + dd] += sum(dd);
+            partial[l.bk + dd] += sum(d + dd);
+            partial[l.bv + dd] += sum(2 * d + dd);
+        }
+        if let Some((pk, pv)) = l.pkv {
+            for i in 0..nd {
+                partial[pk + i] += sum(3 * d + i);
+                partial[pv + i] += sum(3 * d + nd + i);
+            }
+        }
+        let bo_at = 3 * d + 2 * nd;
+        for ch in 0..l.c {
+            partial[l.bo + ch] += sum(bo_at + ch);
+        }
+        partial[l.params] += sum(bo_at + l.c);
     }
-    partial[l.params] += sum(bo_at + l.c);
 }
 
 /// Padded cells of a chunk of `rows` rows: the rows and their halo, rounded up to whole
@@ -753,20 +674,6 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
     }
 
     // 5. Attention backward per cell, then the projection gradients.
-    let view = Chunk {
-        qkv: &s.qkv[..3 * d * np],
-        xp,
-        np,
-        nc,
-        wp,
-        wr,
-        wd,
-        rows,
-        d,
-        x,
-        pk: ctx.pk,
-        pv: ctx.pv,
-    };
     attend_back_body::<D, A>(
         &view,
         &s.att,
@@ -816,10 +723,39 @@ fn width<const N: usize>(runtime: usize) -> usize {
     }
 }
 
-/// Start, in padded-cell units, of neighbour `n` of the block at chunk row `r`, `x0`.
+/// Start, in padded-cell units, of each neighbour of the block at chunk row `r`, `x0`.
 #[inline(always)]
-fn neighbour_at(v: &Chunk<'_>, r: usize, x0: usize, n: usize) -> usize {
-    (r + n / 3) * v.wp + x0 + n % 3
+fn neighbours_at(v: &Chunk<'_>, r: usize, x0: usize) -> [usize; NEIGHBOURS] {
+    std::array::from_fn(|n| (r + n / 3) * v.wp + x0 + n % 3)
+}
+
+impl<'a> Chunk<'a> {
+    /// The keys and values of the block whose neighbours start at `at`.
+    #[inline(always)]
+    fn neighbourhood(&self, d: usize, at: [usize; NEIGHBOURS]) -> Neighbourhood<'a> {
+        let (np, qkv) = (self.np, self.qkv);
+        let taps = |first: usize| Taps {
+            buf: qkv,
+            at: at.map(|i| i + first * np),
+            stride: np,
+        };
+        Neighbourhood {
+            keys: taps(d),
+            values: taps(2 * d),
+            pk: self.pk,
+            pv: self.pv,
+        }
+    }
+
+    /// The inputs of the block whose neighbours start at `at`.
+    #[inline(always)]
+    fn inputs(&self, at: [usize; NEIGHBOURS]) -> Taps<'a> {
+        Taps {
+            buf: self.xp,
+            at,
+            stride: self.np,
+        }
+    }
 }
 
 /// Forward attention of every cell of the chunk: writes `U` and `X_c` into `ux`, the
@@ -833,15 +769,10 @@ fn attend_body<const D: usize, A: MulAdd>(
 ) {
     let d = width::<D>(v.d);
     let (np, nc) = (v.np, v.nc);
-    let scale = F8::splat(1.0 / (d as f32).sqrt());
-    let (kq, vq) = (d * np, 2 * d * np);
     for r in 0..v.rows {
         for x0 in (0..v.wd).step_by(LANES) {
             let cell = r * v.wr + x0;
-            let mut at = [0usize; NEIGHBOURS];
-            for n in 0..NEIGHBOURS {
-                at[n] = neighbour_at(v, r, x0, n);
-            }
+            let at = neighbours_at(v, r, x0);
             let centre = at[NEIGHBOURS / 2];
             let mut q = [F8::ZERO; MAX_DIM];
             for dd in 0..d {
@@ -849,27 +780,13 @@ fn attend_body<const D: usize, A: MulAdd>(
                 q[dd].store(qc, dd * nc + cell);
             }
             let mut a = [F8::ZERO; NEIGHBOURS];
-            let mut max = F8::splat(f32::NEG_INFINITY);
-            for n in 0..NEIGHBOURS {
-                let mut z = F8::ZERO;
-                for dd in 0..d {
-                    let k = F8::load(v.qkv, kq + dd * np + at[n]) + F8::splat(v.pk[n * d + dd]);
-                    z = A::madd(q[dd], k, z);
-                }
-                a[n] = z * scale;
-                max = max.max(a[n]);
-            }
-            softmax_in_place(&mut a, max);
+            let mut u = [F8::ZERO; MAX_DIM];
+            attention::forward::<A>(d, &q, &v.neighbourhood(d, at), &mut a, &mut u);
             for n in 0..NEIGHBOURS {
                 a[n].store(att, n * nc + cell);
             }
             for dd in 0..d {
-                let mut u = F8::ZERO;
-                for n in 0..NEIGHBOURS {
-                    let val = F8::load(v.qkv, vq + dd * np + at[n]) + F8::splat(v.pv[n * d + dd]);
-                    u = A::madd(a[n], val, u);
-                }
-                u.store(ux, dd * nc + cell);
+                u[dd].store(ux, dd * nc + cell);
             }
             for j in 0..v.x {
                 F8::load(v.xp, j * np + centre).store(ux, (d + j) * nc + cell);
@@ -892,18 +809,19 @@ fn attend_back_body<const D: usize, A: MulAdd>(
     lanes: &mut [F8],
 ) {
     let d = width::<D>(v.d);
-    let (np, nc) = (v.np, v.nc);
-    let scale = F8::splat(1.0 / (d as f32).sqrt());
-    let (kq, vq) = (d * np, 2 * d * np);
+    let nc = v.nc;
     let nd = NEIGHBOURS * d;
-    let (lbq, lbk, lbv, lpk, lpv) = (0, d, 2 * d, 3 * d, 3 * d + nd);
+    let grads = GradLanes {
+        bq: 0,
+        bk: d,
+        bv: 2 * d,
+        pk: 3 * d,
+        pv: 3 * d + nd,
+    };
     for r in 0..v.rows {
         for x0 in (0..v.wd).step_by(LANES) {
             let cell = r * v.wr + x0;
-            let mut at = [0usize; NEIGHBOURS];
-            for n in 0..NEIGHBOURS {
-                at[n] = neighbour_at(v, r, x0, n);
-            }
+            let at = neighbours_at(v, r, x0);
             let mut q = [F8::ZERO; MAX_DIM];
             let mut g = [F8::ZERO; MAX_DIM];
             for dd in 0..d {
@@ -911,49 +829,20 @@ fn attend_back_body<const D: usize, A: MulAdd>(
                 g[dd] = F8::load(gu, dd * nc + cell);
             }
             let mut a = [F8::ZERO; NEIGHBOURS];
-            let mut da = [F8::ZERO; NEIGHBOURS];
-            let mut mean = F8::ZERO;
             for n in 0..NEIGHBOURS {
                 a[n] = F8::load(att, n * nc + cell);
-                let mut s = F8::ZERO;
-                for dd in 0..d {
-                    let val = F8::load(v.qkv, vq + dd * np + at[n]) + F8::splat(v.pv[n * d + dd]);
-                    s = A::madd(g[dd], val, s);
-                }
-                da[n] = s;
-                mean = A::madd(a[n], s, mean);
             }
+            let nb = v.neighbourhood(d, at);
             let mut dz = [F8::ZERO; NEIGHBOURS];
-            let mut dz_sum = F8::ZERO;
-            for n in 0..NEIGHBOURS {
-                dz[n] = a[n] * (da[n] - mean) * scale;
-                dz_sum = dz_sum + dz[n];
-            }
+            let mut dqv = [F8::ZERO; MAX_DIM];
+            attention::backward::<A>(d, &q, &g, &a, &nb, grads, lanes, &mut dz, &mut dqv);
             for dd in 0..d {
-                let mut dqv = F8::ZERO;
-                for n in 0..NEIGHBOURS {
-                    let k = F8::load(v.qkv, kq + dd * np + at[n]) + F8::splat(v.pk[n * d + dd]);
-                    dqv = A::madd(dz[n], k, dqv);
-                    let (ik, iv) = (lpk + n * d + dd, lpv + n * d + dd);
-                    lanes[ik] = A::madd(dz[n], q[dd], lanes[ik]);
-                    lanes[iv] = A::madd(a[n], g[dd], lanes[iv]);
-                }
-                dqv.store(dq, dd * nc + cell);
-                lanes[lbq + dd] = lanes[lbq + dd] + dqv;
-                lanes[lbk + dd] = A::madd(dz_sum, q[dd], lanes[lbk + dd]);
-                lanes[lbv + dd] = lanes[lbv + dd] + g[dd];
+                dqv[dd].store(dq, dd * nc + cell);
             }
-            for j in 0..v.x {
-                let mut sk = F8::ZERO;
-                let mut sv = F8::ZERO;
-                for n in 0..NEIGHBOURS {
-                    let xn = F8::load(v.xp, j * np + at[n]);
-                    sk = A::madd(dz[n], xn, sk);
-                    sv = A::madd(a[n], xn, sv);
-                }
+            attention::input_sums::<A>(v.x, &v.inputs(at), &dz, &a, |j, sk, sv| {
                 sk.store(xk, j * nc + cell);
                 sv.store(xv, j * nc + cell);
-            }
+            });
         }
     }
 }

@@ -1,116 +1,23 @@
 //! Small register-blocked matrix products over feature-major matrices (one row per
-//! feature, cells contiguous), written with [`F8`] so they compile into whatever the
-//! calling kernel was compiled for (AVX2 + FMA or the baseline).
+//! feature, cells contiguous), written once over the lane width ([`Vector`]: [`F8`] or,
+//! on AVX-512 CPUs, [`F16`]) and inlined into the calling kernel, so they compile into
+//! whatever it was compiled for (AVX-512, AVX2 + FMA or the baseline).
 //!
 //! They need no packing and allocate nothing: the cell dimension is always a whole number
-//! of eight-lane vectors, and the other dimensions are small (≤ a few hundred), so the
+//! of vectors, and the other dimensions are small (≤ a few hundred), so the
 //! operands of a tile stay in L1/L2. Each output element is computed by one fixed
 //! sequence of operations, so results do not depend on threads.
 
 // Tiles are indexed by compile-time sizes: index loops are what unrolls.
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
-use crate::simd::{MulAdd, F16, F8};
-
-/// A vector of `f32` lanes the products are written in: [`F8`] (AVX2) or [`F16`]
-/// (AVX-512). Every lane-wise loop below compiles to one instruction per vector.
-pub trait Vector: Copy {
-    /// Number of lanes.
-    const LANES: usize;
-    /// All lanes zero.
-    const ZERO: Self;
-    /// All lanes `x`.
-    fn splat(x: f32) -> Self;
-    /// The lanes starting at `src[at]`.
-    fn load(src: &[f32], at: usize) -> Self;
-    /// Writes the lanes to `dst[at..]`.
-    fn store(self, dst: &mut [f32], at: usize);
-    /// `a·b + c`, fused or not as `A` says.
-    fn madd<A: MulAdd>(a: Self, b: Self, c: Self) -> Self;
-    /// Lane-wise sum.
-    fn add(self, o: Self) -> Self;
-    /// `max(0, ·)`.
-    fn relu(self) -> Self;
-    /// Lanes of `self` where `mask` is positive, zero elsewhere.
-    fn keep_where_positive(self, mask: Self) -> Self;
-    /// Sum of the lanes, in a fixed order.
-    fn sum(self) -> f32;
-}
-
-macro_rules! vector {
-    ($t:ident, $n:literal) => {
-        impl Vector for $t {
-            const LANES: usize = $n;
-            const ZERO: Self = $t([0.0; $n]);
-            #[inline(always)]
-            fn splat(x: f32) -> Self {
-                $t([x; $n])
-            }
-            #[inline(always)]
-            fn load(src: &[f32], at: usize) -> Self {
-                let mut v = [0.0; $n];
-                v.copy_from_slice(&src[at..at + $n]);
-                $t(v)
-            }
-            #[inline(always)]
-            fn store(self, dst: &mut [f32], at: usize) {
-                dst[at..at + $n].copy_from_slice(&self.0);
-            }
-            #[inline(always)]
-            fn madd<A: MulAdd>(a: Self, b: Self, c: Self) -> Self {
-                let mut r = c.0;
-                for i in 0..$n {
-                    r[i] = A::scalar(a.0[i], b.0[i], r[i]);
-                }
-                $t(r)
-            }
-            #[inline(always)]
-            fn add(self, o: Self) -> Self {
-                let mut r = self.0;
-                for i in 0..$n {
-                    r[i] += o.0[i];
-                }
-                $t(r)
-            }
-            #[inline(always)]
-            fn relu(self) -> Self {
-                let mut r = self.0;
-                for a in &mut r {
-                    *a = a.max(0.0);
-                }
-                $t(r)
-            }
-            #[inline(always)]
-            fn keep_where_positive(self, mask: Self) -> Self {
-                let mut r = self.0;
-                for (a, m) in r.iter_mut().zip(mask.0) {
-                    let keep = u32::from(m > 0.0).wrapping_neg();
-                    *a = f32::from_bits(a.to_bits() & keep);
-                }
-                $t(r)
-            }
-            #[inline(always)]
-            fn sum(self) -> f32 {
-                // Pairwise halves: a fixed order, whatever the width.
-                let mut v = self.0;
-                let mut n = $n;
-                while n > 1 {
-                    n /= 2;
-                    for i in 0..n {
-                        v[i] += v[i + n];
-                    }
-                }
-                v[0]
-            }
-        }
-    };
-}
-vector!(F8, 8);
-vector!(F16, 16);
+use crate::simd::{MulAdd, Vector};
+#[cfg(doc)]
+use crate::simd::{F16, F8};
 
 /// Output rows per tile.
 const MR: usize = 4;
-/// Eight-cell vectors per tile of [`project`]; three reduction columns per tile of
+/// Vectors of cells per tile of [`project`]; three reduction columns per tile of
 /// [`reduce`].
 const NV: usize = 3;
 
@@ -159,7 +66,7 @@ macro_rules! for_tile_shape {
 
 /// `out[i][c] = start + Σ_k w(i, k) · b[k][c]` for `i < m`, `c < n`, with
 /// `w(i, k) = w[i·rsw + k·csw]`, rows of `b` `ldb` apart and rows of `out` `ldo` apart;
-/// `n` is a multiple of eight.
+/// `n` is a multiple of `V::LANES`.
 #[inline(always)]
 pub fn project<V: Vector, A: MulAdd>(
     (m, k, n): (usize, usize, usize),
@@ -241,7 +148,7 @@ fn project_tile<const R: usize, const NV_: usize, V: Vector, A: MulAdd>(
 
 /// `out(i, j) += Σ_c a[i][c] · b[j][c]` for `i < m`, `j < n`, `c < cells`, with
 /// `out(i, j) = out[i·rso + j·cso]`, rows of `a` `lda` apart and of `b` `ldb` apart;
-/// `cells` is a multiple of eight. Lanes are summed in a fixed order.
+/// `cells` is a multiple of `V::LANES`. Lanes are summed in a fixed order.
 #[inline(always)]
 pub fn reduce<V: Vector, A: MulAdd>(
     (m, n, cells): (usize, usize, usize),
@@ -315,7 +222,7 @@ pub fn row_sums<V: Vector>(m: usize, cells: usize, a: &[f32], lda: usize, out: &
     for i in 0..m {
         let mut acc = V::ZERO;
         for c in (0..cells).step_by(V::LANES) {
-            acc = acc.add(V::load(a, i * lda + c));
+            acc = acc + V::load(a, i * lda + c);
         }
         out[i] += acc.sum();
     }
@@ -324,7 +231,7 @@ pub fn row_sums<V: Vector>(m: usize, cells: usize, a: &[f32], lda: usize, out: &
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::simd::Separate;
+    use crate::simd::{Separate, F16, F8};
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
         (0..len)

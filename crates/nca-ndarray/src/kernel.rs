@@ -9,11 +9,9 @@
 //! recomputes the query, scores, softmax and weighted sum in registers and, when
 //! training, continues straight into the backward pass.
 //!
-//! Backward, for one cell with neighbours n (s = 1/√D; k̃, ṽ include `pk`, `pv`):
-//! `g_f = 2(next − target)/N` on visible channels, `g_u = woᵀ g_f`,
-//! `dz_n = a_n (g_u·ṽ_n − Σ_m a_m g_u·ṽ_m)`, `dq = s Σ_n dz_n k̃_n`,
-//! `dWk += s q ⊗ Σ_n dz_n s_n`, `dWv += g_u ⊗ Σ_n a_n s_n`, `dpk_n += s dz_n q`,
-//! `dpv_n += a_n g_u`, `dbk += s q Σ_n dz_n` (zero up to rounding), `dbv += g_u`.
+//! Backward: the loss gives `g_f = 2(next − target)/N` on visible channels and
+//! `g_u = woᵀ g_f`; the attention backward ([`crate::attention`], shared with the
+//! picture model) gives everything else, with the block's own state as the inputs `x_n`.
 //!
 //! Determinism. Work is split into units of whole rows whose size depends only on the
 //! grid shape; each unit accumulates its own gradient lanes and units are summed in
@@ -26,9 +24,8 @@ use rayon::prelude::*;
 
 use nca_api::{FlatLayout, ModelConfig, Param, NEIGHBOURS};
 
-#[cfg(target_arch = "x86_64")]
-use crate::simd::Fused;
-use crate::simd::{softmax_in_place, MulAdd, Separate, F8, LANES};
+use crate::attention::{self, GradLanes, Neighbourhood, Taps};
+use crate::simd::{self, Kernel, MulAdd, Vector, F8, LANES};
 
 /// Largest `attention_dim` the backend supports (its per-block scratch is sized for it).
 pub const MAX_DIM: usize = 64;
@@ -223,13 +220,16 @@ impl Workspace {
             .zip(self.v_pad.par_chunks_mut(l.d * wp))
             .enumerate()
             .for_each(|(row, ((s, k), v))| {
-                specialise!(
-                    l.c,
-                    l.d,
-                    prepare_row,
-                    prepare_row_fma,
-                    (w, l, geo, state, row, s, k, v)
-                )
+                simd::run(PrepareRow {
+                    w,
+                    l,
+                    geo,
+                    state,
+                    row,
+                    s,
+                    k,
+                    v,
+                })
             });
     }
 
@@ -263,14 +263,15 @@ impl Workspace {
         let out_unit = geo.unit_rows * l.c * geo.wr;
         let att_unit = geo.unit_rows * NEIGHBOURS * geo.wr;
         let per_item = geo.units_per_item;
-        let run = |unit: usize, o: &mut [f32], a: &mut [f32], p: &mut [F8]| {
-            specialise!(
-                l.c,
-                l.d,
-                unit_pass,
-                unit_pass_fma,
-                (&ctx, mode, unit, o, a, p)
-            )
+        let run = |unit: usize, out: &mut [f32], att: &mut [f32], acc: &mut [F8]| {
+            simd::run(UnitPass {
+                ctx: &ctx,
+                mode,
+                unit,
+                out,
+                att,
+                acc,
+            })
         };
         // Units never straddle batch items, so split each item's rows separately.
         let out_items = self.out.par_chunks_mut(geo.h * l.c * geo.wr);
@@ -360,10 +361,9 @@ pub fn row_planar_target(target: &[f32], v: usize, geo: Geometry) -> Vec<f32> {
     out
 }
 
-/// Calls `$f::<C, D, Separate>(args)` with the channel count and attention width as
+/// Calls `$recv.$f::<C, D, A>()` with the channel count and attention width as
 /// compile-time constants for the common shapes (0 = known only at run time) so the
-/// per-block loops unroll; on x86-64 CPUs with AVX2 and FMA it calls `$f_fma`, the same
-/// body compiled for them. Binaries stay portable: no `-C target-cpu=native` is needed.
+/// per-block loops unroll.
 ///
 /// Only the default shape (C = 3, D = 16) and D = 16 with any C are specialised: each
 /// specialisation is one more optimised copy of the kernel per instruction set, and the
@@ -371,44 +371,12 @@ pub fn row_planar_target(target: &[f32], v: usize, geo: Geometry) -> Vec<f32> {
 /// of this crate's build time (344 s → 205 s for this crate in one cold `cargo build -p
 /// nca-cli` each, same load) for shapes no example uses; those run the run-time-shape
 /// path: the same arithmetic with run-time loop bounds.
-macro_rules! specialise {
-    ($c:expr, $d:expr, $f:ident, $f_fma:ident, ($($arg:expr),*)) => {{
-        let (c, d): (usize, usize) = ($c, $d);
-        #[cfg(target_arch = "x86_64")]
-        let fast = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-        #[cfg(not(target_arch = "x86_64"))]
-        let fast = false;
-        if fast {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the CPU was just checked to support AVX2 and FMA.
-            unsafe {
-                match (c, d) {
-                    (3, 16) => $f_fma::<3, 16>($($arg),*),
-                    (_, 16) => $f_fma::<0, 16>($($arg),*),
-                    _ => $f_fma::<0, 0>($($arg),*),
-                }
-            }
-        } else {
-            match (c, d) {
-                (3, 16) => $f::<3, 16>($($arg),*),
-                (_, 16) => $f::<0, 16>($($arg),*),
-                _ => $f::<0, 0>($($arg),*),
-            }
-        }
-    }};
-}
-use specialise;
-
-/// Declares `$name` (baseline) and `$name_fma` (AVX2 + FMA) around one inlined body.
-macro_rules! twin {
-    ($name:ident, $name_fma:ident, $body:ident, ($($p:ident: $t:ty),*)) => {
-        fn $name<const C: usize, const D: usize>($($p: $t),*) {
-            $body::<C, D, Separate>($($p),*)
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn $name_fma<const C: usize, const D: usize>($($p: $t),*) {
-            $body::<C, D, Fused>($($p),*)
+macro_rules! by_shape {
+    ($c:expr, $d:expr, $recv:ident.$f:ident::<$a:ident>()) => {
+        match ($c, $d) {
+            (3, 16) => $recv.$f::<3, 16, $a>(),
+            (_, 16) => $recv.$f::<0, 16, $a>(),
+            _ => $recv.$f::<0, 0, $a>(),
         }
     };
 }
@@ -423,73 +391,102 @@ fn shape<const N: usize>(runtime: usize) -> usize {
     }
 }
 
-twin!(prepare_row, prepare_row_fma, prepare_row_body,
-    (w: &[f32], l: Layout, geo: Geometry, state: &[f32], row: usize, s: &mut [f32], k: &mut [f32], v: &mut [f32]));
-
-#[inline(always)]
-fn prepare_row_body<const C: usize, const D: usize, A: MulAdd>(
-    w: &[f32],
+/// One padded row of the state, key and value buffers.
+struct PrepareRow<'a> {
+    w: &'a [f32],
     l: Layout,
     geo: Geometry,
-    state: &[f32],
+    state: &'a [f32],
     row: usize,
-    s: &mut [f32],
-    k: &mut [f32],
-    v: &mut [f32],
-) {
-    let (c, d) = (shape::<C>(l.c), shape::<D>(l.d));
-    let (h, wd, wp) = (geo.h, geo.w, geo.wp);
-    let (bi, yp) = (row / (h + 2), row % (h + 2));
-    s.fill(0.0);
-    if yp != 0 && yp != h + 1 {
-        for ch in 0..c {
-            let from = ((bi * c + ch) * h + yp - 1) * wd;
-            s[ch * wp + 1..ch * wp + 1 + wd].copy_from_slice(&state[from..from + wd]);
-        }
+    s: &'a mut [f32],
+    k: &'a mut [f32],
+    v: &'a mut [f32],
+}
+
+impl Kernel for PrepareRow<'_> {
+    const WIDE: bool = false;
+    type Output = ();
+    #[inline(always)]
+    fn body<A: MulAdd, V: Vector>(self) {
+        by_shape!(self.l.c, self.l.d, self.fill::<A>())
     }
-    // Border cells have state 0, so the same loop leaves exactly the bias there.
-    for dd in 0..d {
-        let (kr, vr) = (&mut k[dd * wp..dd * wp + wp], &mut v[dd * wp..dd * wp + wp]);
-        kr.fill(w[l.bk + dd]);
-        vr.fill(w[l.bv + dd]);
-        for ch in 0..c {
-            let (wk, wv) = (w[l.wk + dd * c + ch], w[l.wv + dd * c + ch]);
-            let sr = &s[ch * wp..ch * wp + wp];
-            for x in 0..wp {
-                kr[x] += wk * sr[x];
-                vr[x] += wv * sr[x];
+}
+
+impl PrepareRow<'_> {
+    #[inline(always)]
+    fn fill<const C: usize, const D: usize, A: MulAdd>(self) {
+        let (w, l, geo, state, row) = (self.w, self.l, self.geo, self.state, self.row);
+        let (s, k, v) = (self.s, self.k, self.v);
+        let (c, d) = (shape::<C>(l.c), shape::<D>(l.d));
+        let (h, wd, wp) = (geo.h, geo.w, geo.wp);
+        let (bi, yp) = (row / (h + 2), row % (h + 2));
+        s.fill(0.0);
+        if yp != 0 && yp != h + 1 {
+            for ch in 0..c {
+                let from = ((bi * c + ch) * h + yp - 1) * wd;
+                s[ch * wp + 1..ch * wp + 1 + wd].copy_from_slice(&state[from..from + wd]);
+            }
+        }
+        // Border cells have state 0, so the same loop leaves exactly the bias there.
+        for dd in 0..d {
+            let (kr, vr) = (&mut k[dd * wp..dd * wp + wp], &mut v[dd * wp..dd * wp + wp]);
+            kr.fill(w[l.bk + dd]);
+            vr.fill(w[l.bv + dd]);
+            for ch in 0..c {
+                let (wk, wv) = (w[l.wk + dd * c + ch], w[l.wv + dd * c + ch]);
+                let sr = &s[ch * wp..ch * wp + wp];
+                for x in 0..wp {
+                    kr[x] += wk * sr[x];
+                    vr[x] += wv * sr[x];
+                }
             }
         }
     }
 }
 
-twin!(unit_pass, unit_pass_fma, unit_body,
-    (ctx: &Ctx<'_>, mode: Mode, unit: usize, out: &mut [f32], att: &mut [f32], acc: &mut [F8]));
-
-#[inline(always)]
-fn unit_body<const C: usize, const D: usize, A: MulAdd>(
-    ctx: &Ctx<'_>,
+/// One work unit of the cell pass.
+struct UnitPass<'a, 'c> {
+    ctx: &'a Ctx<'c>,
     mode: Mode,
     unit: usize,
-    out: &mut [f32],
-    att: &mut [f32],
-    acc: &mut [F8],
-) {
-    let (c, d) = (shape::<C>(ctx.l.c), shape::<D>(ctx.l.d));
-    let geo = ctx.geo;
-    let bi = unit / geo.units_per_item;
-    let y0 = (unit % geo.units_per_item) * geo.unit_rows;
-    let rows = out.len() / (c * geo.wr);
-    acc.fill(F8::ZERO);
-    for y in y0..y0 + rows {
-        let out_row = &mut out[(y - y0) * c * geo.wr..(y - y0 + 1) * c * geo.wr];
-        for x0 in (0..geo.w).step_by(LANES) {
-            let att_row = if att.is_empty() {
-                None
-            } else {
-                Some(&mut att[(y - y0) * NEIGHBOURS * geo.wr..(y - y0 + 1) * NEIGHBOURS * geo.wr])
-            };
-            block::<A>(c, d, ctx, mode, bi, y, x0, out_row, att_row, acc);
+    out: &'a mut [f32],
+    att: &'a mut [f32],
+    acc: &'a mut [F8],
+}
+
+impl Kernel for UnitPass<'_, '_> {
+    const WIDE: bool = false;
+    type Output = ();
+    #[inline(always)]
+    fn body<A: MulAdd, V: Vector>(self) {
+        by_shape!(self.ctx.l.c, self.ctx.l.d, self.cells::<A>())
+    }
+}
+
+impl UnitPass<'_, '_> {
+    #[inline(always)]
+    fn cells<const C: usize, const D: usize, A: MulAdd>(self) {
+        let (ctx, mode, unit) = (self.ctx, self.mode, self.unit);
+        let (out, att, acc) = (self.out, self.att, self.acc);
+        let (c, d) = (shape::<C>(ctx.l.c), shape::<D>(ctx.l.d));
+        let geo = ctx.geo;
+        let bi = unit / geo.units_per_item;
+        let y0 = (unit % geo.units_per_item) * geo.unit_rows;
+        let rows = out.len() / (c * geo.wr);
+        acc.fill(F8::ZERO);
+        for y in y0..y0 + rows {
+            let out_row = &mut out[(y - y0) * c * geo.wr..(y - y0 + 1) * c * geo.wr];
+            for x0 in (0..geo.w).step_by(LANES) {
+                let att_row = if att.is_empty() {
+                    None
+                } else {
+                    Some(
+                        &mut att
+                            [(y - y0) * NEIGHBOURS * geo.wr..(y - y0 + 1) * NEIGHBOURS * geo.wr],
+                    )
+                };
+                block::<A>(c, d, ctx, mode, bi, y, x0, out_row, att_row, acc);
+            }
         }
     }
 }
@@ -511,7 +508,6 @@ fn block<A: MulAdd>(
 ) {
     let (w, l, geo) = (ctx.w, ctx.l, ctx.geo);
     let (wp, wr) = (geo.wp, geo.wr);
-    let scale = 1.0 / (d as f32).sqrt();
     // Start of each neighbour's lanes in channel 0 of the padded buffers.
     let mut s_at = [0usize; NEIGHBOURS];
     let mut kv_at = [0usize; NEIGHBOURS];
@@ -522,17 +518,29 @@ fn block<A: MulAdd>(
         kv_at[n] = row * d * wp + x0 + dx;
     }
     let centre = NEIGHBOURS / 2;
-    let s_n = |n: usize, ch: usize| F8::load(ctx.s_pad, s_at[n] + ch * wp);
-    let k_n = |n: usize, dd: usize| {
-        F8::load(ctx.k_pad, kv_at[n] + dd * wp) + F8::splat(w[l.pk + n * d + dd])
+    let states = Taps {
+        buf: ctx.s_pad,
+        at: s_at,
+        stride: wp,
     };
-    let v_n = |n: usize, dd: usize| {
-        F8::load(ctx.v_pad, kv_at[n] + dd * wp) + F8::splat(w[l.pv + n * d + dd])
+    let nb = Neighbourhood {
+        keys: Taps {
+            buf: ctx.k_pad,
+            at: kv_at,
+            stride: wp,
+        },
+        values: Taps {
+            buf: ctx.v_pad,
+            at: kv_at,
+            stride: wp,
+        },
+        pk: &w[l.pk..l.pk + NEIGHBOURS * d],
+        pv: &w[l.pv..l.pv + NEIGHBOURS * d],
     };
 
     let mut s = [F8::ZERO; MAX_CHANNELS];
     for ch in 0..c {
-        s[ch] = s_n(centre, ch);
+        s[ch] = states.load(centre, ch);
     }
     let mut q = [F8::ZERO; MAX_DIM];
     for dd in 0..d {
@@ -542,32 +550,15 @@ fn block<A: MulAdd>(
         }
         q[dd] = v;
     }
-
     let mut a = [F8::ZERO; NEIGHBOURS];
-    let mut max = F8::splat(f32::NEG_INFINITY);
-    for n in 0..NEIGHBOURS {
-        let mut z = F8::ZERO;
-        for dd in 0..d {
-            z = A::madd(q[dd], k_n(n, dd), z);
-        }
-        a[n] = z * F8::splat(scale);
-        max = max.max(a[n]);
-    }
-    softmax_in_place(&mut a, max);
+    let mut u = [F8::ZERO; MAX_DIM];
+    attention::forward::<A>(d, &q, &nb, &mut a, &mut u);
     if let Some(att) = att_row {
         for n in 0..NEIGHBOURS {
             a[n].store(att, n * wr + x0);
         }
     }
 
-    let mut u = [F8::ZERO; MAX_DIM];
-    for dd in 0..d {
-        let mut v = F8::ZERO;
-        for n in 0..NEIGHBOURS {
-            v = A::madd(a[n], v_n(n, dd), v);
-        }
-        u[dd] = v;
-    }
     let mut next = [F8::ZERO; MAX_CHANNELS];
     for ch in 0..c {
         let mut f = F8::splat(w[l.bo + ch]);
@@ -604,46 +595,26 @@ fn block<A: MulAdd>(
     }
     acc[l.loss] = acc[l.loss] + sq;
 
-    let mut da = [F8::ZERO; NEIGHBOURS];
-    let mut mean = F8::ZERO;
-    for n in 0..NEIGHBOURS {
-        let mut v = F8::ZERO;
-        for dd in 0..d {
-            v = A::madd(gu[dd], v_n(n, dd), v);
-        }
-        da[n] = v;
-        mean = A::madd(a[n], v, mean);
-    }
+    let lanes = GradLanes {
+        bq: l.bq,
+        bk: l.bk,
+        bv: l.bv,
+        pk: l.pk,
+        pv: l.pv,
+    };
     let mut dz = [F8::ZERO; NEIGHBOURS];
-    let mut dz_sum = F8::ZERO;
-    for n in 0..NEIGHBOURS {
-        dz[n] = a[n] * (da[n] - mean) * F8::splat(scale);
-        dz_sum = dz_sum + dz[n];
-    }
-
+    let mut dq = [F8::ZERO; MAX_DIM];
+    attention::backward::<A>(d, &q, &gu, &a, &nb, lanes, acc, &mut dz, &mut dq);
     let mut sk = [F8::ZERO; MAX_CHANNELS];
     let mut sv = [F8::ZERO; MAX_CHANNELS];
-    for n in 0..NEIGHBOURS {
-        for ch in 0..c {
-            let sn = s_n(n, ch);
-            sk[ch] = A::madd(dz[n], sn, sk[ch]);
-            sv[ch] = A::madd(a[n], sn, sv[ch]);
-        }
-    }
+    attention::input_sums::<A>(c, &states, &dz, &a, |ch, k, v| {
+        sk[ch] = k;
+        sv[ch] = v;
+    });
     for dd in 0..d {
-        let mut dq = F8::ZERO;
-        for n in 0..NEIGHBOURS {
-            dq = A::madd(dz[n], k_n(n, dd), dq);
-            let (ik, iv) = (l.pk + n * d + dd, l.pv + n * d + dd);
-            acc[ik] = A::madd(dz[n], q[dd], acc[ik]);
-            acc[iv] = A::madd(a[n], gu[dd], acc[iv]);
-        }
-        acc[l.bq + dd] = acc[l.bq + dd] + dq;
-        acc[l.bk + dd] = A::madd(dz_sum, q[dd], acc[l.bk + dd]);
-        acc[l.bv + dd] = acc[l.bv + dd] + gu[dd];
         for ch in 0..c {
             let i = dd * c + ch;
-            acc[l.wq + i] = A::madd(dq, s[ch], acc[l.wq + i]);
+            acc[l.wq + i] = A::madd(dq[dd], s[ch], acc[l.wq + i]);
             acc[l.wk + i] = A::madd(q[dd], sk[ch], acc[l.wk + i]);
             acc[l.wv + i] = A::madd(gu[dd], sv[ch], acc[l.wv + i]);
         }

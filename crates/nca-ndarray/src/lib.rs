@@ -34,6 +34,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod attention;
 mod dense;
 mod gemm;
 mod kernel;

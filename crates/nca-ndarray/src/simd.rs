@@ -1,13 +1,18 @@
-//! An eight-lane `f32` vector and the multiply-add flavours the kernels are compiled with.
+//! The vectors the kernels are written in, the multiply-add flavours, and the one place
+//! that picks the instruction set the kernels are compiled for.
 //!
-//! The kernels vectorise across eight neighbouring cells of a row (structure of arrays),
-//! so every per-cell scalar operation becomes one vector operation and no dot product
-//! needs a horizontal reduction. `F8` is plain arrays and loops that LLVM turns into AVX
-//! registers; no intrinsics, so the same source builds on every target.
+//! The kernels vectorise across neighbouring cells of a row (structure of arrays), so
+//! every per-cell scalar operation becomes one vector operation and no dot product needs
+//! a horizontal reduction. [`F8`] (eight lanes) carries the per-cell work; [`F16`]
+//! (sixteen) the matrix products on AVX-512 CPUs. Both are plain arrays and loops that
+//! LLVM turns into vector registers; no intrinsics, so the same source builds on every
+//! target. A kernel is written once as a [`Kernel`] generic over [`MulAdd`] and
+//! [`Vector`], and [`run`] calls the copy compiled for the CPU, detected once per process.
 
 use std::ops::{Add, Mul, Sub};
+use std::sync::OnceLock;
 
-/// Lanes per vector: cells processed together.
+/// Lanes per vector of the per-cell work: cells processed together.
 pub const LANES: usize = 8;
 
 /// Eight `f32` lanes.
@@ -15,30 +20,119 @@ pub const LANES: usize = 8;
 #[repr(align(32))]
 pub struct F8(pub [f32; LANES]);
 
-impl F8 {
+/// Sixteen `f32` lanes: one AVX-512 register, or two AVX2 ones. Used by the dense
+/// matrix products ([`crate::gemm`]) on CPUs with AVX-512.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(align(64))]
+pub struct F16(pub [f32; 16]);
+
+/// A vector of `f32` lanes: [`F8`] or [`F16`]. Every lane-wise loop compiles to one
+/// instruction per vector.
+pub trait Vector: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> {
+    /// Number of lanes.
+    const LANES: usize;
     /// All lanes zero.
-    pub const ZERO: Self = Self([0.0; LANES]);
-
+    const ZERO: Self;
     /// All lanes `x`.
-    #[inline(always)]
-    pub fn splat(x: f32) -> Self {
-        Self([x; LANES])
-    }
+    fn splat(x: f32) -> Self;
+    /// The lanes starting at `src[at]`.
+    fn load(src: &[f32], at: usize) -> Self;
+    /// Writes the lanes to `dst[at..]`.
+    fn store(self, dst: &mut [f32], at: usize);
+    /// `a·b + c`, fused or not as `A` says.
+    fn madd<A: MulAdd>(a: Self, b: Self, c: Self) -> Self;
+    /// `max(0, ·)`.
+    fn relu(self) -> Self;
+    /// Lanes of `self` where `mask` is positive, zero elsewhere.
+    fn keep_where_positive(self, mask: Self) -> Self;
+    /// Sum of the lanes in one fixed order, pairwise halves, whatever the width.
+    fn sum(self) -> f32;
+}
 
-    /// The eight values starting at `at`.
-    #[inline(always)]
-    pub fn load(src: &[f32], at: usize) -> Self {
-        let mut v = [0.0; LANES];
-        v.copy_from_slice(&src[at..at + LANES]);
-        Self(v)
-    }
+macro_rules! lanewise {
+    ($t:ident, $trait:ident, $method:ident, $op:tt) => {
+        impl $trait for $t {
+            type Output = $t;
+            #[inline(always)]
+            fn $method(self, o: $t) -> $t {
+                let mut r = self.0;
+                for (a, b) in r.iter_mut().zip(o.0) {
+                    *a $op b;
+                }
+                $t(r)
+            }
+        }
+    };
+}
 
-    /// Writes the lanes to `dst[at..at + 8]`.
-    #[inline(always)]
-    pub fn store(self, dst: &mut [f32], at: usize) {
-        dst[at..at + LANES].copy_from_slice(&self.0);
-    }
+macro_rules! vector {
+    ($t:ident, $n:literal) => {
+        impl Vector for $t {
+            const LANES: usize = $n;
+            const ZERO: Self = $t([0.0; $n]);
+            #[inline(always)]
+            fn splat(x: f32) -> Self {
+                $t([x; $n])
+            }
+            #[inline(always)]
+            fn load(src: &[f32], at: usize) -> Self {
+                let mut v = [0.0; $n];
+                v.copy_from_slice(&src[at..at + $n]);
+                $t(v)
+            }
+            #[inline(always)]
+            fn store(self, dst: &mut [f32], at: usize) {
+                dst[at..at + $n].copy_from_slice(&self.0);
+            }
+            #[inline(always)]
+            fn madd<A: MulAdd>(a: Self, b: Self, c: Self) -> Self {
+                let mut r = c.0;
+                for i in 0..$n {
+                    r[i] = A::scalar(a.0[i], b.0[i], r[i]);
+                }
+                $t(r)
+            }
+            #[inline(always)]
+            fn relu(self) -> Self {
+                let mut r = self.0;
+                for a in &mut r {
+                    *a = a.max(0.0);
+                }
+                $t(r)
+            }
+            #[inline(always)]
+            fn keep_where_positive(self, mask: Self) -> Self {
+                let mut r = self.0;
+                for (a, m) in r.iter_mut().zip(mask.0) {
+                    let keep = u32::from(m > 0.0).wrapping_neg();
+                    *a = f32::from_bits(a.to_bits() & keep);
+                }
+                $t(r)
+            }
+            #[inline(always)]
+            fn sum(self) -> f32 {
+                let mut v = self.0;
+                let mut n = $n;
+                while n > 1 {
+                    n /= 2;
+                    for i in 0..n {
+                        v[i] += v[i + n];
+                    }
+                }
+                v[0]
+            }
+        }
+        lanewise!($t, Add, add, +=);
+        lanewise!($t, Sub, sub, -=);
+        lanewise!($t, Mul, mul, *=);
+    };
+}
 
+vector!(F8, 8);
+vector!(F16, 16);
+
+impl F8 {
     /// Lane-wise maximum.
     #[inline(always)]
     pub fn max(self, o: Self) -> Self {
@@ -58,38 +152,15 @@ impl F8 {
         }
         Self(r)
     }
-
-    /// Sum of the lanes, in a fixed order.
-    #[inline(always)]
-    pub fn sum(self) -> f32 {
-        let v = self.0;
-        ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]))
-    }
 }
-
-macro_rules! lanewise {
-    ($trait:ident, $method:ident, $op:tt) => {
-        impl $trait for F8 {
-            type Output = F8;
-            #[inline(always)]
-            fn $method(self, o: F8) -> F8 {
-                let mut r = self.0;
-                for (a, b) in r.iter_mut().zip(o.0) {
-                    *a $op b;
-                }
-                F8(r)
-            }
-        }
-    };
-}
-lanewise!(Add, add, +=);
-lanewise!(Sub, sub, -=);
-lanewise!(Mul, mul, *=);
 
 /// How `a·b + c` is computed: fused where the CPU has FMA, else multiply then add.
 pub trait MulAdd: Copy {
-    /// `a·b + c`.
-    fn madd(a: F8, b: F8, c: F8) -> F8;
+    /// `a·b + c` on eight lanes.
+    #[inline(always)]
+    fn madd(a: F8, b: F8, c: F8) -> F8 {
+        F8::madd::<Self>(a, b, c)
+    }
     /// `a·b + c` on one lane.
     fn scalar(a: f32, b: f32, c: f32) -> f32;
 }
@@ -99,10 +170,6 @@ pub trait MulAdd: Copy {
 pub struct Separate;
 
 impl MulAdd for Separate {
-    #[inline(always)]
-    fn madd(a: F8, b: F8, c: F8) -> F8 {
-        a * b + c
-    }
     #[inline(always)]
     fn scalar(a: f32, b: f32, c: f32) -> f32 {
         a * b + c
@@ -116,25 +183,94 @@ pub struct Fused;
 
 impl MulAdd for Fused {
     #[inline(always)]
-    fn madd(a: F8, b: F8, c: F8) -> F8 {
-        let mut r = c.0;
-        for ((r, a), b) in r.iter_mut().zip(a.0).zip(b.0) {
-            *r = a.mul_add(b, *r);
-        }
-        F8(r)
-    }
-    #[inline(always)]
     fn scalar(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
     }
 }
 
-/// Sixteen `f32` lanes: one AVX-512 register, or two AVX2 ones. Used by the dense
-/// matrix products ([`crate::gemm`]) on CPUs with AVX-512.
+/// The instructions the kernels are compiled for.
+// Elsewhere than x86-64 (aarch64, the browser's wasm32) only `Base` is ever detected.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-#[derive(Clone, Copy, Debug, PartialEq)]
-#[repr(align(64))]
-pub struct F16(pub [f32; 16]);
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Baseline x86-64 (or another architecture): separate multiply and add, [`F8`].
+    Base,
+    /// AVX2 + FMA: fused multiply-add, [`F8`] vectors.
+    Avx2,
+    /// AVX-512: fused multiply-add, [`F16`] vectors in the matrix products.
+    Avx512,
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+impl Isa {
+    /// The best instruction set this CPU supports, detected on the first call only.
+    pub fn get() -> Self {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(Isa::detect)
+    }
+
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 =
+                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+            let avx512 = std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512vl");
+            if avx2 && avx512 {
+                return Isa::Avx512;
+            }
+            if avx2 {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Base
+    }
+}
+
+/// A kernel written once over the multiply-add flavour and the product vector, compiled
+/// by [`run`] once per instruction set. Binaries stay portable: no `-C target-cpu=native`
+/// is needed.
+pub trait Kernel {
+    /// Whether the body's matrix products gain from [`F16`]. Without, AVX-512 CPUs run
+    /// the AVX2 copy and the body is compiled once less (each copy costs build time).
+    const WIDE: bool;
+    /// What the body returns.
+    type Output;
+    /// The body. Implementations are `#[inline(always)]`: only inlined into [`run`]'s
+    /// per-instruction-set functions is it compiled with their features.
+    fn body<A: MulAdd, V: Vector>(self) -> Self::Output;
+}
+
+/// Runs `k` as compiled for this CPU's instruction set ([`Isa::get`]).
+#[inline]
+pub fn run<K: Kernel>(k: K) -> K::Output {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let isa = Isa::get();
+        // `K::WIDE` is a constant: for a narrow kernel the AVX-512 copy is never built.
+        if K::WIDE && isa == Isa::Avx512 {
+            // SAFETY: `Isa::detect` checked that the CPU supports AVX-512, AVX2 and FMA.
+            return unsafe { run_avx512(k) };
+        }
+        if isa != Isa::Base {
+            // SAFETY: `Isa::detect` checked that the CPU supports AVX2 and FMA.
+            return unsafe { run_avx2(k) };
+        }
+    }
+    k.body::<Separate, F8>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2<K: Kernel>(k: K) -> K::Output {
+    k.body::<Fused, F8>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+unsafe fn run_avx512<K: Kernel>(k: K) -> K::Output {
+    k.body::<Fused, F16>()
+}
 
 /// Turns scores `a` (per lane) whose lane-wise maximum is `max` into softmax weights in
 /// place; shared by the plain kernel and the picture model so both normalise identically.
