@@ -16,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod files;
+pub mod model;
 pub mod plot;
 pub mod preflight;
 pub mod render;
