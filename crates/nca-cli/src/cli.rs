@@ -22,8 +22,10 @@ use nca_run::score;
 pub enum Finish {
     /// Ran to its end (steps or `max_spikes`).
     Completed,
-    /// Stopped early by Ctrl-C; everything was still written.
+    /// Stopped early by Ctrl-C, SIGTERM or SIGHUP; everything was still written.
     Interrupted,
+    /// Stopped by one of those signals with nothing to write (`web --serve`).
+    Stopped,
 }
 
 /// A backend name as given to `--backend` (the names of [`nca_run::Backend`]).
@@ -87,6 +89,10 @@ pub struct Cli {
     /// A subcommand instead of training.
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Dies as `kill -9` would right after the first checkpoint written at or after step
+    /// STEP: a crash at a known point, for the tests of what a crash leaves on disk.
+    #[arg(long, value_name = "STEP", hide = true)]
+    pub abort_after_checkpoint: Option<u64>,
 }
 
 /// How the memory limit is set, for `--help`.
@@ -196,7 +202,7 @@ pub struct RolloutCli {
     pub eval_seeds: Option<usize>,
 }
 
-/// Runs the parsed command; `interrupt` is set by Ctrl-C.
+/// Runs the parsed command; `interrupt` is set by Ctrl-C, SIGTERM or SIGHUP.
 pub fn run(cli: Cli, interrupt: Arc<AtomicBool>) -> Result<Finish> {
     let backend: Option<nca_run::Backend> = cli.backend.map(Into::into);
     match cli.command {
@@ -254,6 +260,7 @@ pub fn run(cli: Cli, interrupt: Arc<AtomicBool>) -> Result<Finish> {
             wasm: w.wasm,
             serve: w.serve,
             port: w.port,
+            interrupt: &interrupt,
         }),
         Some(Command::Rollout(r)) => {
             let request = RolloutRequest {
@@ -317,6 +324,7 @@ pub fn run(cli: Cli, interrupt: Arc<AtomicBool>) -> Result<Finish> {
                 ..TrainRequest::file(config, backend.unwrap_or(nca_run::Backend::Ndarray))
             };
             let mut shown = Shown::new(std::io::stderr().is_terminal(), &interrupt);
+            shown.abort_after_checkpoint = cli.abort_after_checkpoint;
             let result = nca_run::run::train(&request, &mut shown);
             shown.finish();
             let result = result?;
@@ -369,6 +377,8 @@ fn log(level: Level, message: &str) {
 struct Shown<'a> {
     terminal: bool,
     interrupt: &'a AtomicBool,
+    /// `--abort-after-checkpoint`.
+    abort_after_checkpoint: Option<u64>,
     bar: Option<ProgressBar>,
     total: u64,
     log_every: u64,
@@ -380,6 +390,7 @@ impl<'a> Shown<'a> {
         Self {
             terminal,
             interrupt,
+            abort_after_checkpoint: None,
             bar: None,
             total: 0,
             log_every: 1,
@@ -472,10 +483,24 @@ impl Events for Shown<'_> {
             Event::Evaluation { step, score } => {
                 self.say(Level::Info, &format!("step {step}: {}", score::line(score)));
             }
+            Event::Checkpoint { step, .. }
+                if self.abort_after_checkpoint.is_some_and(|at| *step >= at) =>
+            {
+                crash();
+            }
             _ => {}
         }
         ControlFlow::Continue(())
     }
+}
+
+/// Ends the process at once, as `kill -9` does: no destructor runs and no buffer is
+/// flushed, so what is on disk is exactly what a crash at this point would leave.
+fn crash() -> ! {
+    // SIGKILL rather than abort(): the same death as `kill -9`, and no core file.
+    #[cfg(unix)]
+    let _ = signal_hook::low_level::raise(signal_hook::consts::SIGKILL);
+    std::process::abort()
 }
 
 fn progress_bar(total: u64, start: u64) -> ProgressBar {

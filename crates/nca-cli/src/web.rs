@@ -6,20 +6,21 @@
 //! `.wasm` is built on demand with cargo from this source tree, so `cargo build` never
 //! needs the wasm target; without it, the command says how to install it.
 
-use std::io::{BufRead, BufReader, Write};
+use std::fs::File;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nca_api::{Checkpoint, TensorFile};
+// The page and its script ship inside the binary, so the folder needs nothing else.
+use nca_web::{INDEX_HTML, NCA_JS};
 
 use crate::cli::Finish;
 
-/// The page, shipped inside the binary so the folder needs nothing else.
-const INDEX_HTML: &str = include_str!("../../nca-web/assets/index.html");
-/// The page's script.
-const NCA_JS: &str = include_str!("../../nca-web/assets/nca.js");
 /// The wasm target the page's module is built for.
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 /// Environment variable naming a prebuilt `nca_web.wasm` (used instead of building).
@@ -35,7 +36,7 @@ const SERVED: [(&str, &str); 4] = [
 
 /// Options of `nca-cli web`.
 #[derive(Clone, Debug)]
-pub struct WebArgs {
+pub struct WebArgs<'a> {
     /// Checkpoint of a trained rule.
     pub checkpoint: PathBuf,
     /// Folder to write.
@@ -48,10 +49,12 @@ pub struct WebArgs {
     pub serve: bool,
     /// Port for `--serve` (0: any free port).
     pub port: u16,
+    /// Set by Ctrl-C, SIGTERM or SIGHUP: `--serve` stops.
+    pub interrupt: &'a AtomicBool,
 }
 
-/// Writes the folder and, with `serve`, serves it until the process is stopped.
-pub fn web_command(args: &WebArgs) -> Result<Finish> {
+/// Writes the folder and, with `serve`, serves it until Ctrl-C, SIGTERM or SIGHUP.
+pub fn web_command(args: &WebArgs<'_>) -> Result<Finish> {
     let weights = web_weights(&args.checkpoint)?;
     let wasm = match args
         .wasm
@@ -83,7 +86,7 @@ pub fn web_command(args: &WebArgs) -> Result<Finish> {
         weights.len() / 1024
     );
     if args.serve {
-        serve(&args.out, args.port)?;
+        return serve(&args.out, args.port, args.interrupt);
     }
     Ok(Finish::Completed)
 }
@@ -181,70 +184,173 @@ fn build_wasm() -> Result<PathBuf> {
     Ok(target_dir.join(WASM_TARGET).join("release/nca_web.wasm"))
 }
 
-/// Serves the folder's files on 127.0.0.1 until the process is stopped.
-fn serve(dir: &Path, port: u16) -> Result<()> {
+/// Longest request read: a request line and headers as a browser sends them fit many
+/// times over; a client sending more is answered 431 and dropped.
+const MAX_REQUEST_BYTES: u64 = 16 * 1024;
+
+/// Time a client has to send its whole request.
+const READ_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Time a client has to take the whole answer (the largest file is the `.wasm`, a few MiB
+/// at most, which loopback moves in milliseconds).
+const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How often the accept loop looks whether Ctrl-C asked it to stop.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// Serves the folder's files on 127.0.0.1 until Ctrl-C, SIGTERM or SIGHUP sets
+/// `interrupt`. Connections are answered one at a time, each within its deadlines, so a
+/// client that stalls holds the others up by seconds at most.
+fn serve(dir: &Path, port: u16, interrupt: &AtomicBool) -> Result<Finish> {
     let listener = TcpListener::bind(("127.0.0.1", port))
         .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
+    // Non-blocking, so the loop sees a stop request instead of waiting in accept forever.
+    listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     println!("serving {} at http://{addr}/ (Ctrl-C stops)", dir.display());
     std::io::stdout().flush()?;
-    for stream in listener.incoming() {
-        match stream {
-            // One request per connection, answered in turn: four small files.
-            Ok(s) => {
-                if let Err(e) = answer(dir, s) {
+    while !interrupt.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if let Err(e) = answer(dir, stream) {
                     tracing::debug!("request failed: {e}");
                 }
             }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(STOP_POLL),
             Err(e) => tracing::debug!("connection failed: {e}"),
         }
     }
-    Ok(())
+    eprintln!("stopped serving {}", dir.display());
+    Ok(Finish::Stopped)
+}
+
+/// A socket whose reads and writes fail with `TimedOut` once `deadline` has passed, however
+/// the client spreads its bytes: a timeout per call alone would let a client that sends or
+/// takes one byte every few seconds hold the server forever.
+struct Deadline<'a> {
+    stream: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl Deadline<'_> {
+    /// Time left, or `TimedOut` when none is.
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                ErrorKind::TimedOut,
+                "the client missed its deadline",
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.left()?))?;
+        (&mut &*self.stream).read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.left()?))?;
+        (&mut &*self.stream).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        (&mut &*self.stream).flush()
+    }
 }
 
 /// Answers one HTTP/1.0-style GET for one of the folder's files; nothing else is served.
-fn answer(dir: &Path, mut stream: TcpStream) -> Result<()> {
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+fn answer(dir: &Path, stream: TcpStream) -> Result<()> {
+    // Accepted sockets inherit non-blocking from the listener on some systems.
+    stream.set_nonblocking(false)?;
+    let request = Deadline {
+        stream: &stream,
+        deadline: Instant::now() + READ_DEADLINE,
+    };
+    let mut reader = BufReader::new(request.take(MAX_REQUEST_BYTES));
     let mut line = String::new();
-    let mut reader = BufReader::new(&stream);
     reader.read_line(&mut line)?;
     // Read the headers up to the blank line before answering: closing a socket with
     // request bytes still unread makes the kernel reset the connection, and the client
-    // sees a broken pipe instead of the answer. Bounded, so a slow client cannot hold us.
+    // sees a broken pipe instead of the answer.
+    let mut complete = false;
     let mut header = String::new();
-    for _ in 0..100 {
+    loop {
         header.clear();
-        if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
+        if reader.read_line(&mut header)? == 0 {
             break;
         }
+        if header.trim().is_empty() {
+            complete = true;
+            break;
+        }
+    }
+    let mut out = Deadline {
+        stream: &stream,
+        deadline: Instant::now() + WRITE_DEADLINE,
+    };
+    if !complete {
+        let body = b"request too large\n";
+        write!(
+            out,
+            "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )?;
+        out.write_all(body)?;
+        return Ok(());
     }
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let name = path.split('?').next().unwrap_or("").trim_start_matches('/');
     let name = if name.is_empty() { "index.html" } else { name };
     let found = SERVED.iter().find(|(n, _)| *n == name);
-    let (status, kind, body) = match (method, found) {
-        ("GET" | "HEAD", Some((n, kind))) => match std::fs::read(dir.join(n)) {
-            Ok(b) => ("200 OK", *kind, b),
-            Err(_) => ("404 Not Found", "text/plain", b"not found\n".to_vec()),
-        },
-        ("GET" | "HEAD", None) => ("404 Not Found", "text/plain", b"not found\n".to_vec()),
-        _ => (
+    let file = match (method, found) {
+        ("GET" | "HEAD", Some((n, kind))) => File::open(dir.join(n))
+            .and_then(|f| Ok((f.metadata()?.len(), f)))
+            .ok()
+            .map(|(len, f)| (*kind, len, f)),
+        _ => None,
+    };
+    let (status, kind, len) = match (&file, method) {
+        (Some((kind, len, _)), _) => ("200 OK", *kind, *len),
+        (None, "GET" | "HEAD") => ("404 Not Found", "text/plain", NOT_FOUND.len() as u64),
+        (None, _) => (
             "405 Method Not Allowed",
             "text/plain",
-            b"GET only\n".to_vec(),
+            GET_ONLY.len() as u64,
         ),
     };
     write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
+        out,
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len}\r\n\
+         Cache-Control: no-store\r\nConnection: close\r\n\r\n"
     )?;
-    if method != "HEAD" {
-        stream.write_all(&body)?;
+    if method == "HEAD" {
+        return Ok(());
     }
+    match (file, method) {
+        // Streamed, so a large file is never held in memory.
+        (Some((_, _, mut f)), _) => {
+            std::io::copy(&mut f, &mut out)?;
+        }
+        (None, "GET") => out.write_all(NOT_FOUND)?,
+        (None, _) => out.write_all(GET_ONLY)?,
+    }
+    out.flush()?;
     Ok(())
 }
+
+/// Body of a 404.
+const NOT_FOUND: &[u8] = b"not found\n";
+
+/// Body of a 405.
+const GET_ONLY: &[u8] = b"GET only\n";
 
 #[cfg(test)]
 mod tests {

@@ -259,13 +259,16 @@ fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
     assert!(run_dir.join("loss.png").is_file());
 }
 
+/// Starts a long run, sends it `signal` (a `kill` option such as `-INT`) once its
+/// snapshot of step 50 exists, and checks that it stopped like Ctrl-C: exit status
+/// `code` (128 + the signal), status `interrupted`, a checkpoint of the last step, the
+/// plots; then that `--resume` continues from it with every step once in `loss.csv`.
 #[cfg(unix)]
-#[test]
-fn ctrl_c_stops_and_still_writes_everything() {
+fn stops_cleanly_on(signal: &str, code: i32) {
     let tmp = TempDir::new().expect("tempdir");
     let cfg = write(tmp.path(), "long.ron", &tiny(10_000_000, ""));
     let out = tmp.path().join("run");
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("nca-cli"))
+    let mut child = std::process::Command::new(common::binary())
         .arg(&cfg)
         .arg("--out")
         .arg(&out)
@@ -283,27 +286,67 @@ fn ctrl_c_stops_and_still_writes_everything() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // std has no way to send SIGINT; the `kill` program does it without a libc dependency.
-    let Ok(killed) = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-    else {
-        eprintln!("no `kill` program: cannot send SIGINT, skipping");
-        child.kill().ok();
-        child.wait().ok();
-        return;
+    // std has no way to send a signal; the `kill` program does it without a libc
+    // dependency (it is part of every Unix this runs on: its absence is a failure).
+    let sent = std::process::Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status();
+    let sent = match sent {
+        Ok(status) => status,
+        Err(e) => {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("cannot run `kill {signal}`: {e}");
+        }
     };
-    assert!(killed.success());
+    assert!(sent.success(), "kill {signal}");
     let status = child.wait().expect("exits");
-    assert_eq!(status.code(), Some(130));
+    assert_eq!(status.code(), Some(code), "kill {signal}");
     let s = json(&out.join("summary.json"));
-    assert_eq!(s["status"], "interrupted");
+    assert_eq!(s["status"], "interrupted", "kill {signal}");
     let step = s["final_step"].as_u64().expect("step");
-    let ckpt = Checkpoint::load(&out.join("checkpoint.safetensors")).expect("checkpoint");
-    assert_eq!(ckpt.progress.step, step);
+    let ckpt = out.join("checkpoint.safetensors");
+    assert_eq!(
+        Checkpoint::load(&ckpt).expect("checkpoint").progress.step,
+        step
+    );
     for f in ["loss.png", "trajectory.gif", "contact_sheet.png"] {
         assert!(out.join(f).is_file(), "{f}");
     }
+    let more = write(tmp.path(), "more.ron", &tiny(step + 5, ""));
+    let o = run(&[os(&more), os("--resume"), os(&ckpt)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let csv = std::fs::read_to_string(out.join("loss.csv")).expect("loss.csv");
+    let steps: Vec<u64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split(',')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .expect("step")
+        })
+        .collect();
+    assert_eq!(steps, (1..=step + 5).collect::<Vec<_>>(), "every step once");
+    assert_eq!(json(&out.join("summary.json"))["status"], "completed");
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_and_still_writes_everything() {
+    stops_cleanly_on("-INT", 130);
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_stops_like_ctrl_c_and_the_run_resumes() {
+    stops_cleanly_on("-TERM", 143);
+}
+
+#[cfg(unix)]
+#[test]
+fn sighup_stops_like_ctrl_c_and_the_run_resumes() {
+    stops_cleanly_on("-HUP", 129);
 }
 
 #[test]

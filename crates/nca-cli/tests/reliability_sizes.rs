@@ -1,4 +1,4 @@
-//! Issue 12 (reliability), sizes and inputs: every reproduction runs the real binary under
+//! Reliability against hostile sizes and inputs: every test runs the real binary under
 //! a small `NCA_MEMORY_LIMIT` and under an address-space limit (`ulimit -v`), so that a
 //! regression that allocates what it should have refused aborts (rc 134) instead of
 //! passing. Each test asserts exit code 1, a message that names the field, flag or file

@@ -10,7 +10,9 @@
 //!
 //! The estimates are deliberately generous: nca-api's [`training_bytes`] and
 //! [`rollout_bytes`] for the model, plus every picture and every state a command keeps in
-//! memory at once (a GIF's frames are all held until it is written).
+//! memory at once. `trajectory.gif` and `rollout.gif` are encoded one frame at a time, so
+//! however many frames they have, one is in memory; `regrowth.gif` is drawn from states
+//! the score kept, and holds all its frames while it is written.
 
 use crate::error::{bail, Result, ResultExt};
 use nca_api::{rollout_bytes, training_bytes, MemoryLimit, NcaConfig};
@@ -20,8 +22,8 @@ use crate::config::RunConfig;
 use crate::render;
 use crate::score;
 
-/// Frames a GIF written from a folder of frames holds at most.
-const GIF_FOLDER_FRAMES: u64 = render::MAX_GIF_FRAMES as u64;
+/// Frames a GIF written from a folder of frames holds at once: it is streamed.
+const STREAMED_GIF_FRAMES: u64 = 1;
 
 /// Bytes an encoder needs beside one RGB frame of a GIF (its RGBA copy, the quantiser's
 /// copy and the palette indices), in multiples of the frame's RGB bytes.
@@ -102,12 +104,7 @@ pub fn check_run(
         limit,
     };
     let snapshot = pictures.snapshot("a snapshot", grid.batch)?;
-    let frames = cfg
-        .output
-        .gif_frames
-        .saturating_add(2)
-        .min(GIF_FOLDER_FRAMES);
-    let trajectory = pictures.gif_of_snapshots("trajectory.gif", grid.batch, frames)?;
+    let trajectory = pictures.gif_of_snapshots("trajectory.gif", grid.batch)?;
     let sheet = pictures.contact_sheet()?;
     let regrowth = pictures.regrowth(cfg.evaluation.seeds, cfg.evaluation.steps)?;
     let during = sum(&[train, Some(snapshot)]);
@@ -149,10 +146,6 @@ pub struct RolloutPlan<'a> {
     pub batch: usize,
     /// Whether the checkpoint holds a target (drawn beside every frame and scored).
     pub with_target: bool,
-    /// Steps of the rollout.
-    pub steps: u64,
-    /// Frames saved in `frames/` (and held by `rollout.gif`).
-    pub frame_every: u64,
     /// Upscale factor of the frames.
     pub scale: u32,
     /// Starts of the regrowth score.
@@ -162,7 +155,7 @@ pub struct RolloutPlan<'a> {
 }
 
 /// Everything `nca-cli rollout` will need, checked before its directory is created: the
-/// rule running on the batch, the initial state, every frame and `rollout.gif`, and the
+/// rule running on the batch, the initial state, a frame and `rollout.gif`, and the
 /// regrowth score with its pictures.
 pub fn check_rollout(plan: &RolloutPlan<'_>, limit: &MemoryLimit) -> Result<()> {
     let nca = plan.nca;
@@ -188,10 +181,7 @@ pub fn check_rollout(plan: &RolloutPlan<'_>, limit: &MemoryLimit) -> Result<()> 
     } else {
         pictures.snapshot_without_target("a frame", plan.batch)?
     };
-    let frames = (plan.steps / plan.frame_every.max(1))
-        .saturating_add(2)
-        .min(GIF_FOLDER_FRAMES);
-    let gif = pictures.gif_of_snapshots("rollout.gif", plan.batch, frames)?;
+    let gif = pictures.gif_of_snapshots("rollout.gif", plan.batch)?;
     let regrowth = if plan.with_target {
         pictures.regrowth(plan.eval_seeds, plan.eval_steps)?
     } else {
@@ -357,15 +347,15 @@ impl Pictures<'_> {
         Ok(bytes.unwrap_or(u64::MAX))
     }
 
-    /// A GIF of `frames` snapshots of a `batch`-element state (with the target), all held
-    /// in memory while it is written.
-    fn gif_of_snapshots(&self, name: &str, batch: usize, frames: u64) -> Result<u64> {
+    /// A GIF of snapshots of a `batch`-element state (with the target), streamed from the
+    /// folder of frames: one frame in memory at a time.
+    fn gif_of_snapshots(&self, name: &str, batch: usize) -> Result<u64> {
         let tiles = render::snapshot_tiles(batch, true);
-        self.gif(name, tiles, frames, self.scale)
+        self.gif(name, tiles, STREAMED_GIF_FRAMES, self.scale)
     }
 
-    /// A GIF of `frames` rows of `tiles` tiles at `scale`: every side within the GIF
-    /// format's 16 bits, and the frames within the memory limit.
+    /// A GIF of rows of `tiles` tiles at `scale`, `frames` of them held in memory at once:
+    /// every side within the GIF format's 16 bits, and the frames within the memory limit.
     fn gif(&self, name: &str, tiles: usize, frames: u64, scale: u32) -> Result<u64> {
         let (w, h) = self.row(name, tiles, scale)?;
         let side_fits = |s: u32| {
@@ -391,7 +381,11 @@ impl Pictures<'_> {
             need(s).is_some_and(|b| b <= self.limit.bytes)
         });
         self.limit.check(
-            &format!("{name} ({frames} frames of {w}x{h} pixels held while it is written)"),
+            &if frames == STREAMED_GIF_FRAMES {
+                format!("{name} (written one frame of {w}x{h} pixels at a time)")
+            } else {
+                format!("{name} ({frames} frames of {w}x{h} pixels held while it is written)")
+            },
             bytes,
             &hint,
         )?;
@@ -582,6 +576,18 @@ mod tests {
     }
 
     #[test]
+    fn streamed_gifs_need_one_frame_of_memory_however_many_they_have() {
+        // 300 frames of 4100x2048 pixels held at once would be 7.5 GiB; streamed, the
+        // trajectory needs one frame and the encoder's copies of it.
+        check(
+            "(grid: (height: 128, width: 128), output: (scale: 16, gif_frames: 1000), \
+             training: (steps: 100000), target: Solid(1.0, 0.0, 0.0))",
+            2 * GIB,
+        )
+        .expect("a long trajectory at a large scale fits");
+    }
+
+    #[test]
     fn channels_beyond_the_backend_and_overflowing_channels_name_the_field() {
         refused(
             "(model: (hidden_channels: 30), target: Solid(1.0, 0.0, 0.0))",
@@ -628,8 +634,6 @@ mod tests {
             nca: &nca,
             batch: 1,
             with_target: true,
-            steps: 200,
-            frame_every: 2,
             scale: 8,
             eval_seeds: 3,
             eval_steps: 100,

@@ -4,9 +4,11 @@
 //! in `[0, 1]` and the loss pulls the state there, so a cell exactly on target shows its
 //! exact colour (a sigmoid would show 0 as mid-grey).
 
+use std::cell::Cell;
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Once;
 
 use crate::error::{invalid, Result, ResultExt};
@@ -213,36 +215,145 @@ pub fn thin<T: Clone>(items: &[T], max: usize) -> Vec<T> {
         .collect()
 }
 
-/// Writes the `step_*.png` files of `dir` (thinned to [`MAX_GIF_FRAMES`]) as a looping GIF.
-/// Frames whose size differs from the last one (e.g. after a change of `scale`) are skipped.
+/// Writes the `step_*.png` files of `dir` (thinned to [`MAX_GIF_FRAMES`]) as a looping GIF,
+/// one frame at a time: only the frame being encoded is in memory. Frames whose size
+/// differs from the last one (e.g. after a change of `scale`) are skipped. Returns the
+/// number of frames written.
 pub fn gif_from_dir(dir: &Path, out: &Path, frame_ms: u32) -> Result<usize> {
     let steps = thin(&list_steps(dir)?, MAX_GIF_FRAMES);
-    let mut frames: Vec<RgbImage> = Vec::with_capacity(steps.len());
+    let Some((_, last)) = steps.last() else {
+        return Ok(0);
+    };
+    let size =
+        image::image_dimensions(last).with_context(|| format!("cannot read {}", last.display()))?;
+    let mut gif = GifWriter::create(out, frame_ms)?;
+    let mut written = 0;
     for (_, path) in &steps {
+        // The header alone tells the size, so a skipped frame is never decoded.
+        let dims = image::image_dimensions(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if dims != size {
+            continue;
+        }
         let img = image::open(path)
             .with_context(|| format!("cannot read {}", path.display()))?
             .to_rgb8();
-        frames.push(img);
+        gif.frame(&img)?;
+        written += 1;
     }
-    if let Some(last) = frames.last().map(|f| f.dimensions()) {
-        frames.retain(|f| f.dimensions() == last);
-    }
-    write_gif(&frames, out, frame_ms)?;
-    Ok(frames.len())
+    gif.finish()?;
+    Ok(written)
 }
 
 /// Writes `frames` as a GIF that loops forever, `frame_ms` per frame.
 pub fn write_gif(frames: &[RgbImage], out: &Path, frame_ms: u32) -> Result<()> {
-    let file = File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let mut enc = GifEncoder::new_with_speed(BufWriter::new(file), 10);
-    enc.set_repeat(Repeat::Infinite)?;
-    let delay = Delay::from_numer_denom_ms(frame_ms, 1);
-    let frames = frames.iter().map(|f| {
-        let rgba: RgbaImage = image::DynamicImage::ImageRgb8(f.clone()).to_rgba8();
-        Frame::from_parts(rgba, 0, 0, delay)
-    });
-    enc.encode_frames(frames)
-        .with_context(|| format!("cannot write {}", out.display()))
+    let mut gif = GifWriter::create(out, frame_ms)?;
+    for f in frames {
+        gif.frame(f)?;
+    }
+    gif.finish()
+}
+
+/// A GIF that loops forever, written frame by frame as the frames come.
+pub struct GifWriter {
+    encoder: GifEncoder<CheckedFile>,
+    failed: Rc<Cell<Option<Failure>>>,
+    delay: Delay,
+    path: PathBuf,
+}
+
+impl GifWriter {
+    /// Creates `out` for frames shown `frame_ms` each.
+    pub fn create(out: &Path, frame_ms: u32) -> Result<Self> {
+        let file = File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+        let failed = Rc::new(Cell::new(None));
+        let file = CheckedFile {
+            inner: BufWriter::new(file),
+            failed: Rc::clone(&failed),
+        };
+        let mut encoder = GifEncoder::new_with_speed(file, 10);
+        encoder.set_repeat(Repeat::Infinite)?;
+        Ok(Self {
+            encoder,
+            failed,
+            delay: Delay::from_numer_denom_ms(frame_ms, 1),
+            path: out.to_path_buf(),
+        })
+    }
+
+    /// Encodes and writes one frame.
+    pub fn frame(&mut self, img: &RgbImage) -> Result<()> {
+        let rgba: RgbaImage = image::DynamicImage::ImageRgb8(img.clone()).to_rgba8();
+        self.encoder
+            .encode_frame(Frame::from_parts(rgba, 0, 0, self.delay))
+            .with_context(|| format!("cannot write {}", self.path.display()))
+    }
+
+    /// Writes the GIF's trailer and the buffered rest of the file; an error if any write
+    /// failed, so a truncated GIF never passes for a whole one.
+    pub fn finish(self) -> Result<()> {
+        // The encoder writes the trailer when dropped and the file flushes when dropped;
+        // neither can return an error, so the file records it.
+        drop(self.encoder);
+        match self.failed.get() {
+            None => Ok(()),
+            Some(failure) => Err(crate::error::Error::from(failure.error())
+                .context(format!("cannot write {}", self.path.display()))),
+        }
+    }
+}
+
+/// What a failed write was, kept to be reported later.
+#[derive(Clone, Copy, Debug)]
+struct Failure {
+    kind: std::io::ErrorKind,
+    os: Option<i32>,
+}
+
+impl Failure {
+    fn error(self) -> std::io::Error {
+        self.os
+            .map_or_else(|| self.kind.into(), std::io::Error::from_raw_os_error)
+    }
+}
+
+/// A buffered file that records the first failed write or flush, including the flush
+/// when it is dropped.
+struct CheckedFile {
+    inner: BufWriter<File>,
+    failed: Rc<Cell<Option<Failure>>>,
+}
+
+impl CheckedFile {
+    fn check<T>(&self, result: std::io::Result<T>) -> std::io::Result<T> {
+        if let Err(e) = &result {
+            if self.failed.get().is_none() {
+                self.failed.set(Some(Failure {
+                    kind: e.kind(),
+                    os: e.raw_os_error(),
+                }));
+            }
+        }
+        result
+    }
+}
+
+impl Write for CheckedFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let result = self.inner.write(buf);
+        self.check(result)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let result = self.inner.flush();
+        self.check(result)
+    }
+}
+
+impl Drop for CheckedFile {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
 }
 
 /// Height of the label above each contact-sheet tile.
@@ -336,6 +447,35 @@ mod tests {
         let v: Vec<u32> = (0..10).collect();
         assert_eq!(thin(&v, 4), vec![0, 3, 6, 9]);
         assert_eq!(thin(&v, 20), v);
+    }
+
+    #[test]
+    fn gif_from_dir_streams_frames_of_the_last_size_in_step_order() {
+        use image::AnimationDecoder;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // An early frame at another scale is skipped; the rest keep their order.
+        save_png(&RgbImage::new(4, 4), &step_path(tmp.path(), 0)).expect("png");
+        for (step, shade) in [(10, 50), (20, 150), (30, 250)] {
+            let img = RgbImage::from_pixel(6, 3, Rgb([shade, 0, 0]));
+            save_png(&img, &step_path(tmp.path(), step)).expect("png");
+        }
+        let out = tmp.path().join("t.gif");
+        assert_eq!(gif_from_dir(tmp.path(), &out, 40).expect("writes"), 3);
+        let file = std::io::BufReader::new(File::open(&out).expect("gif"));
+        let frames = image::codecs::gif::GifDecoder::new(file)
+            .expect("header")
+            .into_frames()
+            .collect_frames()
+            .expect("whole frames");
+        let reds: Vec<u8> = frames
+            .iter()
+            .map(|f| {
+                assert_eq!(f.buffer().dimensions(), (6, 3));
+                f.buffer().get_pixel(0, 0).0[0]
+            })
+            .collect();
+        assert_eq!(reds.len(), 3);
+        assert!(reds[0] < reds[1] && reds[1] < reds[2], "{reds:?}");
     }
 
     #[test]

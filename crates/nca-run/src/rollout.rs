@@ -159,8 +159,6 @@ pub fn rollout(args: &RolloutRequest, events: &mut dyn Events) -> Result<Rollout
         nca: cfg,
         batch,
         with_target: target.is_some(),
-        steps: args.steps,
-        frame_every,
         scale: args.scale,
         eval_seeds: evaluation.seeds,
         eval_steps: evaluation.steps,

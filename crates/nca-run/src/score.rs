@@ -169,11 +169,6 @@ pub fn write_gif(
 /// Header of `psnr.csv`.
 pub const PSNR_CSV_HEADER: &str = "step,mean_psnr_db,mean_mse";
 
-/// A `psnr.csv` row for a score taken after training step `step`.
-pub fn csv_row(step: u64, score: &RegrowthScore) -> String {
-    format!("{step},{},{}", score.mean_psnr_db, score.mean_mse)
-}
-
 /// Reads `(step, mean PSNR)` pairs from a `psnr.csv`, skipping malformed lines.
 pub fn read_csv(path: &Path) -> Result<Vec<(u64, f64, f64)>> {
     let text =

@@ -1,4 +1,4 @@
-//! Fuzz-style property tests of two readers of hostile input (issue 12): the RON run
+//! Fuzz-style property tests of two readers of hostile input: the RON run
 //! file (`RunConfig::from_ron` + `validate`, then `preflight::check_run`) and the
 //! `--init` state reader (`rollout::read_init_state`). Arbitrary text or bytes and
 //! mutations of valid files must never panic, and must never allocate more than the

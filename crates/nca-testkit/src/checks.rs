@@ -487,13 +487,13 @@ fn run<H: Harness>(
     (t, state, progress, losses)
 }
 
-/// First step with loss < ε of the plain model on solid red, seeds 1 to 4, with the
-/// design doc's settings (lr 3e-3, no gradient clipping). Quoted in the README.
-pub const SOLID_RED_PLAIN_FIRST_BELOW_EPSILON: [u64; 4] = [367, 441, 219, 190];
+/// Steps the solid-red checks train for: the original design's criterion is loss < ε
+/// within this many steps.
+pub const SOLID_RED_STEPS: u64 = 1000;
 
 fn first_below_epsilon_on_red<H: Harness>(cfg: &NcaConfig, seed: u64) -> Option<u64> {
     let mut cfg = cfg.clone();
-    cfg.training.steps = 1000;
+    cfg.training.steps = SOLID_RED_STEPS;
     cfg.training.seed = seed;
     cfg.training.max_spikes = Some(1);
     let (_, _, progress, losses) = run::<H>(&cfg, &ConstantNoise::from(&cfg.noise));
@@ -505,20 +505,28 @@ fn first_below_epsilon_on_red<H: Harness>(cfg: &NcaConfig, seed: u64) -> Option<
     first
 }
 
-/// The original design's integration test with its plain model (no position inputs, linear
-/// output, no clipping): a solid red 32×32 target reaches loss < ε within 1,000 steps at
-/// exactly the documented steps for seeds 1 to 4.
-pub fn solid_red_converges<H: Harness>() {
+/// First step with loss < ε of the plain model (no position inputs, linear output, lr
+/// 3e-3, no gradient clipping) training on a solid red 32×32 target with `seed`, within
+/// [`SOLID_RED_STEPS`] steps.
+pub fn solid_red_plain_first_below_epsilon<H: Harness>(seed: u64) -> Option<u64> {
     let mut cfg = NcaConfig {
         model: ModelConfig::plain(),
         ..NcaConfig::default()
     };
     cfg.training.grad_clip = None;
-    for (seed, expected) in (1..).zip(SOLID_RED_PLAIN_FIRST_BELOW_EPSILON) {
-        assert_eq!(
-            first_below_epsilon_on_red::<H>(&cfg, seed),
-            Some(expected),
-            "seed {seed}: first step with loss < ε"
+    first_below_epsilon_on_red::<H>(&cfg, seed)
+}
+
+/// The original design's integration test with its plain model: a solid red 32×32 target
+/// reaches loss < ε within 1,000 steps, for seeds 1 to 4. The step it happens at depends on
+/// float rounding (summation order, fused multiply-adds), which backends may do
+/// differently, so only the criterion is checked here.
+pub fn solid_red_converges<H: Harness>() {
+    for seed in 1..=4 {
+        let first = solid_red_plain_first_below_epsilon::<H>(seed);
+        assert!(
+            first.is_some_and(|step| step <= SOLID_RED_STEPS),
+            "seed {seed}: loss never fell below ε in {SOLID_RED_STEPS} steps"
         );
     }
 }

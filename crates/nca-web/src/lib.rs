@@ -35,6 +35,14 @@ use nca_ndarray::{NdarrayTrainer, State};
 
 pub use nca_api::checkpoint::TARGET_TENSOR;
 
+/// The page (`index.html`) that loads `nca.js`, `nca.wasm` and `weights.safetensors` from
+/// its own folder; `nca-cli web` writes it there.
+pub const INDEX_HTML: &str = include_str!("../assets/index.html");
+
+/// The page's script (`nca.js`): loads this crate's `.wasm`, calls [`ffi`] and draws the
+/// state; plain JavaScript, no build step.
+pub const NCA_JS: &str = include_str!("../assets/nca.js");
+
 /// Why a file cannot be run or a step failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
