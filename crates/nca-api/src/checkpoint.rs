@@ -529,6 +529,7 @@ mod tests {
                 step: 12,
                 spikes: 2,
                 first_below_epsilon: Some(9),
+                last_spike: Some(11),
             },
             state: Some(HostTensor::filled(&config.state_shape(), 0.25)),
             backend: "test".into(),

@@ -93,10 +93,14 @@ pub enum IoError {
     },
 }
 
-/// Training stopped with an error; `E` is the backend's error type.
+/// Training stopped with an error; `E` is the backend's error type and `O` the
+/// observer's (see [`crate::Observer::Error`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum TrainError<E: std::error::Error + 'static> {
+pub enum TrainError<
+    E: std::error::Error + 'static,
+    O: std::error::Error + 'static = std::convert::Infallible,
+> {
     /// The backend failed.
     #[error("backend error at step {step}: {source}")]
     Backend {
@@ -117,13 +121,14 @@ pub enum TrainError<E: std::error::Error + 'static> {
         /// The offending value.
         loss: f32,
     },
-    /// The observer asked to stop with an error.
-    #[error("observer failed at step {step}: {message}")]
+    /// The observer failed (writing a file, scoring the rule, …).
+    #[error("observer failed at step {step}: {source}")]
     Observer {
         /// Step (1-based) after which the observer failed.
         step: u64,
-        /// Its message.
-        message: String,
+        /// The observer's error, whole.
+        #[source]
+        source: O,
     },
 }
 

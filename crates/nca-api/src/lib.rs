@@ -28,8 +28,9 @@ pub mod weights;
 
 pub use checkpoint::{Checkpoint, ResumeError, ResumeNote};
 pub use config::{
-    GridConfig, Init, ModelConfig, NcaConfig, NoiseConfig, OptimizerConfig, Param, TrainingConfig,
-    DEFAULT_GRAD_CLIP, DEFAULT_LEARNING_RATE, MAX_MLP_HIDDEN, MAX_POSITION_OCTAVES, NEIGHBOURS,
+    GridConfig, Init, LrSchedule, ModelConfig, NcaConfig, NoiseConfig, OptimizerConfig, Param,
+    SizedDefaults, SpikeKind, SpikeRule, SpikeThreshold, TrainingConfig, DEFAULT_GRAD_CLIP,
+    DEFAULT_LEARNING_RATE, MAX_MLP_HIDDEN, MAX_POSITION_OCTAVES, NEIGHBOURS,
 };
 pub use error::{ConfigError, IoError, MemoryError, TensorError, TrainError};
 pub use eval::{psnr_db, regrowth, RegrowthOptions, RegrowthScore, SeedScore};
@@ -39,8 +40,8 @@ pub use noise::ConstantNoise;
 pub use optim::FlatAdam;
 pub use tensor::HostTensor;
 pub use train::{
-    initial_noise, initial_state, rollout, start, train, LoopOptions, NoObserver, Observer,
-    Progress, RolloutOptions, StepContext, StepInfo, StopReason, TrainOutcome,
+    initial_noise, initial_state, rollout, start, train, Evaluation, LoopOptions, NoObserver,
+    Observer, Progress, RolloutOptions, StepContext, StepInfo, StopReason, TrainOutcome,
 };
 pub use traits::{AdamState, NoiseSchedule, Trainer, Transition};
 pub use weights::{FlatLayout, ParamSpec, Weights, WEIGHT_NAMES};

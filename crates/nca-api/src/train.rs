@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::NcaConfig;
+use crate::config::{LrSchedule, NcaConfig, SpikeKind};
 use crate::error::TrainError;
 use crate::noise::{fill_gaussian, stream_seed, Stream};
 use crate::tensor::HostTensor;
@@ -17,10 +17,14 @@ use crate::weights::Weights;
 pub struct Progress {
     /// Steps completed.
     pub step: u64,
-    /// Spikes (simulated trajectories that reached the target) so far.
+    /// Spikes (simulated new trajectories) so far.
     pub spikes: u64,
     /// First step whose loss was below ε.
     pub first_below_epsilon: Option<u64>,
+    /// Step of the last spike (`training.spike.force_after` counts from it); `None`
+    /// before the first, and in checkpoints written before it was recorded.
+    #[serde(default)]
+    pub last_spike: Option<u64>,
 }
 
 /// What happened in one training step.
@@ -34,6 +38,12 @@ pub struct StepInfo {
     pub spiked: bool,
     /// Spikes so far, including this one.
     pub spikes: u64,
+    /// Standard deviation of the noise the spike added (drawn from the
+    /// [`crate::noise::Stream::Spike`] stream of this step, so a picture can take it off
+    /// again); 0 without a spike and for a spike that replaced the state.
+    pub spike_sigma: f32,
+    /// Learning rate of this step's update.
+    pub learning_rate: f32,
 }
 
 /// What an observer sees after each step: the step, the trainer and the carried state.
@@ -46,19 +56,50 @@ pub struct StepContext<'a, T: Trainer> {
     pub trainer: &'a T,
     /// The state carried into the next step (after spike and clamp).
     pub state: &'a T::State,
+    /// The state before a spike that replaced it with fresh noise
+    /// ([`crate::SpikeKind::Reset`]), for pictures of what the rule made.
+    pub before_reset: Option<&'a T::State>,
 }
 
-/// Called after every step; snapshots, plots, progress bars and Ctrl-C hook in here.
+/// What an observer's evaluation found.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Evaluation {
+    /// The rule's regrowth PSNR in dB, compared with [`LoopOptions::stop_at_psnr`];
+    /// `None` when the observer does not score.
+    pub psnr_db: Option<f64>,
+    /// `Break` stops the loop after this evaluation, as from [`Observer::on_step`].
+    pub flow: ControlFlow<()>,
+}
+
+/// Called after every step; snapshots, plots, progress bars, periodic scores and Ctrl-C
+/// hook in here.
 pub trait Observer<T: Trainer> {
-    /// Return `Break` to stop after this step, or an error message to abort the run.
-    fn on_step(&mut self, ctx: &StepContext<'_, T>) -> Result<ControlFlow<()>, String>;
+    /// Why the observer failed, kept whole in [`TrainError::Observer`].
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Return `Break` to stop after this step, or an error to abort the run.
+    fn on_step(&mut self, ctx: &StepContext<'_, T>) -> Result<ControlFlow<()>, Self::Error>;
+
+    /// Scores the rule after step `step`, every [`LoopOptions::evaluate_every`] steps
+    /// (not after the last step of a run, which callers score themselves). The default
+    /// scores nothing, so the stop rule never fires.
+    fn on_evaluation(&mut self, step: u64, trainer: &mut T) -> Result<Evaluation, Self::Error> {
+        let _ = (step, trainer);
+        Ok(Evaluation {
+            psnr_db: None,
+            flow: ControlFlow::Continue(()),
+        })
+    }
 }
 
-impl<T: Trainer, F> Observer<T> for F
+impl<T: Trainer, F, E> Observer<T> for F
 where
-    F: FnMut(&StepContext<'_, T>) -> Result<ControlFlow<()>, String>,
+    F: FnMut(&StepContext<'_, T>) -> Result<ControlFlow<()>, E>,
+    E: std::error::Error + Send + Sync + 'static,
 {
-    fn on_step(&mut self, ctx: &StepContext<'_, T>) -> Result<ControlFlow<()>, String> {
+    type Error = E;
+
+    fn on_step(&mut self, ctx: &StepContext<'_, T>) -> Result<ControlFlow<()>, E> {
         self(ctx)
     }
 }
@@ -67,7 +108,9 @@ where
 pub struct NoObserver;
 
 impl<T: Trainer> Observer<T> for NoObserver {
-    fn on_step(&mut self, _ctx: &StepContext<'_, T>) -> Result<ControlFlow<()>, String> {
+    type Error = std::convert::Infallible;
+
+    fn on_step(&mut self, _ctx: &StepContext<'_, T>) -> Result<ControlFlow<()>, Self::Error> {
         Ok(ControlFlow::Continue(()))
     }
 }
@@ -83,16 +126,35 @@ pub struct LoopOptions {
     pub state_clamp: Option<f32>,
     /// Run seed from which all noise is derived.
     pub seed: u64,
+    /// Base learning rate (`training.learning_rate`).
+    pub learning_rate: f32,
+    /// How the learning rate changes with the step.
+    pub lr_schedule: LrSchedule,
+    /// Spike after this many steps without one, whatever the loss.
+    pub force_spike_after: Option<u64>,
+    /// What a spike does to the carried state.
+    pub spike_kind: SpikeKind,
+    /// Ask the observer for a score every this many steps.
+    pub evaluate_every: Option<u64>,
+    /// Stop once a score reaches this PSNR in dB.
+    pub stop_at_psnr: Option<f32>,
 }
 
 impl LoopOptions {
-    /// The loop settings of a config.
+    /// The loop settings of a config (no periodic scoring: that is the caller's choice).
     pub fn from_config(cfg: &NcaConfig) -> Self {
+        let t = &cfg.training;
         Self {
-            steps: cfg.training.steps,
-            max_spikes: cfg.training.max_spikes,
+            steps: t.steps,
+            max_spikes: t.max_spikes,
             state_clamp: cfg.model.state_clamp,
-            seed: cfg.training.seed,
+            seed: t.seed,
+            learning_rate: t.learning_rate,
+            lr_schedule: t.lr_schedule,
+            force_spike_after: t.spike.force_after,
+            spike_kind: t.spike.kind,
+            evaluate_every: None,
+            stop_at_psnr: t.stop_at_psnr,
         }
     }
 }
@@ -106,6 +168,11 @@ pub enum StopReason {
     MaxSpikes,
     /// The observer asked to stop (e.g. Ctrl-C).
     Interrupted,
+    /// A score reached `stop_at_psnr`.
+    ReachedPsnr {
+        /// The step after which it was scored.
+        step: u64,
+    },
 }
 
 /// The end of a [`train`] call.
@@ -144,10 +211,12 @@ pub fn start<T: Trainer>(
 
 /// Runs the single-trajectory training loop from `progress` until `options.steps`.
 ///
-/// Each step: add σ_small noise to the state; replace it by `s + f(s)` (the incoming
-/// state is a constant) while Adam updates the weights from this step's loss; if the
-/// schedule says so (loss < ε) add a σ_large spike to the state *carried forward*; clamp;
-/// tell the observer. Stops at `steps`, at `max_spikes`, or when the observer says so.
+/// Each step: set the scheduled learning rate; add σ_small noise to the state; replace it
+/// by `s + f(s)` (the incoming state is a constant) while Adam updates the weights from
+/// this step's loss; if the schedule says so (loss < ε), or `force_spike_after` steps
+/// passed without a spike, spike the state *carried forward*; clamp; tell the observer;
+/// every `evaluate_every` steps ask the observer for a score. Stops at `steps`, at
+/// `max_spikes`, when a score reaches `stop_at_psnr`, or when the observer says so.
 /// A NaN or infinite loss stops the run with [`TrainError::NonFiniteLoss`].
 pub fn train<T, N, O>(
     trainer: &mut T,
@@ -156,7 +225,7 @@ pub fn train<T, N, O>(
     options: &LoopOptions,
     progress: &mut Progress,
     observer: &mut O,
-) -> Result<TrainOutcome, TrainError<T::Error>>
+) -> Result<TrainOutcome, TrainError<T::Error, O::Error>>
 where
     T: Trainer,
     N: NoiseSchedule + ?Sized,
@@ -169,9 +238,16 @@ where
             last_loss,
         });
     }
+    let mut learning_rate = options.learning_rate;
     while progress.step < options.steps {
         let step = progress.step + 1;
         let backend = |source| TrainError::Backend { step, source };
+        if options.lr_schedule != LrSchedule::Constant {
+            learning_rate = options
+                .lr_schedule
+                .rate(options.learning_rate, step, options.steps);
+            trainer.set_learning_rate(learning_rate).map_err(backend)?;
+        }
         let sigma = schedule.sigma_small(step);
         trainer
             .add_noise(state, sigma, stream_seed(options.seed, step, Stream::Small))
@@ -180,14 +256,37 @@ where
         if !loss.is_finite() {
             return Err(TrainError::NonFiniteLoss { step, loss });
         }
-        let spiked = schedule.should_spike(loss, step);
-        if spiked {
-            let sigma = schedule.sigma_large(step);
-            trainer
-                .add_noise(state, sigma, stream_seed(options.seed, step, Stream::Spike))
-                .map_err(backend)?;
+        let below = schedule.should_spike(loss, step);
+        let since = step.saturating_sub(progress.last_spike.unwrap_or(0));
+        let forced = options.force_spike_after.is_some_and(|n| since >= n);
+        let mut spike_sigma = 0.0;
+        let mut before_reset = None;
+        if below || forced {
+            let seed = stream_seed(options.seed, step, Stream::Spike);
+            match options.spike_kind {
+                SpikeKind::Add => spike_sigma = schedule.sigma_large(step),
+                SpikeKind::Scaled(fraction) => {
+                    spike_sigma = fraction * trainer.download(state).map_err(backend)?.rms();
+                }
+                SpikeKind::Reset => {
+                    let shape = trainer.download(state).map_err(backend)?.dims4("state");
+                    let shape = shape.map_err(|e| backend(e.into()))?;
+                    let mut fresh = HostTensor::zeros(&shape);
+                    fill_gaussian(fresh.data_mut(), 1.0, seed);
+                    let fresh = trainer.upload(&fresh).map_err(backend)?;
+                    before_reset = Some(std::mem::replace(state, fresh));
+                }
+            }
+            if before_reset.is_none() {
+                trainer
+                    .add_noise(state, spike_sigma, seed)
+                    .map_err(backend)?;
+            }
             progress.spikes += 1;
-            progress.first_below_epsilon.get_or_insert(step);
+            progress.last_spike = Some(step);
+            if below {
+                progress.first_below_epsilon.get_or_insert(step);
+            }
         }
         if let Some(limit) = options.state_clamp {
             trainer.clamp(state, limit).map_err(backend)?;
@@ -197,29 +296,39 @@ where
         let info = StepInfo {
             step,
             loss,
-            spiked,
+            spiked: below || forced,
             spikes: progress.spikes,
+            spike_sigma,
+            learning_rate,
         };
         let ctx = StepContext {
             info,
             progress,
             trainer,
             state,
+            before_reset: before_reset.as_ref(),
         };
-        let flow = observer
-            .on_step(&ctx)
-            .map_err(|message| TrainError::Observer { step, message })?;
+        let observed = |source| TrainError::Observer { step, source };
+        let flow = observer.on_step(&ctx).map_err(observed)?;
+        let outcome = |reason| Ok(TrainOutcome { reason, last_loss });
         if flow.is_break() {
-            return Ok(TrainOutcome {
-                reason: StopReason::Interrupted,
-                last_loss,
-            });
+            return outcome(StopReason::Interrupted);
         }
         if options.max_spikes.is_some_and(|m| progress.spikes >= m) {
-            return Ok(TrainOutcome {
-                reason: StopReason::MaxSpikes,
-                last_loss,
-            });
+            return outcome(StopReason::MaxSpikes);
+        }
+        let scored = options
+            .evaluate_every
+            .is_some_and(|every| step.is_multiple_of(every) && step < options.steps);
+        if scored {
+            let evaluation = observer.on_evaluation(step, trainer).map_err(observed)?;
+            let reached = evaluation.psnr_db.zip(options.stop_at_psnr);
+            if reached.is_some_and(|(psnr, goal)| psnr >= f64::from(goal)) {
+                return outcome(StopReason::ReachedPsnr { step });
+            }
+            if evaluation.flow.is_break() {
+                return outcome(StopReason::Interrupted);
+            }
         }
     }
     Ok(TrainOutcome {
@@ -287,6 +396,33 @@ mod tests {
         model: ModelConfig,
         losses: Vec<f32>,
         calls: usize,
+        /// Every learning rate set, in order.
+        rates: Vec<f32>,
+        /// Leave the state as it is instead of zeroing it.
+        keep_state: bool,
+    }
+
+    impl Scripted {
+        fn new(losses: &[f32]) -> Self {
+            Self {
+                model: ModelConfig::plain(),
+                losses: losses.to_vec(),
+                calls: 0,
+                rates: Vec::new(),
+                keep_state: false,
+            }
+        }
+    }
+
+    /// Loop options for `steps` steps with the original rules.
+    fn options(steps: u64, max_spikes: Option<u64>, seed: u64) -> LoopOptions {
+        LoopOptions {
+            steps,
+            max_spikes,
+            state_clamp: None,
+            seed,
+            ..LoopOptions::from_config(&NcaConfig::default())
+        }
     }
 
     impl Transition for Scripted {
@@ -326,7 +462,9 @@ mod tests {
             Ok((0.0, Weights::zeros(&self.model)))
         }
         fn train_step(&mut self, state: &mut HostTensor) -> Result<f32, TensorError> {
-            *state = HostTensor::zeros(state.shape());
+            if !self.keep_state {
+                *state = HostTensor::zeros(state.shape());
+            }
             self.calls += 1;
             Ok(self.losses[self.calls - 1])
         }
@@ -334,6 +472,10 @@ mod tests {
             Ok(AdamState::new(&self.model))
         }
         fn set_adam_state(&mut self, _: &AdamState) -> Result<(), TensorError> {
+            Ok(())
+        }
+        fn set_learning_rate(&mut self, rate: f32) -> Result<(), TensorError> {
+            self.rates.push(rate);
             Ok(())
         }
     }
@@ -345,28 +487,19 @@ mod tests {
         epsilon: f32,
         max_spikes: Option<u64>,
     ) -> (Progress, StopReason, Vec<f32>) {
-        let mut t = Scripted {
-            model: ModelConfig::plain(),
-            losses: losses.to_vec(),
-            calls: 0,
-        };
+        let mut t = Scripted::new(losses);
         let mut state = HostTensor::zeros(&[1, 3, 16, 16]);
         let schedule = ConstantNoise {
             sigma_small: 0.01,
             sigma_large: 0.1,
             epsilon,
         };
-        let options = LoopOptions {
-            steps: losses.len() as u64,
-            max_spikes,
-            state_clamp: None,
-            seed: 9,
-        };
+        let options = options(losses.len() as u64, max_spikes, 9);
         let mut progress = Progress::default();
         let mut rms = Vec::new();
         let mut observe = |ctx: &StepContext<'_, Scripted>| {
             rms.push(ctx.state.rms());
-            Ok(ControlFlow::Continue(()))
+            Ok::<_, std::convert::Infallible>(ControlFlow::Continue(()))
         };
         let outcome = train(
             &mut t,
@@ -413,19 +546,280 @@ mod tests {
     }
 
     #[test]
-    fn a_non_finite_loss_is_an_error_naming_the_step() {
-        let mut t = Scripted {
-            model: ModelConfig::plain(),
-            losses: vec![0.5, f32::NAN],
-            calls: 0,
+    fn a_forced_spike_comes_after_n_quiet_steps_and_counts_from_the_last_spike() {
+        let mut t = Scripted::new(&[0.5, 0.5, 0.5, 0.05, 0.5, 0.5, 0.5, 0.5]);
+        let mut state = HostTensor::zeros(&[1, 3, 16, 16]);
+        let schedule = ConstantNoise {
+            sigma_small: 0.0,
+            sigma_large: 0.1,
+            epsilon: 0.1,
         };
-        let mut state = HostTensor::zeros(&[1, 3, 4, 4]);
         let options = LoopOptions {
-            steps: 5,
-            max_spikes: None,
-            state_clamp: None,
-            seed: 1,
+            force_spike_after: Some(3),
+            ..options(8, None, 3)
         };
+        let mut progress = Progress::default();
+        let mut spiked = Vec::new();
+        let mut observe = |ctx: &StepContext<'_, Scripted>| {
+            spiked.push(ctx.info.spiked);
+            Ok::<_, std::convert::Infallible>(ControlFlow::Continue(()))
+        };
+        train(
+            &mut t,
+            &mut state,
+            &schedule,
+            &options,
+            &mut progress,
+            &mut observe,
+        )
+        .unwrap();
+        // Step 3 is forced (3 quiet steps), 4 is below ε, 7 forced 3 steps after 4.
+        let expected = [false, false, true, true, false, false, true, false];
+        assert_eq!(spiked, expected);
+        assert_eq!(progress.spikes, 3);
+        assert_eq!(progress.last_spike, Some(7));
+        // Only the loss below ε counts as having reached it.
+        assert_eq!(progress.first_below_epsilon, Some(4));
+    }
+
+    #[test]
+    fn a_reset_spike_replaces_the_state_with_unit_noise_and_keeps_the_old_one_for_pictures() {
+        let mut t = Scripted::new(&[0.05, 0.5]);
+        let mut state = HostTensor::zeros(&[1, 3, 16, 16]);
+        let schedule = ConstantNoise {
+            sigma_small: 0.0,
+            sigma_large: 0.1,
+            epsilon: 0.1,
+        };
+        let options = LoopOptions {
+            spike_kind: SpikeKind::Reset,
+            ..options(2, None, 3)
+        };
+        let mut seen = Vec::new();
+        let mut observe = |ctx: &StepContext<'_, Scripted>| {
+            seen.push((
+                ctx.state.rms(),
+                ctx.before_reset.map(HostTensor::rms),
+                ctx.info.spike_sigma,
+            ));
+            Ok::<_, std::convert::Infallible>(ControlFlow::Continue(()))
+        };
+        let mut progress = Progress::default();
+        train(
+            &mut t,
+            &mut state,
+            &schedule,
+            &options,
+            &mut progress,
+            &mut observe,
+        )
+        .unwrap();
+        let (rms, before, sigma) = seen[0];
+        assert!((rms - 1.0).abs() < 0.1, "reset state RMS {rms}");
+        assert_eq!((before, sigma), (Some(0.0), 0.0));
+        assert_eq!(seen[1], (0.0, None, 0.0));
+    }
+
+    #[test]
+    fn a_scaled_spike_is_relative_to_the_state() {
+        let mut t = Scripted::new(&[0.05]);
+        t.keep_state = true;
+        let mut state = HostTensor::filled(&[1, 3, 16, 16], 2.0);
+        let schedule = ConstantNoise {
+            sigma_small: 0.0,
+            sigma_large: 0.1,
+            epsilon: 0.1,
+        };
+        let options = LoopOptions {
+            spike_kind: SpikeKind::Scaled(0.5),
+            ..options(1, None, 3)
+        };
+        let mut sigma = None;
+        let mut observe = |ctx: &StepContext<'_, Scripted>| {
+            sigma = Some(ctx.info.spike_sigma);
+            Ok::<_, std::convert::Infallible>(ControlFlow::Continue(()))
+        };
+        let mut progress = Progress::default();
+        train(
+            &mut t,
+            &mut state,
+            &schedule,
+            &options,
+            &mut progress,
+            &mut observe,
+        )
+        .unwrap();
+        // Half the RMS (2) of the state it was added to, not σ_large.
+        assert_eq!(sigma, Some(1.0));
+        let moved = (state.rms().powi(2) - 4.0).sqrt();
+        assert!((moved - 1.0).abs() < 0.1, "spike RMS {moved}");
+    }
+
+    #[test]
+    fn the_schedule_sets_the_rate_of_every_step_and_a_constant_rate_is_left_alone() {
+        let mut t = Scripted::new(&[0.5; 4]);
+        let mut state = HostTensor::zeros(&[1, 3, 4, 4]);
+        let schedule = ConstantNoise::from(&crate::config::NoiseConfig::default());
+        let lr_schedule = LrSchedule::WarmupCosine {
+            warmup_steps: 2,
+            final_fraction: 0.0,
+        };
+        let opts = LoopOptions {
+            learning_rate: 1.0,
+            lr_schedule,
+            ..options(4, None, 1)
+        };
+        let mut progress = Progress::default();
+        train(
+            &mut t,
+            &mut state,
+            &schedule,
+            &opts,
+            &mut progress,
+            &mut NoObserver,
+        )
+        .unwrap();
+        assert_eq!(t.rates, vec![0.5, 1.0, 0.5, 0.0]);
+        // Resuming at step 2 continues the schedule where it was.
+        let mut resumed = Scripted::new(&[0.5; 2]);
+        let mut progress = Progress {
+            step: 2,
+            ..Progress::default()
+        };
+        train(
+            &mut resumed,
+            &mut state,
+            &schedule,
+            &opts,
+            &mut progress,
+            &mut NoObserver,
+        )
+        .unwrap();
+        assert_eq!(resumed.rates, vec![0.5, 0.0]);
+        let mut constant = Scripted::new(&[0.5; 3]);
+        train(
+            &mut constant,
+            &mut state,
+            &schedule,
+            &options(3, None, 1),
+            &mut Progress::default(),
+            &mut NoObserver,
+        )
+        .unwrap();
+        assert!(constant.rates.is_empty());
+    }
+
+    /// Scores from a list, and records the steps it was asked at.
+    struct Scores {
+        psnr: Vec<f64>,
+        asked: Vec<u64>,
+    }
+
+    impl Observer<Scripted> for Scores {
+        type Error = TensorError;
+        fn on_step(
+            &mut self,
+            _: &StepContext<'_, Scripted>,
+        ) -> Result<ControlFlow<()>, TensorError> {
+            Ok(ControlFlow::Continue(()))
+        }
+        fn on_evaluation(
+            &mut self,
+            step: u64,
+            _: &mut Scripted,
+        ) -> Result<Evaluation, TensorError> {
+            self.asked.push(step);
+            let psnr = self.psnr.get(self.asked.len() - 1).copied();
+            if psnr.is_some_and(f64::is_nan) {
+                return Err(TensorError::Missing("score".into()));
+            }
+            Ok(Evaluation {
+                psnr_db: psnr,
+                flow: ControlFlow::Continue(()),
+            })
+        }
+    }
+
+    fn scored(
+        psnr: &[f64],
+        stop_at: Option<f32>,
+        steps: u64,
+    ) -> (Result<StopReason, String>, Vec<u64>) {
+        let mut t = Scripted::new(&vec![0.5; steps as usize]);
+        let mut state = HostTensor::zeros(&[1, 3, 4, 4]);
+        let opts = LoopOptions {
+            evaluate_every: Some(2),
+            stop_at_psnr: stop_at,
+            ..options(steps, None, 1)
+        };
+        let mut obs = Scores {
+            psnr: psnr.to_vec(),
+            asked: Vec::new(),
+        };
+        let r = train(
+            &mut t,
+            &mut state,
+            &ConstantNoise::from(&crate::config::NoiseConfig::default()),
+            &opts,
+            &mut Progress::default(),
+            &mut obs,
+        );
+        (r.map(|o| o.reason).map_err(|e| e.to_string()), obs.asked)
+    }
+
+    #[test]
+    fn scores_are_asked_for_every_n_steps_and_stop_the_loop_at_the_psnr() {
+        // Never after the last step: the caller scores the final rule itself.
+        assert_eq!(
+            scored(&[10.0; 9], None, 7),
+            (Ok(StopReason::Steps), vec![2, 4, 6])
+        );
+        assert_eq!(
+            scored(&[10.0; 9], None, 6),
+            (Ok(StopReason::Steps), vec![2, 4])
+        );
+        assert_eq!(
+            scored(&[10.0, 29.9, 30.0, 40.0], Some(30.0), 20),
+            (Ok(StopReason::ReachedPsnr { step: 6 }), vec![2, 4, 6])
+        );
+        assert_eq!(
+            scored(&[50.0; 3], Some(30.0), 20).0,
+            Ok(StopReason::ReachedPsnr { step: 2 })
+        );
+    }
+
+    #[test]
+    fn an_observer_error_is_kept_typed_with_its_step() {
+        let mut t = Scripted::new(&[0.5; 6]);
+        let mut state = HostTensor::zeros(&[1, 3, 4, 4]);
+        let opts = LoopOptions {
+            evaluate_every: Some(2),
+            ..options(6, None, 1)
+        };
+        let mut obs = Scores {
+            psnr: vec![10.0, f64::NAN],
+            asked: Vec::new(),
+        };
+        let err = train(
+            &mut t,
+            &mut state,
+            &ConstantNoise::from(&crate::config::NoiseConfig::default()),
+            &opts,
+            &mut Progress::default(),
+            &mut obs,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, TrainError::Observer { step: 4, source: TensorError::Missing(m) } if m == "score"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_non_finite_loss_is_an_error_naming_the_step() {
+        let mut t = Scripted::new(&[0.5, f32::NAN]);
+        let mut state = HostTensor::zeros(&[1, 3, 4, 4]);
+        let options = options(5, None, 1);
         let err = train(
             &mut t,
             &mut state,

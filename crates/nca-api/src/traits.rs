@@ -124,6 +124,10 @@ pub trait Trainer: Transition {
 
     /// Restores the optimiser's moments and step count (for resuming).
     fn set_adam_state(&mut self, state: &AdamState) -> Result<(), Self::Error>;
+
+    /// Sets the learning rate of the next updates; the training loop calls it before each
+    /// step when `training.lr_schedule` varies the rate.
+    fn set_learning_rate(&mut self, learning_rate: f32) -> Result<(), Self::Error>;
 }
 
 /// When and how much noise the training loop injects.

@@ -115,6 +115,7 @@ fn valid_checkpoint() -> Checkpoint {
             step: 40,
             spikes: 3,
             first_below_epsilon: Some(30),
+            last_spike: Some(38),
         },
         state: Some(HostTensor::filled(&config.state_shape(), 0.25)),
         backend: "fuzz".into(),

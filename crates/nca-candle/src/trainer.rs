@@ -145,4 +145,9 @@ impl Trainer for CandleTrainer {
         self.adam_step = state.step;
         Ok(())
     }
+
+    fn set_learning_rate(&mut self, learning_rate: f32) -> Result<(), Error> {
+        self.optim.learning_rate = learning_rate;
+        Ok(())
+    }
 }

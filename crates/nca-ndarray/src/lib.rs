@@ -420,4 +420,9 @@ impl Trainer for NdarrayTrainer {
         self.adam = FlatAdam::from_state(state, &self.model)?;
         Ok(())
     }
+
+    fn set_learning_rate(&mut self, learning_rate: f32) -> Result<(), Error> {
+        self.optim.learning_rate = learning_rate;
+        Ok(())
+    }
 }

@@ -104,7 +104,7 @@ impl Job for Measure {
         // Runs the real loop until `done` holds, then waits for queued device work.
         let mut run_until = |done: &dyn Fn(&StepContext<'_, T>) -> bool| -> Result<()> {
             let mut observer = |ctx: &StepContext<'_, T>| {
-                Ok(if done(ctx) {
+                Ok::<_, std::convert::Infallible>(if done(ctx) {
                     ControlFlow::Break(())
                 } else {
                     ControlFlow::Continue(())

@@ -220,6 +220,13 @@ impl RunConfig {
             );
         }
         self.evaluation.validate()?;
+        if let (Some(psnr), None) = (self.training.stop_at_psnr, self.evaluation.every) {
+            bail!(
+                "invalid config field `training.stop_at_psnr`: {psnr} dB is checked when the \
+                 rule is scored during training, which needs `evaluation.every` (e.g. \
+                 `evaluation: (every: 1000)`)"
+            );
+        }
         self.target.validate()
     }
 
@@ -301,6 +308,13 @@ mod tests {
             let msg = format!("{:#}", cfg.validate().expect_err("rejected"));
             assert!(msg.contains(field), "{msg}");
         }
+        let text = "(training: (stop_at_psnr: 30.0), target: Solid(1.0, 0.0, 0.0))";
+        let cfg = RunConfig::from_ron(text, "t.ron").expect("parses");
+        let msg = format!("{:#}", cfg.validate().expect_err("rejected"));
+        assert!(
+            msg.contains("training.stop_at_psnr") && msg.contains("evaluation.every"),
+            "{msg}"
+        );
         let text = "(evaluation: (steps: 50, seeds: 4, every: 500), target: Solid(1.0, 0.0, 0.0))";
         let cfg = RunConfig::from_ron(text, "t.ron").expect("parses");
         cfg.validate().expect("valid");

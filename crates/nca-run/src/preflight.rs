@@ -507,8 +507,14 @@ mod tests {
             let path = entry.expect("entry").path();
             if path.extension().is_some_and(|e| e == "ron") {
                 let cfg = RunConfig::load(&path).expect("loads");
-                check_run(&cfg, &cfg.nca(), Backend::Ndarray, &MemoryLimit::new(GIB))
-                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                // 4 GiB: the 256×256 example needs 2.4 GiB for its regrowth score.
+                check_run(
+                    &cfg,
+                    &cfg.nca(),
+                    Backend::Ndarray,
+                    &MemoryLimit::new(4 * GIB),
+                )
+                .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             }
         }
     }

@@ -36,6 +36,8 @@ pub(crate) struct GivenTraining {
     steps: bool,
     #[serde(deserialize_with = "present")]
     learning_rate: bool,
+    #[serde(deserialize_with = "present")]
+    lr_schedule: bool,
 }
 
 /// Which sized fields of a run file were written (everything else is ignored here).
@@ -46,32 +48,9 @@ pub(crate) struct Given {
     training: GivenTraining,
 }
 
-/// Values chosen for a grid of `height × width` cells.
-#[derive(Clone, Debug, PartialEq)]
-pub struct GridDefaults {
-    /// `model.position_octaves`.
-    pub position_octaves: Option<u32>,
-    /// `model.mlp_hidden`.
-    pub mlp_hidden: Option<usize>,
-    /// `training.steps`.
-    pub steps: u64,
-    /// `training.learning_rate`.
-    pub learning_rate: f32,
-}
-
-impl GridDefaults {
-    /// The values for a `height × width` grid.
-    pub fn for_grid(_height: usize, _width: usize) -> Self {
-        let model = nca_api::ModelConfig::default();
-        let training = nca_api::TrainingConfig::default();
-        Self {
-            position_octaves: model.position_octaves,
-            mlp_hidden: model.mlp_hidden,
-            steps: training.steps,
-            learning_rate: training.learning_rate,
-        }
-    }
-}
+/// Values chosen for a grid of `height × width` cells: nca-api's sizing rule (see
+/// [`nca_api::SizedDefaults::for_grid`]).
+pub type GridDefaults = nca_api::SizedDefaults;
 
 /// Fills the fields `given` does not list with the values for `cfg`'s grid; returns what
 /// was chosen, in the order of the run file.
@@ -95,10 +74,97 @@ pub(crate) fn apply(cfg: &mut RunConfig, given: &Given) -> Vec<Chosen> {
         cfg.training.learning_rate = d.learning_rate;
         choose("training.learning_rate", format!("{:?}", d.learning_rate));
     }
+    if !given.training.lr_schedule {
+        cfg.training.lr_schedule = d.lr_schedule;
+        choose("training.lr_schedule", ron_value(&d.lr_schedule));
+    }
     chosen
 }
 
 /// An optional value as a run file writes it.
 fn ron_option<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "None".to_string(), |x| x.to_string())
+}
+
+/// A value as a run file writes it (`WarmupCosine(warmup_steps: 500, final_fraction: 0.1)`).
+fn ron_value<T: serde::Serialize>(v: &T) -> String {
+    crate::config::ron_options()
+        .to_string(v)
+        .unwrap_or_else(|e| format!("<{e}>"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Backend;
+    use nca_api::{LrSchedule, MemoryLimit};
+
+    fn sized(text: &str) -> (RunConfig, Vec<Chosen>) {
+        let mut cfg = RunConfig::from_ron(text, "t.ron").expect("parses");
+        let given: Given = crate::config::ron_options().from_str(text).expect("parses");
+        let chosen = apply(&mut cfg, &given);
+        (cfg, chosen)
+    }
+
+    #[test]
+    fn a_small_grid_keeps_the_defaults_and_a_large_one_gets_the_large_model() {
+        let (small, chosen) = sized("(target: Solid(1.0, 0.0, 0.0))");
+        assert_eq!(small.nca(), nca_api::NcaConfig::default());
+        assert_eq!(chosen.len(), 5);
+        let (large, chosen) =
+            sized("(grid: (height: 128, width: 128), target: Solid(1.0, 0.0, 0.0))");
+        assert_eq!(large.model.position_octaves, Some(7));
+        assert_eq!(large.model.mlp_hidden, Some(256));
+        assert_eq!(large.training.steps, 18_000);
+        assert!(matches!(
+            large.training.lr_schedule,
+            LrSchedule::WarmupCosine { .. }
+        ));
+        let schedule = chosen
+            .iter()
+            .find(|c| c.field == "training.lr_schedule")
+            .expect("chosen");
+        assert_eq!(
+            schedule.value,
+            "WarmupCosine(warmup_steps:500,final_fraction:0.1)"
+        );
+    }
+
+    #[test]
+    fn written_values_win_even_when_they_are_the_small_defaults() {
+        let (cfg, chosen) = sized(
+            "(grid: (height: 128, width: 128), model: (mlp_hidden: None), \
+             training: (steps: 50, lr_schedule: Constant), target: Solid(1.0, 0.0, 0.0))",
+        );
+        assert_eq!(cfg.model.mlp_hidden, None);
+        assert_eq!(cfg.training.steps, 50);
+        assert_eq!(cfg.training.lr_schedule, LrSchedule::Constant);
+        assert_eq!(cfg.model.position_octaves, Some(7));
+        let fields: Vec<&str> = chosen.iter().map(|c| c.field).collect();
+        assert_eq!(fields, ["model.position_octaves", "training.learning_rate"]);
+    }
+
+    /// The chosen 256×256 model trains within 4 GiB (half of a small 8 GiB machine, the
+    /// default limit there) on every compiled CPU backend, score and pictures included, with the
+    /// pictures at their natural size (`examples/cat256.ron`); at the default 8× scale
+    /// the pictures alone do not fit and the run is refused up front, naming the field.
+    #[test]
+    fn the_chosen_256_model_fits_a_small_machine_on_every_cpu_backend() {
+        let grid = "grid: (height: 256, width: 256), target: Solid(1.0, 0.0, 0.0)";
+        let (cfg, _) = sized(&format!("({grid}, output: (scale: 1))"));
+        assert_eq!(cfg.model.position_octaves, Some(8));
+        let limit = MemoryLimit::new(4 << 30);
+        // Every CPU backend compiled into this test build (`--features dfdx,candle` for all).
+        for backend in Backend::compiled()
+            .into_iter()
+            .filter(|b| *b != Backend::CandleCuda)
+        {
+            crate::preflight::check_run(&cfg, &cfg.nca(), backend, &limit)
+                .unwrap_or_else(|e| panic!("{}: {e:#}", backend.name()));
+        }
+        let (cfg, _) = sized(&format!("({grid})"));
+        let err = crate::preflight::check_run(&cfg, &cfg.nca(), Backend::Ndarray, &limit)
+            .expect_err("refused");
+        assert!(format!("{err:#}").contains("output.scale"), "{err:#}");
+    }
 }

@@ -4,9 +4,11 @@ use std::ops::ControlFlow;
 
 use nca_api::eval::{regrowth, RegrowthOptions, DEFAULT_EVAL_STEPS};
 use nca_api::io::TensorFile;
+use nca_api::noise::{fill_gaussian, stream_seed, Stream};
 use nca_api::{
     train, AdamState, ConstantNoise, HostTensor, LoopOptions, ModelConfig, NcaConfig, NoObserver,
-    OptimizerConfig, Param, Progress, StepContext, Trainer, Transition, Weights,
+    OptimizerConfig, Param, Progress, SpikeKind, SpikeRule, StepContext, Trainer, Transition,
+    Weights,
 };
 use rand::{Rng, SeedableRng};
 
@@ -473,7 +475,7 @@ fn run<H: Harness>(
     let mut losses = Vec::new();
     let mut record = |ctx: &StepContext<'_, Backend<H>>| {
         losses.push(ctx.info.loss);
-        Ok(ControlFlow::Continue(()))
+        Ok::<_, std::convert::Infallible>(ControlFlow::Continue(()))
     };
     train(
         &mut t,
@@ -655,6 +657,133 @@ pub fn spike_moves_carried_state_by_sigma_large<H: Harness>() {
     assert!(
         (rms / 0.1 - 1.0).abs() < 0.03,
         "spike moved the carried state by RMS {rms}, expected 0.1"
+    );
+}
+
+/// The spike rules of `training.spike` on this backend: a forced reset after
+/// `force_after` quiet steps leaves exactly the spike stream's N(0, 1) draw (clamped) in
+/// the carried state, and a scaled spike moves the state by its fraction of the state's
+/// RMS (measured against an identical run without a spike).
+pub fn spike_rules_reset_and_scale_the_carried_state<H: Harness>() {
+    let mut cfg = NcaConfig {
+        grid: nca_api::GridConfig {
+            height: 16,
+            width: 16,
+            batch: 2,
+        },
+        ..NcaConfig::default()
+    };
+    cfg.training.steps = 5;
+    cfg.training.seed = 4;
+    cfg.training.spike = SpikeRule {
+        force_after: Some(2),
+        kind: SpikeKind::Reset,
+        ..SpikeRule::default()
+    };
+    let never = ConstantNoise {
+        epsilon: -1.0,
+        ..ConstantNoise::from(&cfg.noise)
+    };
+    let mut t = build::<H>(&cfg.model, &cfg.training.optimizer());
+    let mut state = nca_api::start(&mut t, &cfg, &solid_red(&cfg)).unwrap();
+    let mut seen = Vec::new();
+    let mut watch = |ctx: &StepContext<'_, Backend<H>>| {
+        let host = ctx.trainer.download(ctx.state).unwrap();
+        let before = ctx.before_reset.map(|s| ctx.trainer.download(s).unwrap());
+        seen.push((ctx.info.spiked, host, before));
+        Ok::<_, std::convert::Infallible>(ControlFlow::Continue(()))
+    };
+    let mut progress = Progress::default();
+    let options = LoopOptions::from_config(&cfg);
+    train(
+        &mut t,
+        &mut state,
+        &never,
+        &options,
+        &mut progress,
+        &mut watch,
+    )
+    .unwrap();
+    let spiked: Vec<bool> = seen.iter().map(|s| s.0).collect();
+    assert_eq!(spiked, [false, true, false, true, false]);
+    assert_eq!((progress.spikes, progress.first_below_epsilon), (2, None));
+    let limit = cfg.model.state_clamp.unwrap();
+    let mut fresh = HostTensor::zeros(&cfg.state_shape());
+    fill_gaussian(fresh.data_mut(), 1.0, stream_seed(4, 2, Stream::Spike));
+    fresh
+        .data_mut()
+        .iter_mut()
+        .for_each(|x| *x = x.clamp(-limit, limit));
+    assert_eq!(seen[1].1, fresh, "the state after the reset at step 2");
+    let before = seen[1]
+        .2
+        .as_ref()
+        .expect("the state before the reset is shown");
+    assert_ne!(before, &fresh);
+    assert!(seen[0].2.is_none() && seen[2].2.is_none());
+
+    cfg.model.state_clamp = None;
+    cfg.training.steps = 1;
+    cfg.training.spike = SpikeRule {
+        kind: SpikeKind::Scaled(0.5),
+        ..SpikeRule::default()
+    };
+    let always = ConstantNoise {
+        epsilon: f32::INFINITY,
+        ..never
+    };
+    let (ts, spiked, ps, _) = run::<H>(&cfg, &always);
+    let (tc, calm, _, _) = run::<H>(&cfg, &never);
+    assert_eq!(ps.spikes, 1);
+    let a = ts.download(&spiked).unwrap();
+    let b = tc.download(&calm).unwrap();
+    let diff: Vec<f32> = a.data().iter().zip(b.data()).map(|(x, y)| x - y).collect();
+    let rms = HostTensor::new(a.shape(), diff).unwrap().rms();
+    let expected = 0.5 * b.rms();
+    assert!(
+        (rms / expected - 1.0).abs() < 0.03,
+        "a scaled spike moved the state by RMS {rms}, expected {expected}"
+    );
+}
+
+/// `set_learning_rate` changes the next update exactly as building the trainer with that
+/// rate does (the loop's learning-rate schedule goes through it).
+pub fn set_learning_rate_changes_the_next_update<H: Harness>() {
+    let model = ModelConfig::default();
+    let rate = |learning_rate| OptimizerConfig {
+        learning_rate,
+        ..OptimizerConfig::default()
+    };
+    let updated = |built: f32, set: Option<f32>| {
+        let mut t = build::<H>(&model, &rate(built));
+        if let Some(lr) = set {
+            t.set_learning_rate(lr).unwrap();
+        }
+        t.set_weights(&random_weights(&model, 61)).unwrap();
+        t.set_target(&random_tensor(&[1, 3, 6, 5], 62)).unwrap();
+        let mut state = t.upload(&random_tensor(&[1, 3, 6, 5], 63)).unwrap();
+        t.train_step(&mut state).unwrap();
+        t.weights().unwrap().flatten()
+    };
+    let before = random_weights(&model, 61).flatten();
+    let set = updated(1e-3, Some(4e-3));
+    let built = updated(4e-3, None);
+    let unset = updated(1e-3, None);
+    let move_of = |w: &[f32]| -> f64 {
+        w.iter()
+            .zip(&before)
+            .map(|(a, b)| f64::from(a - b).abs())
+            .sum()
+    };
+    Tolerance::FORWARD.assert_close(
+        "weights after an update at a rate set later",
+        &set,
+        &built.iter().map(|&x| f64::from(x)).collect::<Vec<_>>(),
+    );
+    let ratio = move_of(&set) / move_of(&unset);
+    assert!(
+        (ratio - 4.0).abs() < 0.01,
+        "four times the rate moved the weights {ratio} times as far"
     );
 }
 

@@ -140,7 +140,7 @@ fn trained<T: Trainer>(t: &mut T, cfg: &NcaConfig) -> (Vec<f32>, Weights) {
     let mut losses = Vec::new();
     let mut record = |ctx: &nca_api::StepContext<'_, T>| {
         losses.push(ctx.info.loss);
-        Ok(std::ops::ControlFlow::Continue(()))
+        Ok::<_, std::convert::Infallible>(std::ops::ControlFlow::Continue(()))
     };
     train(
         t,

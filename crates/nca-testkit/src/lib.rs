@@ -111,6 +111,8 @@ macro_rules! conformance_tests {
             solid_red_converges_with_the_default_model,
             a_real_picture_grows_from_noise,
             spike_moves_carried_state_by_sigma_large,
+            spike_rules_reset_and_scale_the_carried_state,
+            set_learning_rate_changes_the_next_update,
             same_seed_same_losses,
             hidden_channels_do_not_enter_the_loss,
             weights_and_adam_state_round_trip,

@@ -109,6 +109,8 @@ pub enum Status {
     Completed,
     /// Stopped by `training.max_spikes`.
     MaxSpikes,
+    /// Stopped by `training.stop_at_psnr`: a score during training reached it.
+    ReachedPsnr,
     /// Stopped by Ctrl-C (or an event handler asking to stop).
     Interrupted,
     /// The loss became NaN or infinite.
@@ -123,6 +125,7 @@ impl Status {
         match self {
             Status::Completed => "completed",
             Status::MaxSpikes => "max_spikes",
+            Status::ReachedPsnr => "reached_psnr",
             Status::Interrupted => "interrupted",
             Status::Diverged => "diverged",
             Status::Failed => "failed",
@@ -157,7 +160,8 @@ pub struct Summary {
     pub spikes: u64,
     /// Loss of the last step (`null` when it was not finite).
     pub final_loss: Option<f32>,
-    /// The spike threshold ε.
+    /// The spike threshold ε (`noise.epsilon`, or the one `training.spike.threshold`
+    /// computed from the target).
     pub epsilon: f32,
     /// First step whose loss was below ε.
     pub first_step_below_epsilon: Option<u64>,
@@ -167,6 +171,13 @@ pub struct Summary {
     pub train_seconds: f64,
     /// `steps_run / train_seconds`.
     pub steps_per_second: f64,
+    /// Seconds of `train_seconds` spent scoring the rule during training
+    /// (`evaluation.every`).
+    pub evaluation_seconds: f64,
+    /// The stop rule `training.stop_at_psnr` in dB, if any.
+    pub stop_at_psnr: Option<f32>,
+    /// The step after which a score reached `stop_at_psnr` (status `reached_psnr`).
+    pub reached_psnr_at_step: Option<u64>,
     /// The regrowth score of the final rule (`null` when the run failed).
     pub regrowth: Option<RegrowthScore>,
 }
@@ -280,4 +291,74 @@ pub fn train(request: &TrainRequest, events: &mut dyn Events) -> Result<RunResul
         &plan.nca.training.optimizer(),
         job,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Event, Quiet};
+
+    /// An 8×8 solid-green run file with `training` and `evaluation` section bodies.
+    fn tiny(dir: &std::path::Path, training: &str, evaluation: &str) -> TrainRequest {
+        let text = format!(
+            "(grid: (height: 8, width: 8), training: ({training}), \
+             target: Solid(0.0, 1.0, 0.0), output: (snapshot_every: 50, scale: 1), \
+             evaluation: ({evaluation}))"
+        );
+        let path = dir.join("t.ron");
+        std::fs::write(&path, text).expect("run file");
+        TrainRequest {
+            output: Output::Dir(dir.join("out")),
+            ..TrainRequest::file(path, crate::backend::Backend::Ndarray)
+        }
+    }
+
+    #[test]
+    fn the_psnr_stop_rule_ends_the_run_at_a_score_and_the_summary_says_where() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let request = tiny(
+            tmp.path(),
+            "steps: 2000, learning_rate: 0.01, stop_at_psnr: 25.0",
+            "steps: 10, seeds: 2, every: 40",
+        );
+        let mut scored = Vec::new();
+        let mut events = |e: &Event<'_>| {
+            if let Event::Evaluation { step, score } = e {
+                scored.push((*step, score.mean_psnr_db));
+            }
+            std::ops::ControlFlow::Continue(())
+        };
+        let result = train(&request, &mut events).expect("trains");
+        assert_eq!(result.status, Status::ReachedPsnr);
+        let step = result.summary.reached_psnr_at_step.expect("step");
+        assert_eq!(result.summary.final_step, step);
+        assert!(step < 2000 && step.is_multiple_of(40), "stopped at {step}");
+        // Every score before the last was below the goal, the last one reached it.
+        let (last, earlier) = scored.split_last().expect("scored");
+        assert_eq!(last.0, step);
+        assert!(
+            last.1 >= 25.0 && earlier.iter().all(|s| s.1 < 25.0),
+            "{scored:?}"
+        );
+        assert!(result.summary.evaluation_seconds > 0.0);
+        assert!(result.summary.evaluation_seconds <= result.summary.train_seconds);
+        let summary: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(tmp.path().join("out/summary.json")).expect("summary"),
+        )
+        .expect("json");
+        assert_eq!(summary["status"], "reached_psnr");
+        assert_eq!(summary["reached_psnr_at_step"], step);
+        assert_eq!(summary["stop_at_psnr"], 25.0);
+    }
+
+    #[test]
+    fn without_a_stop_rule_the_run_completes_and_scores_along_the_way() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let request = tiny(tmp.path(), "steps: 90", "steps: 5, seeds: 1, every: 40");
+        let result = train(&request, &mut Quiet).expect("trains");
+        assert_eq!(result.status, Status::Completed);
+        assert_eq!(result.summary.reached_psnr_at_step, None);
+        let steps: Vec<u64> = result.psnr.iter().map(|r| r.0).collect();
+        assert_eq!(steps, [40, 80, 90]);
+    }
 }

@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use nca_api::noise::{add_gaussian, stream_seed, Stream};
 use nca_api::{
-    Checkpoint, ConstantNoise, HostTensor, LoopOptions, Observer, Progress, StepContext,
-    StopReason, TrainError, Trainer,
+    Checkpoint, ConstantNoise, Evaluation, HostTensor, LoopOptions, Observer, Progress,
+    StepContext, StopReason, TrainError, Trainer,
 };
 
 use super::artefacts;
@@ -18,6 +18,7 @@ use super::dir::RunDir;
 use super::plan::Plan;
 use super::{Failures, RunResult, Status, Summary, TrainRequest};
 use crate::backend::{Backend, Job};
+use crate::config::EvaluationConfig;
 use crate::error::{BackendResult, Error, Result, ResultExt};
 use crate::events::{Event, Events, Started};
 use crate::files::{self, CheckpointParts};
@@ -51,6 +52,12 @@ pub(super) struct Trained {
     pub psnr_rows: Vec<super::plan::PsnrRow>,
     /// Seconds in the loop.
     pub train_seconds: f64,
+    /// Seconds of those spent scoring the rule (`evaluation.every`).
+    pub evaluation_seconds: f64,
+    /// The step after which a score reached `training.stop_at_psnr`.
+    pub reached_psnr_at_step: Option<u64>,
+    /// The spike threshold the loop used.
+    pub epsilon: f32,
     /// Whether every row reached `loss.csv`.
     pub loss_csv_complete: bool,
     /// Step of the checkpoint this run wrote last into the run directory (or found there
@@ -95,7 +102,7 @@ impl Job for TrainJob<'_> {
                 .last()
                 .map(|r| r.loss)
                 .filter(|l| l.is_finite()),
-            epsilon: plan.nca.noise.epsilon,
+            epsilon: trained.epsilon,
             first_step_below_epsilon: progress.first_below_epsilon,
             wall_seconds: self.started.elapsed().as_secs_f64(),
             train_seconds,
@@ -104,6 +111,9 @@ impl Job for TrainJob<'_> {
             } else {
                 0.0
             },
+            evaluation_seconds: trained.evaluation_seconds,
+            stop_at_psnr: plan.nca.training.stop_at_psnr,
+            reached_psnr_at_step: trained.reached_psnr_at_step,
             regrowth: regrowth.clone(),
         };
         if let Some(out) = out {
@@ -241,13 +251,18 @@ fn train<T: Trainer>(
             .filter(|_| plan.in_place)
             .map(|r| r.step()),
         run_seed: nca.training.seed,
-        sigma_large: nca.noise.sigma_large,
+        state_clamp: nca.model.state_clamp,
+        evaluation: &cfg.evaluation,
+        psnr_rows: plan.psnr_history.clone(),
+        evaluation_seconds: 0.0,
+        reset_before: None,
+        last_spike: None,
         events,
         csv_ok: true,
-        error: None,
     };
-    if plan.resume.is_none() {
-        obs.snapshot(trainer, &state, 0, false)?;
+    if plan.resume.is_none() && obs.files.is_some() {
+        let shown = trainer.download(&state).backend()?;
+        obs.snapshot(&shown, 0)?;
     }
     let started = Started {
         backend: backend.name(),
@@ -259,70 +274,45 @@ fn train<T: Trainer>(
         chosen: plan.chosen.clone(),
         log_every: cfg.output.snapshot_every,
     };
-    let mut stop = obs.events.on_event(&Event::Started(&started)).is_break();
+    let stop = obs.events.on_event(&Event::Started(&started)).is_break();
 
     let train_started = Instant::now();
-    let schedule = ConstantNoise::from(&nca.noise);
-    let options = LoopOptions::from_config(nca);
-    let eval_cfg = &cfg.evaluation;
-    let (seed, clamp) = (nca.training.seed, nca.model.state_clamp);
-    let mut psnr_rows = plan.psnr_history.clone();
-    let result = loop {
-        if stop {
-            break Ok(StopReason::Interrupted);
-        }
-        // With `evaluation.every` the loop runs in chunks and the rule is scored in
-        // between; the noise is counter-based, so chunking changes no number.
-        let until = match eval_cfg.every {
-            Some(e) => (progress.step / e + 1).saturating_mul(e).min(total),
-            None => total,
-        };
-        let chunk = LoopOptions {
-            steps: until,
-            ..options
-        };
-        let r = nca_api::train(
+    let epsilon = nca.training.spike.epsilon(&nca.noise, &plan.target);
+    let schedule = ConstantNoise {
+        epsilon,
+        ..ConstantNoise::from(&nca.noise)
+    };
+    let options = LoopOptions {
+        evaluate_every: cfg.evaluation.every,
+        ..LoopOptions::from_config(nca)
+    };
+    let result = if stop {
+        Ok(StopReason::Interrupted)
+    } else {
+        nca_api::train(
             trainer,
             &mut state,
             &schedule,
-            &chunk,
+            &options,
             &mut progress,
             &mut obs,
-        );
-        match r {
-            Ok(outcome) if outcome.reason == StopReason::Steps && progress.step < total => {
-                match score::run(trainer, &plan.target, eval_cfg, seed, clamp, false) {
-                    Ok(reg) => {
-                        let step = progress.step;
-                        stop = obs
-                            .events
-                            .on_event(&Event::Evaluation {
-                                step,
-                                score: &reg.score,
-                            })
-                            .is_break();
-                        psnr_rows.push((step, reg.score.mean_psnr_db, reg.score.mean_mse));
-                    }
-                    Err(e) => break Err(LoopEnd::Score(e)),
-                }
-            }
-            Ok(outcome) => break Ok(outcome.reason),
-            Err(e) => break Err(LoopEnd::Train(e)),
-        }
+        )
+        .map(|outcome| outcome.reason)
     };
     let train_seconds = train_started.elapsed().as_secs_f64();
 
     let mut checkpoint = None;
+    let mut reached_psnr_at_step = None;
     let status = match result {
         Ok(reason) => {
-            let spiked = obs.records.last().is_some_and(|r| r.spiked);
             let step = progress.step;
             let mut end = || -> Result<Checkpoint> {
+                let shown = obs.shown_state(trainer, &state, step)?;
                 if obs.last_snapshot != Some(step) {
-                    obs.snapshot(trainer, &state, step, spiked)?;
+                    obs.snapshot(&shown, step)?;
                 }
                 if obs.last_frame != Some(step) {
-                    obs.frame(trainer, &state, step, spiked)?;
+                    obs.frame(&shown, step)?;
                 }
                 let ckpt = obs.capture(trainer, &state, &progress)?;
                 if obs.last_checkpoint != Some(step) {
@@ -337,6 +327,10 @@ fn train<T: Trainer>(
                         StopReason::Steps => Status::Completed,
                         StopReason::MaxSpikes => Status::MaxSpikes,
                         StopReason::Interrupted => Status::Interrupted,
+                        StopReason::ReachedPsnr { step } => {
+                            reached_psnr_at_step = Some(step);
+                            Status::ReachedPsnr
+                        }
                     }
                 }
                 Err(e) => {
@@ -346,7 +340,7 @@ fn train<T: Trainer>(
                 }
             }
         }
-        Err(LoopEnd::Train(TrainError::NonFiniteLoss { step, loss })) => {
+        Err(TrainError::NonFiniteLoss { step, loss }) => {
             failures.push(Error::from(TrainError::<T::Error>::NonFiniteLoss {
                 step,
                 loss,
@@ -361,28 +355,20 @@ fn train<T: Trainer>(
             failures.keep(obs.record(row));
             Status::Diverged
         }
-        Err(LoopEnd::Train(TrainError::Observer { step, message })) => {
-            let cause = obs.error.take().unwrap_or(Error::Invalid(message));
-            let status = status_of(&cause);
-            failures.push(cause.context(format!("training stopped at step {step}")));
+        Err(TrainError::Observer { step, source }) => {
+            let status = status_of(&source);
+            failures.push(source.context(format!("training stopped at step {step}")));
             status
         }
-        Err(LoopEnd::Train(TrainError::Backend { step, source })) => {
+        Err(TrainError::Backend { step, source }) => {
             failures.push(Error::backend(source).context(format!(
                 "training stopped at step {step}: the {} backend failed",
                 backend.name()
             )));
             Status::Failed
         }
-        Err(LoopEnd::Train(other)) => {
+        Err(other) => {
             failures.push(Error::backend(other).context("training stopped"));
-            Status::Failed
-        }
-        Err(LoopEnd::Score(e)) => {
-            failures.push(e.context(format!(
-                "training stopped at step {}: the regrowth score failed",
-                progress.step
-            )));
             Status::Failed
         }
     };
@@ -393,8 +379,11 @@ fn train<T: Trainer>(
         progress,
         start_step,
         records: obs.records,
-        psnr_rows,
+        psnr_rows: obs.psnr_rows,
         train_seconds,
+        evaluation_seconds: obs.evaluation_seconds,
+        reached_psnr_at_step,
+        epsilon,
         last_checkpoint: obs.last_checkpoint,
         checkpoint,
     })
@@ -438,14 +427,6 @@ fn status_of(e: &Error) -> Status {
     }
 }
 
-/// Why the training loop ended early.
-enum LoopEnd<E: std::error::Error + 'static> {
-    /// The loop itself failed (divergence, backend, observer).
-    Train(TrainError<E>),
-    /// Scoring between chunks (`evaluation.every`) failed.
-    Score(Error),
-}
-
 /// Watches the loop: CSV rows, snapshots, checkpoints, events.
 struct RunObserver<'a> {
     parts: &'a CheckpointParts<'a>,
@@ -462,12 +443,21 @@ struct RunObserver<'a> {
     last_frame: Option<u64>,
     last_checkpoint: Option<u64>,
     run_seed: u64,
-    sigma_large: f32,
+    state_clamp: Option<f32>,
+    /// How the rule is scored during training.
+    evaluation: &'a EvaluationConfig,
+    /// `psnr.csv` rows so far, the resumed run's included.
+    psnr_rows: Vec<super::plan::PsnrRow>,
+    /// Seconds spent scoring during training.
+    evaluation_seconds: f64,
+    /// The step and state before its spike replaced the state with fresh noise, so the
+    /// pictures of that step show what the rule made.
+    reset_before: Option<(u64, HostTensor)>,
+    /// The step of the last spike and the σ of the noise it added.
+    last_spike: Option<(u64, f32)>,
     events: &'a mut dyn Events,
     /// Whether every row written so far reached the file.
     csv_ok: bool,
-    /// The error that made `on_step` fail, kept whole (the loop only carries a string).
-    error: Option<Error>,
 }
 
 impl RunObserver<'_> {
@@ -527,72 +517,50 @@ impl RunObserver<'_> {
         Ok(())
     }
 
-    /// The picture of the state after `step`. A state just spiked is shown as it was
-    /// before the spike: the spike is simulated noise, not the rule's work, and late in a
-    /// run nearly every step spikes. The noise is counter-based, so subtracting the same
-    /// draw undoes it (up to rounding, and the ±state_clamp clamp on values a picture shows
-    /// as 0 or 1 anyway).
-    fn picture<T: Trainer>(
-        &self,
-        t: &T,
-        state: &T::State,
-        step: u64,
-        spiked: bool,
-    ) -> Result<image::RgbImage> {
-        let mut host = t.download(state).backend()?;
-        if spiked {
-            let seed = stream_seed(self.run_seed, step, Stream::Spike);
-            add_gaussian(host.data_mut(), -self.sigma_large, seed);
+    /// The state after `step` as its pictures show it: as it was before a spike, since the
+    /// spike is simulated noise, not the rule's work, and late in a run nearly every step
+    /// spikes. An added spike is taken off again (the noise is counter-based, so
+    /// subtracting the same draw undoes it up to rounding and the ±state_clamp clamp on
+    /// values a picture shows as 0 or 1 anyway); a reset shows the state it replaced.
+    fn shown_state<T: Trainer>(&self, t: &T, state: &T::State, step: u64) -> Result<HostTensor> {
+        if let Some((_, before)) = self.reset_before.as_ref().filter(|r| r.0 == step) {
+            return Ok(before.clone());
         }
-        render::snapshot(&host, Some(self.target), self.visible, self.scale)
+        let mut host = t.download(state).backend()?;
+        if let Some((_, sigma)) = self.last_spike.filter(|s| s.0 == step && s.1 > 0.0) {
+            let seed = stream_seed(self.run_seed, step, Stream::Spike);
+            add_gaussian(host.data_mut(), -sigma, seed);
+        }
+        Ok(host)
     }
 
-    /// Writes the picture of `step` as `dir/STEP.png` (a snapshot or a GIF frame);
+    /// Writes the picture of `shown` as `dir/STEP.png` (a snapshot or a GIF frame);
     /// returns its path.
-    fn save_step_picture<T: Trainer>(
-        &self,
-        dir: &Path,
-        t: &T,
-        state: &T::State,
-        step: u64,
-        spiked: bool,
-    ) -> Result<PathBuf> {
-        let img = self.picture(t, state, step, spiked)?;
+    fn save_step_picture(&self, dir: &Path, shown: &HostTensor, step: u64) -> Result<PathBuf> {
+        let img = render::snapshot(shown, Some(self.target), self.visible, self.scale)?;
         let path = render::step_path(dir, step);
         files::write_artefact(&path, |tmp| render::save_png(&img, tmp))?;
         Ok(path)
     }
 
-    fn snapshot<T: Trainer>(
-        &mut self,
-        t: &T,
-        state: &T::State,
-        step: u64,
-        spiked: bool,
-    ) -> Result<()> {
+    fn snapshot(&mut self, shown: &HostTensor, step: u64) -> Result<()> {
         let Some(dir) = self.files.as_ref().map(|f| f.snapshots.clone()) else {
             return Ok(());
         };
-        let path = self.save_step_picture(&dir, t, state, step, spiked)?;
+        let path = self.save_step_picture(&dir, shown, step)?;
         self.last_snapshot = Some(step);
         let _ = self.events.on_event(&Event::Snapshot { step, path: &path });
         if step == 0 {
-            self.frame(t, state, step, spiked)?;
+            self.frame(shown, step)?;
         }
         Ok(())
     }
 
-    fn frame<T: Trainer>(
-        &mut self,
-        t: &T,
-        state: &T::State,
-        step: u64,
-        spiked: bool,
-    ) -> Result<()> {
+    fn frame(&mut self, shown: &HostTensor, step: u64) -> Result<()> {
         let Some(dir) = self.files.as_ref().map(|f| f.frames.clone()) else {
             return Ok(());
         };
-        self.save_step_picture(&dir, t, state, step, spiked)?;
+        self.save_step_picture(&dir, shown, step)?;
         self.last_frame = Some(step);
         Ok(())
     }
@@ -605,12 +573,23 @@ impl RunObserver<'_> {
             spiked: info.spiked,
             spikes: info.spikes,
         })?;
-        if info.step.is_multiple_of(self.frame_every) {
-            self.frame(ctx.trainer, ctx.state, info.step, info.spiked)?;
+        if info.spiked {
+            self.last_spike = Some((info.step, info.spike_sigma));
         }
-        if info.step.is_multiple_of(self.snapshot_every) {
-            self.snapshot(ctx.trainer, ctx.state, info.step, info.spiked)?;
-            self.flush_csv()?;
+        if let Some(before) = ctx.before_reset {
+            self.reset_before = Some((info.step, ctx.trainer.download(before).backend()?));
+        }
+        let frame = info.step.is_multiple_of(self.frame_every);
+        let snapshot = info.step.is_multiple_of(self.snapshot_every);
+        if (frame || snapshot) && self.files.is_some() {
+            let shown = self.shown_state(ctx.trainer, ctx.state, info.step)?;
+            if frame {
+                self.frame(&shown, info.step)?;
+            }
+            if snapshot {
+                self.snapshot(&shown, info.step)?;
+                self.flush_csv()?;
+            }
         }
         if info.step.is_multiple_of(self.checkpoint_every) && self.files.is_some() {
             let ckpt = self.capture(ctx.trainer, ctx.state, ctx.progress)?;
@@ -618,17 +597,42 @@ impl RunObserver<'_> {
         }
         Ok(self.events.on_event(&Event::Step(&info)))
     }
+
+    /// Scores the rule from fresh noise (`evaluation.every`), records the `psnr.csv` row
+    /// and tells the caller.
+    fn evaluate<T: Trainer>(&mut self, step: u64, trainer: &mut T) -> Result<Evaluation> {
+        let started = Instant::now();
+        let scored = score::run(
+            trainer,
+            self.target,
+            self.evaluation,
+            self.run_seed,
+            self.state_clamp,
+            false,
+        );
+        self.evaluation_seconds += started.elapsed().as_secs_f64();
+        let reg = scored.context("the regrowth score failed")?;
+        let flow = self.events.on_event(&Event::Evaluation {
+            step,
+            score: &reg.score,
+        });
+        self.psnr_rows
+            .push((step, reg.score.mean_psnr_db, reg.score.mean_mse));
+        Ok(Evaluation {
+            psnr_db: Some(reg.score.mean_psnr_db),
+            flow,
+        })
+    }
 }
 
 impl<T: Trainer> Observer<T> for RunObserver<'_> {
-    fn on_step(
-        &mut self,
-        ctx: &StepContext<'_, T>,
-    ) -> std::result::Result<ControlFlow<()>, String> {
-        self.step(ctx).map_err(|e| {
-            let message = e.report();
-            self.error = Some(e);
-            message
-        })
+    type Error = Error;
+
+    fn on_step(&mut self, ctx: &StepContext<'_, T>) -> Result<ControlFlow<()>> {
+        self.step(ctx)
+    }
+
+    fn on_evaluation(&mut self, step: u64, trainer: &mut T) -> Result<Evaluation> {
+        self.evaluate(step, trainer)
     }
 }
