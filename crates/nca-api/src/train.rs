@@ -425,6 +425,22 @@ mod tests {
         }
     }
 
+    /// Runs the loop from a fresh start; returns the outcome and the progress.
+    fn drive<O: Observer<Scripted>>(
+        t: &mut Scripted,
+        state: &mut HostTensor,
+        schedule: &ConstantNoise,
+        options: &LoopOptions,
+        observe: &mut O,
+    ) -> (TrainOutcome, Progress)
+    where
+        O::Error: std::fmt::Debug,
+    {
+        let mut progress = Progress::default();
+        let outcome = train(t, state, schedule, options, &mut progress, observe).unwrap();
+        (outcome, progress)
+    }
+
     impl Transition for Scripted {
         type State = HostTensor;
         type Error = TensorError;
@@ -495,21 +511,12 @@ mod tests {
             epsilon,
         };
         let options = options(losses.len() as u64, max_spikes, 9);
-        let mut progress = Progress::default();
         let mut rms = Vec::new();
         let mut observe = |ctx: &StepContext<'_, Scripted>| {
             rms.push(ctx.state.rms());
             Ok::<_, std::convert::Infallible>(ControlFlow::Continue(()))
         };
-        let outcome = train(
-            &mut t,
-            &mut state,
-            &schedule,
-            &options,
-            &mut progress,
-            &mut observe,
-        )
-        .unwrap();
+        let (outcome, progress) = drive(&mut t, &mut state, &schedule, &options, &mut observe);
         (progress, outcome.reason, rms)
     }
 
@@ -604,16 +611,7 @@ mod tests {
             ));
             Ok::<_, std::convert::Infallible>(ControlFlow::Continue(()))
         };
-        let mut progress = Progress::default();
-        train(
-            &mut t,
-            &mut state,
-            &schedule,
-            &options,
-            &mut progress,
-            &mut observe,
-        )
-        .unwrap();
+        drive(&mut t, &mut state, &schedule, &options, &mut observe);
         let (rms, before, sigma) = seen[0];
         assert!((rms - 1.0).abs() < 0.1, "reset state RMS {rms}");
         assert_eq!((before, sigma), (Some(0.0), 0.0));
@@ -639,16 +637,7 @@ mod tests {
             sigma = Some(ctx.info.spike_sigma);
             Ok::<_, std::convert::Infallible>(ControlFlow::Continue(()))
         };
-        let mut progress = Progress::default();
-        train(
-            &mut t,
-            &mut state,
-            &schedule,
-            &options,
-            &mut progress,
-            &mut observe,
-        )
-        .unwrap();
+        drive(&mut t, &mut state, &schedule, &options, &mut observe);
         // Half the RMS (2) of the state it was added to, not σ_large.
         assert_eq!(sigma, Some(1.0));
         let moved = (state.rms().powi(2) - 4.0).sqrt();
@@ -669,16 +658,7 @@ mod tests {
             lr_schedule,
             ..options(4, None, 1)
         };
-        let mut progress = Progress::default();
-        train(
-            &mut t,
-            &mut state,
-            &schedule,
-            &opts,
-            &mut progress,
-            &mut NoObserver,
-        )
-        .unwrap();
+        drive(&mut t, &mut state, &schedule, &opts, &mut NoObserver);
         assert_eq!(t.rates, vec![0.5, 1.0, 0.5, 0.0]);
         // Resuming at step 2 continues the schedule where it was.
         let mut resumed = Scripted::new(&[0.5; 2]);
@@ -697,15 +677,13 @@ mod tests {
         .unwrap();
         assert_eq!(resumed.rates, vec![0.5, 0.0]);
         let mut constant = Scripted::new(&[0.5; 3]);
-        train(
+        drive(
             &mut constant,
             &mut state,
             &schedule,
             &options(3, None, 1),
-            &mut Progress::default(),
             &mut NoObserver,
-        )
-        .unwrap();
+        );
         assert!(constant.rates.is_empty());
     }
 
