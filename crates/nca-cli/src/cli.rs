@@ -221,7 +221,8 @@ pub fn run(cli: Cli, interrupt: Arc<AtomicBool>) -> Result<Finish> {
                 ),
             };
             let run_file = match &b.config {
-                Some(path) => Some(nca_run::config::RunConfig::load(path)?),
+                // Sized like a run of the same file, so the model measured is the one it trains.
+                Some(path) => Some(nca_run::config::RunConfig::load_sized(path)?.0),
                 None => None,
             };
             let base = run_file.as_ref().map(|r| r.nca()).unwrap_or_default();

@@ -647,6 +647,30 @@ fn bench_reports_positive_throughput_for_the_default_backend() {
 }
 
 #[test]
+fn bench_with_a_run_file_measures_the_model_that_run_would_train() {
+    // examples/cat128.ron leaves the model to the sizing rule; a 128x128 run trains
+    // L = 7, M = 256, so that is what the bench must measure, not the 32x32 default.
+    let o = run(&[
+        os("bench"),
+        os("--backends"),
+        os("ndarray"),
+        os("--config"),
+        &examples().join("cat128.ron").into_os_string(),
+        os("--sizes"),
+        os("16"),
+        os("--seconds"),
+        os("0.1"),
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "bench failed: {}", stderr(&o));
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("model: picture model L=7 M=256")),
+        "{out}"
+    );
+}
+
+#[test]
 fn bench_skips_a_backend_that_cannot_start_once_and_measures_the_rest() {
     // candle-cuda is either not compiled in or has no GPU here; on a GPU machine it
     // measures both grids instead.
