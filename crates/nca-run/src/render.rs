@@ -245,15 +245,6 @@ pub fn gif_from_dir(dir: &Path, out: &Path, frame_ms: u32) -> Result<usize> {
     Ok(written)
 }
 
-/// Writes `frames` as a GIF that loops forever, `frame_ms` per frame.
-pub fn write_gif(frames: &[RgbImage], out: &Path, frame_ms: u32) -> Result<()> {
-    let mut gif = GifWriter::create(out, frame_ms)?;
-    for f in frames {
-        gif.frame(f)?;
-    }
-    gif.finish()
-}
-
 /// A GIF that loops forever, written frame by frame as the frames come.
 pub struct GifWriter {
     encoder: GifEncoder<CheckedFile>,

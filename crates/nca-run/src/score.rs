@@ -155,15 +155,20 @@ pub fn write_gif(
     frame_ms: u32,
     path: &Path,
 ) -> Result<()> {
-    let mut frames = Vec::with_capacity(r.gif.len());
+    let mut gif = render::GifWriter::create(path, frame_ms)?;
+    let mut last = None;
     for (_, s) in &r.gif {
-        frames.push(render::snapshot(s, Some(target), visible, scale)?);
+        let frame = render::snapshot(s, Some(target), visible, scale)?;
+        gif.frame(&frame)?;
+        last = Some(frame);
     }
     // Hold the last frame so the loop shows the result before starting over.
-    if let Some(last) = frames.last().cloned() {
-        frames.extend(std::iter::repeat_n(last, GIF_HOLD_FRAMES));
+    if let Some(last) = last {
+        for _ in 0..GIF_HOLD_FRAMES {
+            gif.frame(&last)?;
+        }
     }
-    render::write_gif(&frames, path, frame_ms)
+    gif.finish()
 }
 
 /// Header of `psnr.csv`.
