@@ -85,6 +85,19 @@ impl EvaluationConfig {
         }
         Ok(())
     }
+
+    /// [`validate`](Self::validate) for settings that came from elsewhere than a run file
+    /// (command-line flags, function arguments): the error names `steps` and `seeds` as the
+    /// caller's user wrote them.
+    pub fn validate_as(&self, steps: &str, seeds: &str) -> Result<()> {
+        self.validate().map_err(|e| {
+            let message = e
+                .report()
+                .replace("config field `evaluation.steps`", steps)
+                .replace("config field `evaluation.seeds`", seeds);
+            e.reworded(message)
+        })
+    }
 }
 
 /// Where a run writes its results and how often.

@@ -234,13 +234,7 @@ impl Model {
             seeds,
             every: None,
         };
-        evaluation.validate().map_err(|e| {
-            let message = e
-                .report()
-                .replace("config field `evaluation.steps`", "steps")
-                .replace("config field `evaluation.seeds`", "seeds");
-            e.reworded(message)
-        })?;
+        evaluation.validate_as("steps", "seeds")?;
         let target = match target.or(self.target()) {
             Some(t) => t,
             None => bail!(

@@ -142,13 +142,7 @@ pub fn rollout(args: &RolloutRequest, events: &mut dyn Events) -> Result<Rollout
         evaluation.seeds = s;
     }
     evaluation.every = None;
-    evaluation.validate().map_err(|e| {
-        let message = e
-            .report()
-            .replace("config field `evaluation.steps`", "--eval-steps")
-            .replace("config field `evaluation.seeds`", "--eval-seeds");
-        e.reworded(message)
-    })?;
+    evaluation.validate_as("--eval-steps", "--eval-seeds")?;
     let init = match &args.init {
         Some(init) => Some(read_init_state(init, cfg, limit)?),
         None => None,
