@@ -165,6 +165,7 @@ struct Scratch {
     xk: Vec<f32>,
     xv: Vec<f32>,
     lanes: Vec<F8>,
+    reduce: gemm::ReduceScratch,
 }
 
 impl Scratch {
@@ -628,7 +629,8 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
     let gu = &mut s.gu[..d * nc];
     if let Some((w1, b1)) = l.mlp {
         let hb = &s.h[..m * nc];
-        gemm::reduce::<V, A>((c, m, nc), gf, nc, hb, nc, &mut partial[l.wo..], (m, 1));
+        let wo = &mut partial[l.wo..];
+        gemm::reduce::<V, A>((c, m, nc), gf, nc, hb, nc, wo, (m, 1), &mut s.reduce);
         let gh = &mut s.gh[..m * nc];
         let dims = (m, c, nc);
         let mask = Epilogue::Mask(hb);
@@ -643,6 +645,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
             nc,
             &mut partial[w1..],
             (d + x, 1),
+            &mut s.reduce,
         );
         let dims = (d, m, nc);
         let store = Epilogue::Store;
@@ -658,7 +661,8 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
             store,
         );
     } else {
-        gemm::reduce::<V, A>((c, d, nc), gf, nc, ux, nc, &mut partial[l.wo..], (d, 1));
+        let wo = &mut partial[l.wo..];
+        gemm::reduce::<V, A>((c, d, nc), gf, nc, ux, nc, wo, (d, 1), &mut s.reduce);
         let store = Epilogue::Store;
         gemm::project::<V, A>(
             (d, c, nc),
@@ -691,7 +695,8 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
         (l.wk, &s.qc[..d * nc], &s.xk[..x * nc]),
         (l.wv, &s.gu[..d * nc], &s.xv[..x * nc]),
     ] {
-        gemm::reduce::<V, A>((d, x, nc), a, nc, b, nc, &mut partial[off..], (x, 1));
+        let out = &mut partial[off..];
+        gemm::reduce::<V, A>((d, x, nc), a, nc, b, nc, out, (x, 1), &mut s.reduce);
     }
 }
 

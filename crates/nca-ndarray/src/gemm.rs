@@ -11,15 +11,18 @@
 // Tiles are indexed by compile-time sizes: index loops are what unrolls.
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
-use crate::simd::{MulAdd, Vector};
-#[cfg(doc)]
-use crate::simd::{F16, F8};
+use crate::simd::{MulAdd, Vector, F16, F8};
 
-/// Output rows per tile.
-const MR: usize = 4;
-/// Vectors of cells per tile of [`project`]; three reduction columns per tile of
-/// [`reduce`].
-const NV: usize = 3;
+/// Largest tile in either product and either vector width ([`Vector::PROJECT_TILE`],
+/// [`Vector::REDUCE_TILE`]): the shapes [`for_tile_shape`] spells out.
+const MAX_TILE_ROWS: usize = 6;
+const MAX_TILE_COLS: usize = 3;
+const _: () = {
+    assert!(F8::PROJECT_TILE.0 <= MAX_TILE_ROWS && F8::PROJECT_TILE.1 <= MAX_TILE_COLS);
+    assert!(F8::REDUCE_TILE.0 <= MAX_TILE_ROWS && F8::REDUCE_TILE.1 <= MAX_TILE_COLS);
+    assert!(F16::PROJECT_TILE.0 <= MAX_TILE_ROWS && F16::PROJECT_TILE.1 <= MAX_TILE_COLS);
+    assert!(F16::REDUCE_TILE.0 <= MAX_TILE_ROWS && F16::REDUCE_TILE.1 <= MAX_TILE_COLS);
+};
 
 /// What a [`project`] tile starts from.
 #[derive(Clone, Copy)]
@@ -42,12 +45,18 @@ pub enum Epilogue<'a> {
     Mask(&'a [f32]),
 }
 
-/// Calls `$tile!(R, V)` for a register tile of `$rows` ≤ [`MR`] rows and `$cols` ≤ [`NV`]
-/// vector columns: tile sizes are const generics, so each shape is spelled out once here
-/// for both products.
+/// Calls `$tile!(R, C)` for a register tile of `$rows` ≤ [`MAX_TILE_ROWS`] rows and
+/// `$cols` ≤ [`MAX_TILE_COLS`] columns: tile sizes are const generics, so each shape is
+/// spelled out once here for both products.
 macro_rules! for_tile_shape {
     ($rows:expr, $cols:expr, $tile:ident) => {
         match ($rows, $cols) {
+            (6, 3) => $tile!(6, 3),
+            (6, 2) => $tile!(6, 2),
+            (6, _) => $tile!(6, 1),
+            (5, 3) => $tile!(5, 3),
+            (5, 2) => $tile!(5, 2),
+            (5, _) => $tile!(5, 1),
             (4, 3) => $tile!(4, 3),
             (4, 2) => $tile!(4, 2),
             (4, _) => $tile!(4, 1),
@@ -62,6 +71,15 @@ macro_rules! for_tile_shape {
             _ => $tile!(1, 1),
         }
     };
+}
+
+/// Index of the last element a strided access touches: `first + Σ (count_i − 1)·stride_i`,
+/// checked once per tile so that the tile's inner loop reads through raw pointers.
+#[inline(always)]
+fn last_index(first: usize, strided: &[(usize, usize)]) -> usize {
+    strided
+        .iter()
+        .fold(first, |at, &(count, stride)| at + (count - 1) * stride)
 }
 
 /// `out[i][c] = start + Σ_k w(i, k) · b[k][c]` for `i < m`, `c < n`, with
@@ -80,16 +98,37 @@ pub fn project<V: Vector, A: MulAdd>(
     epi: Epilogue<'_>,
 ) {
     debug_assert_eq!(n % V::LANES, 0);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Every index the tiles touch, checked once: the inner loops are unchecked.
+    assert!(out.len() > last_index(n - 1, &[(m, ldo)]));
+    if let Epilogue::Mask(mask) = epi {
+        assert!(mask.len() > last_index(n - 1, &[(m, ldo)]));
+    }
+    if let Start::Bias(bias) = start {
+        assert!(bias.len() >= m);
+    }
+    if k > 0 {
+        assert!(w.len() > last_index(0, &[(m, rsw), (k, csw)]));
+        assert!(b.len() > last_index(n - 1, &[(k, ldb)]));
+    }
+    let (mr, nv_max) = V::PROJECT_TILE;
     let nv = n / V::LANES;
     let mut j = 0;
     while j < nv {
-        let step = (nv - j).min(NV);
+        let step = (nv - j).min(nv_max);
         let mut i = 0;
         while i < m {
-            let rows = (m - i).min(MR);
+            let rows = (m - i).min(mr);
             macro_rules! tile {
                 ($r:literal, $v:literal) => {
-                    project_tile::<$r, $v, V, A>(i, j, k, w, rsw, csw, b, ldb, out, ldo, start, epi)
+                    // SAFETY: the asserts above cover rows i..i+rows, columns j..j+step.
+                    unsafe {
+                        project_tile::<$r, $v, V, A>(
+                            i, j, k, w, rsw, csw, b, ldb, out, ldo, start, epi,
+                        )
+                    }
                 };
             }
             for_tile_shape!(rows, step, tile);
@@ -99,8 +138,12 @@ pub fn project<V: Vector, A: MulAdd>(
     }
 }
 
+/// One `R × NV_` tile of [`project`].
+///
+/// # Safety
+/// Rows `i0..i0+R` and vectors `j0..j0+NV_` are within the bounds [`project`] checked.
 #[inline(always)]
-fn project_tile<const R: usize, const NV_: usize, V: Vector, A: MulAdd>(
+unsafe fn project_tile<const R: usize, const NV_: usize, V: Vector, A: MulAdd>(
     i0: usize,
     j0: usize,
     k: usize,
@@ -121,34 +164,62 @@ fn project_tile<const R: usize, const NV_: usize, V: Vector, A: MulAdd>(
         }
     }
     let c0 = j0 * V::LANES;
+    let (wp, bp) = (w.as_ptr(), b.as_ptr());
     for kk in 0..k {
         let mut bv = [V::ZERO; NV_];
         for v in 0..NV_ {
-            bv[v] = V::load(b, kk * ldb + c0 + v * V::LANES);
+            // SAFETY: within `b`, by the caller's contract.
+            bv[v] = unsafe { V::load_ptr(bp.add(kk * ldb + c0 + v * V::LANES)) };
         }
         for r in 0..R {
-            let wv = V::splat(w[(i0 + r) * rsw + kk * csw]);
+            // SAFETY: within `w`, by the caller's contract.
+            let wv = V::splat(unsafe { *wp.add((i0 + r) * rsw + kk * csw) });
             for v in 0..NV_ {
                 acc[r][v] = V::madd::<A>(wv, bv[v], acc[r][v]);
             }
         }
     }
+    let op = out.as_mut_ptr();
     for r in 0..R {
         for v in 0..NV_ {
             let at = (i0 + r) * ldo + c0 + v * V::LANES;
             let x = match epi {
                 Epilogue::Store => acc[r][v],
                 Epilogue::Relu => acc[r][v].relu(),
-                Epilogue::Mask(mask) => acc[r][v].keep_where_positive(V::load(mask, at)),
+                // SAFETY: `mask` has the output's layout, checked like it.
+                Epilogue::Mask(mask) => {
+                    acc[r][v].keep_where_positive(unsafe { V::load_ptr(mask.as_ptr().add(at)) })
+                }
             };
-            x.store(out, at);
+            // SAFETY: within `out`, by the caller's contract; `out` is borrowed mutably.
+            unsafe { x.store_ptr(op.add(at)) };
         }
     }
 }
 
+/// Rows of the output from which [`reduce`] transposes `b` and runs as a [`project`]:
+/// below it, transposing would cost more than the products it speeds up.
+const TRANSPOSE_MIN_ROWS: usize = 8;
+
+/// Scratch space of [`reduce`], kept by the caller so that a step allocates nothing once
+/// it has grown to the largest product.
+#[derive(Default)]
+pub struct ReduceScratch {
+    /// `b` transposed: one row per cell, its columns padded to whole vectors with zeros.
+    bt: Vec<f32>,
+    /// The product before it is added into the output.
+    product: Vec<f32>,
+}
+
 /// `out(i, j) += Σ_c a[i][c] · b[j][c]` for `i < m`, `j < n`, `c < cells`, with
 /// `out(i, j) = out[i·rso + j·cso]`, rows of `a` `lda` apart and of `b` `ldb` apart;
-/// `cells` is a multiple of `V::LANES`. Lanes are summed in a fixed order.
+/// `cells` is a multiple of `V::LANES`.
+///
+/// With at least [`TRANSPOSE_MIN_ROWS`] rows, `b` is transposed into `scratch` and the
+/// product runs as a [`project`] over vectors of `j` (each output summed over `c` in
+/// order, in one lane: no horizontal sums, which are slow and which LLVM's SLP
+/// vectoriser turned into shuffles across the tile); with fewer, as register tiles over
+/// vectors of cells whose lanes are summed in a fixed order.
 #[inline(always)]
 pub fn reduce<V: Vector, A: MulAdd>(
     (m, n, cells): (usize, usize, usize),
@@ -158,17 +229,76 @@ pub fn reduce<V: Vector, A: MulAdd>(
     ldb: usize,
     out: &mut [f32],
     (rso, cso): (usize, usize),
+    scratch: &mut ReduceScratch,
 ) {
     debug_assert_eq!(cells % V::LANES, 0);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(out.len() > last_index(0, &[(m, rso), (n, cso)]));
+    if cells == 0 {
+        return;
+    }
+    assert!(a.len() > last_index(cells - 1, &[(m, lda)]));
+    assert!(b.len() > last_index(cells - 1, &[(n, ldb)]));
+    if m < TRANSPOSE_MIN_ROWS {
+        reduce_lanes::<V, A>((m, n, cells), a, lda, b, ldb, out, (rso, cso));
+        return;
+    }
+    let np = n.div_ceil(V::LANES) * V::LANES;
+    let bt = &mut scratch.bt;
+    bt.resize(cells * np, 0.0);
+    for (c, row) in bt.chunks_exact_mut(np).take(cells).enumerate() {
+        for (j, t) in row[..n].iter_mut().enumerate() {
+            *t = b[j * ldb + c];
+        }
+        row[n..].fill(0.0);
+    }
+    let product = &mut scratch.product;
+    product.resize(m * np, 0.0);
+    let dims = (m, cells, np);
+    project::<V, A>(
+        dims,
+        a,
+        (lda, 1),
+        bt,
+        np,
+        product,
+        np,
+        Start::Zero,
+        Epilogue::Store,
+    );
+    for (i, row) in product.chunks_exact(np).take(m).enumerate() {
+        for (j, &p) in row[..n].iter().enumerate() {
+            out[i * rso + j * cso] += p;
+        }
+    }
+}
+
+/// [`reduce`] as register tiles over vectors of cells, lanes summed at the end.
+#[inline(always)]
+fn reduce_lanes<V: Vector, A: MulAdd>(
+    (m, n, cells): (usize, usize, usize),
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    out: &mut [f32],
+    (rso, cso): (usize, usize),
+) {
+    let (mr, nc) = V::REDUCE_TILE;
     let mut i = 0;
     while i < m {
-        let rows = (m - i).min(MR);
+        let rows = (m - i).min(mr);
         let mut j = 0;
         while j < n {
-            let cols = (n - j).min(NV);
+            let cols = (n - j).min(nc);
             macro_rules! tile {
                 ($r:literal, $c:literal) => {
-                    reduce_tile::<$r, $c, V, A>(i, j, cells, a, lda, b, ldb, out, rso, cso)
+                    // SAFETY: `reduce` checked rows i..i+rows, columns j..j+cols.
+                    unsafe {
+                        reduce_tile::<$r, $c, V, A>(i, j, cells, a, lda, b, ldb, out, rso, cso)
+                    }
                 };
             }
             for_tile_shape!(rows, cols, tile);
@@ -178,8 +308,12 @@ pub fn reduce<V: Vector, A: MulAdd>(
     }
 }
 
+/// One `R × C` tile of [`reduce`].
+///
+/// # Safety
+/// Rows `i0..i0+R` and columns `j0..j0+C` are within the bounds [`reduce`] checked.
 #[inline(always)]
-fn reduce_tile<const R: usize, const C: usize, V: Vector, A: MulAdd>(
+unsafe fn reduce_tile<const R: usize, const C: usize, V: Vector, A: MulAdd>(
     i0: usize,
     j0: usize,
     cells: usize,
@@ -192,16 +326,18 @@ fn reduce_tile<const R: usize, const C: usize, V: Vector, A: MulAdd>(
     cso: usize,
 ) {
     let mut acc = [[V::ZERO; C]; R];
-    let a = &a[i0 * lda..];
-    let b = &b[j0 * ldb..];
+    // SAFETY: row i0 of `a` and row j0 of `b` exist, by the caller's contract.
+    let (ap, bp) = unsafe { (a.as_ptr().add(i0 * lda), b.as_ptr().add(j0 * ldb)) };
     for c in (0..cells).step_by(V::LANES) {
         let mut av = [V::ZERO; R];
         let mut bv = [V::ZERO; C];
         for r in 0..R {
-            av[r] = V::load(a, r * lda + c);
+            // SAFETY: within `a`, by the caller's contract.
+            av[r] = unsafe { V::load_ptr(ap.add(r * lda + c)) };
         }
         for s in 0..C {
-            bv[s] = V::load(b, s * ldb + c);
+            // SAFETY: within `b`, by the caller's contract.
+            bv[s] = unsafe { V::load_ptr(bp.add(s * ldb + c)) };
         }
         for r in 0..R {
             for s in 0..C {
@@ -271,13 +407,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn reduce_matches_naive() {
-        for (m, n, cells) in [(1, 1, 8), (5, 7, 40), (16, 29, 96), (128, 45, 16)] {
+    fn reduce_matches_naive_with<V: Vector>() {
+        // One scratch for every shape: it is reused across products, as in a step.
+        let mut scratch = ReduceScratch::default();
+        let shapes = [
+            (1, 1, 16),
+            (5, 7, 48),
+            (16, 29, 96),
+            (128, 45, 16),
+            (9, 3, 32),
+        ];
+        for (m, n, cells) in shapes {
             let (a, b) = (data(m * cells, 4), data(n * cells, 5));
             let mut out = vec![1.0; m * n];
             // Transposed output: out(i, j) at j·m + i.
-            reduce::<F8, Separate>((m, n, cells), &a, cells, &b, cells, &mut out, (1, m));
+            let dims = (m, n, cells);
+            reduce::<V, Separate>(dims, &a, cells, &b, cells, &mut out, (1, m), &mut scratch);
             for i in 0..m {
                 for j in 0..n {
                     let mut v = 0.0;
@@ -288,5 +433,12 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn reduce_matches_naive() {
+        // Shapes below and above TRANSPOSE_MIN_ROWS, for both vector widths.
+        reduce_matches_naive_with::<F8>();
+        reduce_matches_naive_with::<F16>();
     }
 }

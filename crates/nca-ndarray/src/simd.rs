@@ -48,6 +48,23 @@ pub trait Vector: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = 
     fn keep_where_positive(self, mask: Self) -> Self;
     /// Sum of the lanes in one fixed order, pairwise halves, whatever the width.
     fn sum(self) -> f32;
+    /// Register tile of [`crate::gemm::project`]: output rows × vectors of cells. Sized so
+    /// that accumulators, operands and the broadcast fit the register file (16 registers
+    /// for [`F8`] on AVX2, 32 for [`F16`] on AVX-512); a tile that spills runs at half
+    /// speed.
+    const PROJECT_TILE: (usize, usize);
+    /// Register tile of [`crate::gemm::reduce`]: output rows × output columns.
+    const REDUCE_TILE: (usize, usize);
+    /// The lanes starting at `src`.
+    ///
+    /// # Safety
+    /// `src .. src + LANES` must be readable `f32`s.
+    unsafe fn load_ptr(src: *const f32) -> Self;
+    /// Writes the lanes to `dst .. dst + LANES`.
+    ///
+    /// # Safety
+    /// `dst .. dst + LANES` must be writable `f32`s, borrowed by no one else.
+    unsafe fn store_ptr(self, dst: *mut f32);
 }
 
 macro_rules! lanewise {
@@ -67,10 +84,26 @@ macro_rules! lanewise {
 }
 
 macro_rules! vector {
-    ($t:ident, $n:literal) => {
+    ($t:ident, $n:literal, $project:expr, $reduce:expr) => {
         impl Vector for $t {
             const LANES: usize = $n;
             const ZERO: Self = $t([0.0; $n]);
+            const PROJECT_TILE: (usize, usize) = $project;
+            const REDUCE_TILE: (usize, usize) = $reduce;
+            #[inline(always)]
+            unsafe fn load_ptr(src: *const f32) -> Self {
+                // A memcpy, like `load`: an array-typed `read_unaligned` is split into
+                // scalars by LLVM and reassembled with shuffles.
+                let mut v = [0.0; $n];
+                // SAFETY: the caller guarantees `$n` readable floats; no alignment needed.
+                unsafe { std::ptr::copy_nonoverlapping(src, v.as_mut_ptr(), $n) };
+                $t(v)
+            }
+            #[inline(always)]
+            unsafe fn store_ptr(self, dst: *mut f32) {
+                // SAFETY: the caller guarantees `$n` writable, unaliased floats.
+                unsafe { std::ptr::copy_nonoverlapping(self.0.as_ptr(), dst, $n) }
+            }
             #[inline(always)]
             fn splat(x: f32) -> Self {
                 $t([x; $n])
@@ -129,8 +162,10 @@ macro_rules! vector {
     };
 }
 
-vector!(F8, 8);
-vector!(F16, 16);
+// AVX2 (16 registers): 6×2 = 12 accumulators + 2 operands + 1 broadcast; 4×2 = 8 + 4 + 2.
+vector!(F8, 8, (6, 2), (4, 2));
+// AVX-512 (32 registers).
+vector!(F16, 16, (4, 3), (4, 3));
 
 impl F8 {
     /// Lane-wise maximum.
