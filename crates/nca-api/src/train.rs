@@ -134,6 +134,9 @@ pub struct LoopOptions {
     pub force_spike_after: Option<u64>,
     /// What a spike does to the carried state.
     pub spike_kind: SpikeKind,
+    /// Replace the carried state with fresh N(0, 1) noise at every multiple of this many
+    /// steps (counted as a spike).
+    pub reset_every: Option<u64>,
     /// Ask the observer for a score every this many steps.
     pub evaluate_every: Option<u64>,
     /// Stop once a score reaches this PSNR in dB.
@@ -153,6 +156,7 @@ impl LoopOptions {
             lr_schedule: t.lr_schedule,
             force_spike_after: t.spike.force_after,
             spike_kind: t.spike.kind,
+            reset_every: t.spike.reset_every,
             evaluate_every: None,
             stop_at_psnr: t.stop_at_psnr,
         }
@@ -214,7 +218,8 @@ pub fn start<T: Trainer>(
 /// Each step: set the scheduled learning rate; add σ_small noise to the state; replace it
 /// by `s + f(s)` (the incoming state is a constant) while Adam updates the weights from
 /// this step's loss; if the schedule says so (loss < ε), or `force_spike_after` steps
-/// passed without a spike, spike the state *carried forward*; clamp; tell the observer;
+/// passed without a spike, spike the state *carried forward*; at every multiple of
+/// `reset_every` replace it with fresh noise; clamp; tell the observer;
 /// every `evaluate_every` steps ask the observer for a score. Stops at `steps`, at
 /// `max_spikes`, when a score reaches `stop_at_psnr`, or when the observer says so.
 /// A NaN or infinite loss stops the run with [`TrainError::NonFiniteLoss`].
@@ -259,11 +264,18 @@ where
         let below = schedule.should_spike(loss, step);
         let since = step.saturating_sub(progress.last_spike.unwrap_or(0));
         let forced = options.force_spike_after.is_some_and(|n| since >= n);
+        let periodic = options.reset_every.is_some_and(|n| step.is_multiple_of(n));
+        let kind = if periodic {
+            SpikeKind::Reset
+        } else {
+            options.spike_kind
+        };
+        let spiked = below || forced || periodic;
         let mut spike_sigma = 0.0;
         let mut before_reset = None;
-        if below || forced {
+        if spiked {
             let seed = stream_seed(options.seed, step, Stream::Spike);
-            match options.spike_kind {
+            match kind {
                 SpikeKind::Add => spike_sigma = schedule.sigma_large(step),
                 SpikeKind::Scaled(fraction) => {
                     spike_sigma = fraction * trainer.download(state).map_err(backend)?.rms();
@@ -296,7 +308,7 @@ where
         let info = StepInfo {
             step,
             loss,
-            spiked: below || forced,
+            spiked,
             spikes: progress.spikes,
             spike_sigma,
             learning_rate,
@@ -616,6 +628,42 @@ mod tests {
         assert!((rms - 1.0).abs() < 0.1, "reset state RMS {rms}");
         assert_eq!((before, sigma), (Some(0.0), 0.0));
         assert_eq!(seen[1], (0.0, None, 0.0));
+    }
+
+    #[test]
+    fn a_periodic_reset_comes_at_multiples_of_its_period_whatever_the_loss_and_kind() {
+        // Losses high except at step 2, whose ε spike stays an `Add` spike; steps 3 and 6
+        // are reset to fresh noise although no loss there is below ε.
+        let mut t = Scripted::new(&[0.5, 0.05, 0.5, 0.5, 0.5, 0.5, 0.5]);
+        let mut state = HostTensor::zeros(&[1, 3, 16, 16]);
+        let schedule = ConstantNoise {
+            sigma_small: 0.0,
+            sigma_large: 0.1,
+            epsilon: 0.1,
+        };
+        let options = LoopOptions {
+            reset_every: Some(3),
+            ..options(7, None, 3)
+        };
+        let mut seen = Vec::new();
+        let mut observe = |ctx: &StepContext<'_, Scripted>| {
+            seen.push((ctx.info.spiked, ctx.before_reset.is_some(), ctx.state.rms()));
+            Ok::<_, std::convert::Infallible>(ControlFlow::Continue(()))
+        };
+        let (_, progress) = drive(&mut t, &mut state, &schedule, &options, &mut observe);
+        let resets: Vec<bool> = seen.iter().map(|s| s.1).collect();
+        assert_eq!(resets, [false, false, true, false, false, true, false]);
+        let spiked: Vec<bool> = seen.iter().map(|s| s.0).collect();
+        assert_eq!(spiked, [false, true, true, false, false, true, false]);
+        assert_eq!(progress.spikes, 3);
+        assert!(
+            (seen[1].2 / 0.1 - 1.0).abs() < 0.1,
+            "ε spike RMS {}",
+            seen[1].2
+        );
+        for at in [2, 5] {
+            assert!((seen[at].2 - 1.0).abs() < 0.1, "reset RMS {}", seen[at].2);
+        }
     }
 
     #[test]

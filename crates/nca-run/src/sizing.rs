@@ -38,6 +38,8 @@ pub(crate) struct GivenTraining {
     learning_rate: bool,
     #[serde(deserialize_with = "present")]
     lr_schedule: bool,
+    #[serde(deserialize_with = "present")]
+    spike: bool,
 }
 
 /// Which sized fields of a run file were written (everything else is ignored here).
@@ -78,6 +80,10 @@ pub(crate) fn apply(cfg: &mut RunConfig, given: &Given) -> Vec<Chosen> {
         cfg.training.lr_schedule = d.lr_schedule;
         choose("training.lr_schedule", ron_value(&d.lr_schedule));
     }
+    if !given.training.spike {
+        cfg.training.spike = d.spike;
+        choose("training.spike", ron_value(&d.spike));
+    }
     chosen
 }
 
@@ -110,7 +116,7 @@ mod tests {
     fn a_small_grid_keeps_the_defaults_and_a_large_one_gets_the_large_model() {
         let (small, chosen) = sized("(target: Solid(1.0, 0.0, 0.0))");
         assert_eq!(small.nca(), nca_api::NcaConfig::default());
-        assert_eq!(chosen.len(), 5);
+        assert_eq!(chosen.len(), 6);
         let (large, chosen) =
             sized("(grid: (height: 128, width: 128), target: Solid(1.0, 0.0, 0.0))");
         assert_eq!(large.model.position_octaves, Some(7));
@@ -128,17 +134,22 @@ mod tests {
             schedule.value,
             "WarmupCosine(warmup_steps:500,final_fraction:0.1)"
         );
+        assert_eq!(large.training.spike.reset_every, Some(500));
+        assert_eq!(large.training.spike.kind, nca_api::SpikeKind::Add);
     }
 
     #[test]
     fn written_values_win_even_when_they_are_the_small_defaults() {
         let (cfg, chosen) = sized(
             "(grid: (height: 128, width: 128), model: (mlp_hidden: None), \
-             training: (steps: 50, lr_schedule: Constant), target: Solid(1.0, 0.0, 0.0))",
+             training: (steps: 50, lr_schedule: Constant, spike: ()), \
+             target: Solid(1.0, 0.0, 0.0))",
         );
         assert_eq!(cfg.model.mlp_hidden, None);
         assert_eq!(cfg.training.steps, 50);
         assert_eq!(cfg.training.lr_schedule, LrSchedule::Constant);
+        // `spike: ()` is written: the original rule, no periodic reset.
+        assert_eq!(cfg.training.spike, nca_api::SpikeRule::default());
         assert_eq!(cfg.model.position_octaves, Some(7));
         let fields: Vec<&str> = chosen.iter().map(|c| c.field).collect();
         assert_eq!(fields, ["model.position_octaves", "training.learning_rate"]);
