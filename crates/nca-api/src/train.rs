@@ -437,6 +437,15 @@ mod tests {
         }
     }
 
+    /// No small noise, σ_large 0.1, ε 0.1: only a spike moves the state.
+    fn spikes_only() -> ConstantNoise {
+        ConstantNoise {
+            sigma_small: 0.0,
+            sigma_large: 0.1,
+            epsilon: 0.1,
+        }
+    }
+
     /// Runs the loop from a fresh start; returns the outcome and the progress.
     fn drive<O: Observer<Scripted>>(
         t: &mut Scripted,
@@ -568,11 +577,7 @@ mod tests {
     fn a_forced_spike_comes_after_n_quiet_steps_and_counts_from_the_last_spike() {
         let mut t = Scripted::new(&[0.5, 0.5, 0.5, 0.05, 0.5, 0.5, 0.5, 0.5]);
         let mut state = HostTensor::zeros(&[1, 3, 16, 16]);
-        let schedule = ConstantNoise {
-            sigma_small: 0.0,
-            sigma_large: 0.1,
-            epsilon: 0.1,
-        };
+        let schedule = spikes_only();
         let options = LoopOptions {
             force_spike_after: Some(3),
             ..options(8, None, 3)
@@ -605,11 +610,7 @@ mod tests {
     fn a_reset_spike_replaces_the_state_with_unit_noise_and_keeps_the_old_one_for_pictures() {
         let mut t = Scripted::new(&[0.05, 0.5]);
         let mut state = HostTensor::zeros(&[1, 3, 16, 16]);
-        let schedule = ConstantNoise {
-            sigma_small: 0.0,
-            sigma_large: 0.1,
-            epsilon: 0.1,
-        };
+        let schedule = spikes_only();
         let options = LoopOptions {
             spike_kind: SpikeKind::Reset,
             ..options(2, None, 3)
@@ -636,11 +637,7 @@ mod tests {
         // are reset to fresh noise although no loss there is below ε.
         let mut t = Scripted::new(&[0.5, 0.05, 0.5, 0.5, 0.5, 0.5, 0.5]);
         let mut state = HostTensor::zeros(&[1, 3, 16, 16]);
-        let schedule = ConstantNoise {
-            sigma_small: 0.0,
-            sigma_large: 0.1,
-            epsilon: 0.1,
-        };
+        let schedule = spikes_only();
         let options = LoopOptions {
             reset_every: Some(3),
             ..options(7, None, 3)
@@ -671,11 +668,7 @@ mod tests {
         let mut t = Scripted::new(&[0.05]);
         t.keep_state = true;
         let mut state = HostTensor::filled(&[1, 3, 16, 16], 2.0);
-        let schedule = ConstantNoise {
-            sigma_small: 0.0,
-            sigma_large: 0.1,
-            epsilon: 0.1,
-        };
+        let schedule = spikes_only();
         let options = LoopOptions {
             spike_kind: SpikeKind::Scaled(0.5),
             ..options(1, None, 3)
