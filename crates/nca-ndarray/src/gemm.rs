@@ -74,12 +74,13 @@ macro_rules! for_tile_shape {
 }
 
 /// Index of the last element a strided access touches: `first + Σ (count_i − 1)·stride_i`,
-/// checked once per tile so that the tile's inner loop reads through raw pointers.
+/// checked once per product so that the tiles' inner loops read through raw pointers.
+/// Saturates instead of wrapping, so an overflowing shape fails the bounds check.
 #[inline(always)]
 fn last_index(first: usize, strided: &[(usize, usize)]) -> usize {
-    strided
-        .iter()
-        .fold(first, |at, &(count, stride)| at + (count - 1) * stride)
+    strided.iter().fold(first, |at, &(count, stride)| {
+        at.saturating_add((count - 1).saturating_mul(stride))
+    })
 }
 
 /// `out[i][c] = start + Σ_k w(i, k) · b[k][c]` for `i < m`, `c < n`, with
