@@ -17,10 +17,11 @@ bundle=gpu/bundle
 rm -rf "$bundle"
 mkdir -p "$bundle"
 
-# One cargo invocation for every CUDA target, with the same packages and features as
-# .ci/cuda-check: different feature sets would compile candle's kernels again (~10 min).
-# Keeps nca-candle's test executables (conformance, cross_backend, api) and nca-cli.
-cargo test --no-run -p nca-candle -p nca-cli -p nca-benches \
+# One cargo invocation builds every CUDA target (benches and examples too, which is what
+# .ci/cuda-check relies on to keep them compiling); another feature set would compile
+# candle's kernels again (~10 min). Keeps nca-candle's test executables (conformance,
+# cross_backend, api) and nca-cli.
+cargo test --no-run --all-targets -p nca-candle -p nca-cli -p nca-benches \
     --features nca-candle/cuda,nca-cli/candle-cuda,nca-benches/cuda --message-format=json-render-diagnostics \
     | python3 -c '
 import json, shutil, sys
@@ -31,7 +32,8 @@ for line in sys.stdin:
     target = msg["target"]
     if target["kind"] == ["test"] and "nca-candle" in msg["package_id"]:
         shutil.copy(msg["executable"], sys.argv[1] + "/" + target["name"])
-    elif target["kind"] == ["bin"] and target["name"] == "nca-cli":
+    # The CLI itself, not the unit-test harness cargo test also builds from main.rs.
+    elif target["kind"] == ["bin"] and target["name"] == "nca-cli" and not msg["profile"]["test"]:
         shutil.copy(msg["executable"], sys.argv[1] + "/nca-cli")
 ' "$bundle"
 for name in api conformance cross_backend nca-cli; do
