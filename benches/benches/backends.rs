@@ -2,7 +2,8 @@
 //! full training step (noise, forward, backward, Adam, spike check), in cells·steps/s,
 //! for the plain model (groups `forward`, `train_step`) and the default picture model
 //! with position inputs and the MLP update (groups `forward_picture`,
-//! `train_step_picture`).
+//! `train_step_picture`), and the model sized to a 128×128 or 256×256 picture, batch 1
+//! (groups `forward_sized`, `train_step_sized`).
 //!
 //! `cargo bench -p nca-benches` runs everything; `NCA_BENCH_QUICK=1` keeps two sizes and
 //! short measurement times. A backend that cannot run a model (it returns an error) is
@@ -31,6 +32,7 @@ fn groups(model: Model) -> [&'static str; 2] {
     match model {
         Model::Plain => ["forward", "train_step"],
         Model::Picture => ["forward_picture", "train_step_picture"],
+        Model::Sized => ["forward_sized", "train_step_sized"],
     }
 }
 
@@ -42,17 +44,6 @@ fn bench_backend<T: Trainer>(
     model: Model,
     max_cells: u64,
 ) {
-    let mut probe = match make(&model.config(), &optim()) {
-        None => {
-            eprintln!("skipping {name}: not available on this machine");
-            return;
-        }
-        Some(Err(e)) => {
-            eprintln!("skipping {name} on the {} model: {e}", model.name());
-            return;
-        }
-        Some(Ok(t)) => t,
-    };
     let workloads = if quick() {
         quick_workloads(model)
     } else {
@@ -76,6 +67,19 @@ fn bench_backend<T: Trainer>(
         group.sampling_mode(SamplingMode::Flat);
         group.sample_size(10);
         for w in &workloads {
+            // The sized model differs per grid, so each workload gets its own trainer.
+            let mut probe = match make(&w.config().model, &optim()) {
+                None => {
+                    eprintln!("skipping {name}: not available on this machine");
+                    group.finish();
+                    return;
+                }
+                Some(Err(e)) => {
+                    eprintln!("skipping {name}/{group_name}/{}: {e}", w.label());
+                    continue;
+                }
+                Some(Ok(t)) => t,
+            };
             group.throughput(Throughput::Elements(w.cells()));
             let id = BenchmarkId::new(name, w.label());
             let cfg = w.config();
@@ -157,7 +161,12 @@ fn sync<T: Transition>(t: &T, _s: &T::State) {
 const SMALL: u64 = 32 * 32 * 8;
 
 fn backends(c: &mut Criterion) {
-    for (model, small) in [(Model::Plain, u64::MAX), (Model::Picture, SMALL)] {
+    // The sized model runs everywhere at batch 1: it is what a picture's run trains.
+    for (model, small) in [
+        (Model::Plain, u64::MAX),
+        (Model::Picture, SMALL),
+        (Model::Sized, u64::MAX),
+    ] {
         bench_backend::<nca_ndarray::NdarrayTrainer>(
             c,
             "ndarray",

@@ -2,7 +2,7 @@
 //! backend, so the criterion bench and `bench-table` agree on names.
 #![warn(missing_docs)]
 
-use nca_api::{HostTensor, ModelConfig, NcaConfig, OptimizerConfig};
+use nca_api::{HostTensor, ModelConfig, NcaConfig, OptimizerConfig, SizedDefaults};
 
 /// Which model a workload trains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -11,6 +11,9 @@ pub enum Model {
     Plain,
     /// The default model: position inputs (L = 6) and the MLP update (M = 128).
     Picture,
+    /// The picture model a run file that gives only the grid trains
+    /// ([`SizedDefaults::for_grid`]: L = 7, M = 256 at 128×128; L = 8 at 256×256).
+    Sized,
 }
 
 impl Model {
@@ -19,14 +22,23 @@ impl Model {
         match self {
             Model::Plain => "plain",
             Model::Picture => "picture",
+            Model::Sized => "sized",
         }
     }
 
-    /// The model config (C = 3, D = 16).
-    pub fn config(&self) -> ModelConfig {
+    /// The model config (C = 3, D = 16) on a `side`×`side` grid.
+    pub fn config(&self, side: usize) -> ModelConfig {
         match self {
             Model::Plain => ModelConfig::plain(),
             Model::Picture => ModelConfig::default(),
+            Model::Sized => {
+                let sized = SizedDefaults::for_grid(side, side);
+                ModelConfig {
+                    position_octaves: sized.position_octaves,
+                    mlp_hidden: sized.mlp_hidden,
+                    ..ModelConfig::default()
+                }
+            }
         }
     }
 }
@@ -56,7 +68,7 @@ impl Workload {
     /// The run config: C = 3, D = 16, the workload's model, defaults otherwise.
     pub fn config(&self) -> NcaConfig {
         let mut cfg = NcaConfig {
-            model: self.model.config(),
+            model: self.model.config(self.size),
             ..NcaConfig::default()
         };
         cfg.grid.height = self.size;
@@ -77,8 +89,20 @@ impl Workload {
     }
 }
 
-/// The workloads of the full run for `model`: sides 32–256, batch 1 and 8.
+/// The workloads of the full run for `model`: sides 32–256, batch 1 and 8; the sized
+/// model only where it differs from the default one (128 and 256, batch 1, the way a
+/// picture is trained).
 pub fn full_workloads(model: Model) -> Vec<Workload> {
+    if model == Model::Sized {
+        return [128, 256]
+            .into_iter()
+            .map(|size| Workload {
+                size,
+                batch: 1,
+                model,
+            })
+            .collect();
+    }
     let mut out = Vec::new();
     for size in [32, 64, 128, 256] {
         for batch in [1, 8] {
@@ -89,8 +113,15 @@ pub fn full_workloads(model: Model) -> Vec<Workload> {
 }
 
 /// The workloads of the quick mode (`NCA_BENCH_QUICK=1`) for `model`: the two target
-/// sizes.
+/// sizes (128×128×1 for the sized model).
 pub fn quick_workloads(model: Model) -> Vec<Workload> {
+    if model == Model::Sized {
+        return vec![Workload {
+            size: 128,
+            batch: 1,
+            model,
+        }];
+    }
     vec![
         Workload {
             size: 32,

@@ -23,6 +23,8 @@ fn main() {
         "forward",
         "train_step_picture",
         "forward_picture",
+        "train_step_sized",
+        "forward_sized",
     ] {
         let results = collect(&root.join(group));
         if results.is_empty() {
