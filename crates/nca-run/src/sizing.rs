@@ -165,7 +165,8 @@ mod tests {
         let (cfg, _) = sized(&format!("({grid}, output: (scale: 1))"));
         assert_eq!(cfg.model.position_octaves, Some(8));
         let limit = MemoryLimit::new(4 << 30);
-        // Every CPU backend compiled into this test build (`--features dfdx,candle` for all).
+        // Every CPU backend compiled into this test build (all of them under `cargo test
+        // --workspace`, where nca-cli's dev-dependencies turn on dfdx and candle).
         for backend in Backend::compiled()
             .into_iter()
             .filter(|b| *b != Backend::CandleCuda)
