@@ -541,6 +541,11 @@ impl PyEvents {
 
 impl Events for PyEvents {
     fn on_event(&mut self, event: &Event<'_>) -> ControlFlow<()> {
+        // Ctrl-C seen while handling an event whose stop the run does not act on (a note
+        // during setup) has been taken from Python already: stop at the next event.
+        if self.interrupted.is_some() {
+            return ControlFlow::Break(());
+        }
         // Steps without a callback take the GIL only now and then (see POLL_EVERY).
         if let Event::Step(info) = event {
             let quiet = self.on_step.is_none();
