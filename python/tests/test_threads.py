@@ -1,6 +1,7 @@
 """Training releases the GIL, and Ctrl-C stops it cleanly."""
 
 import _thread
+import signal
 import threading
 import time
 
@@ -33,7 +34,17 @@ def test_other_threads_run_during_training():
     assert times["run"].status == "completed"
 
 
-def test_ctrl_c_stops_training_and_returns_the_run():
+@pytest.fixture
+def ctrl_c_handled():
+    """Python's own Ctrl-C handler, as in a terminal or a notebook. A process started in
+    the background by a non-interactive shell inherits SIGINT ignored, and then
+    `interrupt_main` does nothing at all (the run would go on for its million steps)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_stops_training_and_returns_the_run(ctrl_c_handled):
     timer = threading.Timer(0.3, _thread.interrupt_main)
     timer.start()
     try:
@@ -47,7 +58,7 @@ def test_ctrl_c_stops_training_and_returns_the_run():
     assert run.summary["regrowth"] is not None
 
 
-def test_ctrl_c_with_on_step_too():
+def test_ctrl_c_with_on_step_too(ctrl_c_handled):
     timer = threading.Timer(0.3, _thread.interrupt_main)
     timer.start()
     steps = []
