@@ -67,8 +67,9 @@ fn bench_backend<T: Trainer>(
         group.sampling_mode(SamplingMode::Flat);
         group.sample_size(10);
         for w in &workloads {
+            let cfg = w.config();
             // The sized model differs per grid, so each workload gets its own trainer.
-            let mut probe = match make(&w.config().model, &optim()) {
+            let mut probe = match make(&cfg.model, &optim()) {
                 None => {
                     eprintln!("skipping {name}: not available on this machine");
                     group.finish();
@@ -82,7 +83,6 @@ fn bench_backend<T: Trainer>(
             };
             group.throughput(Throughput::Elements(w.cells()));
             let id = BenchmarkId::new(name, w.label());
-            let cfg = w.config();
             let mut state = match nca_api::start(&mut probe, &cfg, &w.target()) {
                 Ok(s) => s,
                 Err(e) => {
