@@ -12,6 +12,38 @@ pub fn feature_count(octaves: u32) -> usize {
     2 + 4 * octaves as usize
 }
 
+/// The coordinate a position feature depends on: every feature is a function of `X` alone
+/// or of `Y` alone, so a linear map of the features splits into a per-column and a
+/// per-row part (what lets a backend skip a product per cell).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Axis {
+    /// A function of the column's `X` only.
+    X,
+    /// A function of the row's `Y` only.
+    Y,
+}
+
+/// Which coordinate feature number `feature` (in [`features`]' order) depends on.
+///
+/// ```
+/// use nca_api::position::{feature_axis, Axis};
+/// assert_eq!(feature_axis(0), Axis::X); // X
+/// assert_eq!(feature_axis(5), Axis::Y); // cos(π·Y)
+/// ```
+pub fn feature_axis(feature: usize) -> Axis {
+    // Order: X, Y, then per octave sin X, cos X, sin Y, cos Y.
+    let is_x = match feature {
+        0 => true,
+        1 => false,
+        f => (f - 2) % 4 < 2,
+    };
+    if is_x {
+        Axis::X
+    } else {
+        Axis::Y
+    }
+}
+
 /// The `[P, H, W]` position features of an `height`×`width` grid with `octaves` octaves.
 ///
 /// ```
@@ -66,6 +98,26 @@ mod tests {
             assert_eq!(p.data()[4 + x], 0.0);
             assert_eq!(p.data()[4 * 4 + x], 0.0);
             assert_eq!(p.data()[5 * 4 + x], 1.0);
+        }
+    }
+
+    #[test]
+    fn each_feature_depends_on_the_axis_it_is_said_to() {
+        let (h, w) = (7, 10);
+        let p = features(3, h, w);
+        let at = |f: usize, y: usize, x: usize| p.data()[(f * h + y) * w + x];
+        for f in 0..feature_count(3) {
+            let (mut varies_x, mut varies_y) = (false, false);
+            for y in 0..h {
+                for x in 0..w {
+                    varies_x |= at(f, y, x) != at(f, y, 0);
+                    varies_y |= at(f, y, x) != at(f, 0, x);
+                }
+            }
+            match feature_axis(f) {
+                Axis::X => assert!(varies_x && !varies_y, "feature {f}"),
+                Axis::Y => assert!(varies_y && !varies_x, "feature {f}"),
+            }
         }
     }
 

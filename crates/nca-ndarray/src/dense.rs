@@ -8,20 +8,32 @@
 //! one column per cell, the cells of a chunk contiguous. Per chunk:
 //!
 //! 1. `XP` = cell inputs `x = [s; p]` of the chunk's padded rows (zero outside the grid);
-//!    `Q, K, V = W·XP + b` — three GEMMs `[D × (C+P)]·[(C+P) × cells]`; a border cell's
-//!    zero input gives `K = bk`, `V = bv`, as zero padding implies.
+//!    `Q, K, V = W·XP + b` — one GEMM `[3D × C]·[C × cells]` over the state rows, started
+//!    from the position part (see below); a border cell's zero input gives `K = bk`,
+//!    `V = bv`, as zero padding implies.
 //! 2. Per cell (eight cells per vector, like the fused kernel): scores with `pk`, softmax,
 //!    `u = Σ a_n ṽ_n`, written into `UX = [U; X_c]`.
 //! 3. `H = relu(W1·UX + b1)`, `F = Wo·H + bo` (without the MLP `F = Wo·U + bo`); the
-//!    output is `s + F` (or `F`).
+//!    output is `s + F` (or `F`). The product runs over `[U; S]` only, started from the
+//!    position part.
 //! 4. Backward (train mode): `G_f = 2(next − target)/N` on visible channels;
 //!    `dWo += G_f·Hᵀ`; `G_h = (Woᵀ·G_f) ⊙ [Z > 0]`; `dW1 += G_h·UXᵀ`, `db1 += Σ G_h`;
 //!    `G_u = W1[:, :D]ᵀ·G_h` (without the MLP, `G_u = Woᵀ·G_f`, `dWo += G_f·Uᵀ`). No
-//!    gradient flows into the state: the incoming state is a constant.
+//!    gradient flows into the state: the incoming state is a constant. `dW1`'s position
+//!    columns come from the row and column sums of `G_h` (below).
 //! 5. Per cell, the attention backward ([`crate::attention`], shared with the plain
 //!    kernel) gives `dq`, `xk = Σ dz_n x_n` and `xv = Σ a_n x_n`, plus the `pk`, `pv` and
 //!    bias gradients in vector lanes; then `dWq += DQ·X_cᵀ`, `dWk += Q·XKᵀ`,
 //!    `dWv += G_u·XVᵀ` are GEMMs again.
+//!
+//! **Position terms.** Every position feature is a function of the column's `X` alone or
+//! of the row's `Y` alone ([`nca_api::position::feature_axis`]), so for any weights `W`,
+//! `W·p(y, x) = W_X·p_X(x) + W_Y·p_Y(y)`: once per pass, [`PositionTerms`] computes the
+//! per-column and per-row parts (`[rows × W]` and `[rows × H]`), and each cell adds two
+//! numbers instead of a `P`-long dot product. With `P = 30` of the `D + C + P = 49` inputs
+//! of the 128×128 model's `W1`, that removes about 60 % of its product per cell, forward
+//! and backward (`dW1_X = Σ_x colsum(G_h)(x)·p_X(x)ᵀ`, `dW1_Y` likewise with row sums).
+//! The attention's projection gradients still use the full inputs (they are a small part).
 //!
 //! Determinism: units and chunks depend only on the grid shape, GEMMs accumulate a chunk
 //! at a time into the unit's own gradient vector, and units are summed in order, so the
@@ -35,6 +47,7 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
+use nca_api::position::{feature_axis, Axis};
 use nca_api::{FlatLayout, ModelConfig, Param, NEIGHBOURS};
 
 use crate::attention::{self, GradLanes, Neighbourhood, Taps};
@@ -52,6 +65,10 @@ const CHUNK_CELLS: usize = 256;
 /// are whole multiples of it.
 pub const ALIGN: usize = 16;
 
+/// About how many work units a grid is split into ([`Geometry::aligned`]): few, because
+/// each unit pays once for its `dW1_X` product over a whole row ([`PositionTerms`]).
+pub const UNITS: usize = 16;
+
 /// Offsets of the model's parameters in the flat vector ([`FlatLayout`]) and its widths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DenseLayout {
@@ -63,6 +80,9 @@ pub struct DenseLayout {
     pub d: usize,
     /// Input width C + P.
     pub x: usize,
+    /// Position features that depend on `X`, and on `Y` ([`nca_api::position::Axis`]).
+    px: usize,
+    py: usize,
     /// Hidden width M (0 without the MLP).
     pub m: usize,
     wq: usize,
@@ -94,7 +114,11 @@ impl DenseLayout {
             (Some(w), Some(b)) => Some((w, b)),
             _ => None,
         };
+        let axes = (0..model.position_features()).map(feature_axis);
+        let px = axes.filter(|&a| a == Axis::X).count();
         Some(Self {
+            px,
+            py: model.position_features() - px,
             c: model.channels(),
             v: model.visible_channels,
             d: model.attention_dim,
@@ -116,7 +140,8 @@ impl DenseLayout {
 
     /// Rebuilds, from the flat parameters `w`, what the cells read besides them: `pk`
     /// and `pv` (9·D each; zero without position embeddings), then `[wq; wk; wv]`
-    /// (3·D × (C+P)) and `[bq; bk; bv]` (3·D) as one projection.
+    /// (3·D × (C+P)) and `[bq; bk; bv]` (3·D) as one projection, then the position
+    /// columns of that projection and of `w1` gathered by axis ([`Derived`]).
     pub fn derive(&self, w: &[f32], out: &mut Vec<f32>) {
         let nd = NEIGHBOURS * self.d;
         let dx = self.d * self.x;
@@ -134,12 +159,69 @@ impl DenseLayout {
         for at in [self.bq, self.bk, self.bv] {
             out.extend_from_slice(&w[at..at + self.d]);
         }
+        let p = self.x - self.c;
+        let first = self.c;
+        for axis in [Axis::X, Axis::Y] {
+            for at in [self.wq, self.wk, self.wv] {
+                for row in 0..self.d {
+                    let cols = (0..p).filter(|&f| feature_axis(f) == axis);
+                    out.extend(cols.map(|f| w[at + row * self.x + first + f]));
+                }
+            }
+        }
+        if let Some((w1, _)) = self.mlp {
+            let (stride, first) = (self.d + self.x, self.d + self.c);
+            for axis in [Axis::X, Axis::Y] {
+                for row in 0..self.m {
+                    let cols = (0..p).filter(|&f| feature_axis(f) == axis);
+                    out.extend(cols.map(|f| w[w1 + row * stride + first + f]));
+                }
+            }
+        }
+    }
+
+    /// Names the parts of what [`DenseLayout::derive`] wrote.
+    fn split<'a>(&self, derived: &'a [f32]) -> Derived<'a> {
+        let (d3, m) = (3 * self.d, self.m);
+        let mut rest = derived;
+        let mut take = |n: usize| {
+            let (head, tail) = rest.split_at(n);
+            rest = tail;
+            head
+        };
+        let nd = NEIGHBOURS * self.d;
+        Derived {
+            pk: take(nd),
+            pv: take(nd),
+            wqkv: take(d3 * self.x),
+            bqkv: take(d3),
+            qkv_x: take(d3 * self.px),
+            qkv_y: take(d3 * self.py),
+            w1_x: take(if self.mlp.is_some() { m * self.px } else { 0 }),
+            w1_y: take(if self.mlp.is_some() { m * self.py } else { 0 }),
+        }
     }
 
     /// Length of a unit's gradient vector: the parameters, then the loss.
     fn partial_len(&self) -> usize {
         self.params + 1
     }
+}
+
+/// What [`DenseLayout::derive`] makes of the parameters, by name.
+struct Derived<'a> {
+    /// `pk`, `pv` (9·D each): the model's, or zeros without position embeddings.
+    pk: &'a [f32],
+    pv: &'a [f32],
+    /// `[wq; wk; wv]` as one `[3·D × (C+P)]` matrix, and `[bq; bk; bv]`.
+    wqkv: &'a [f32],
+    bqkv: &'a [f32],
+    /// The columns of `wqkv` for the `X` features (`[3·D × PX]`) and the `Y` features.
+    qkv_x: &'a [f32],
+    qkv_y: &'a [f32],
+    /// The columns of `w1` for the `X` features (`[M × PX]`) and the `Y` features.
+    w1_x: &'a [f32],
+    w1_y: &'a [f32],
 }
 
 /// Number of lane accumulators of a unit: `bq bk bv` (D each), `pk pv` (9·D each), `bo`
@@ -164,13 +246,21 @@ struct Scratch {
     dq: Vec<f32>,
     xk: Vec<f32>,
     xv: Vec<f32>,
+    /// Column sums `[M][wr]` and row sums `[M][unit rows]` of `G_h` over the unit.
+    gh_col: Vec<f32>,
+    gh_row: Vec<f32>,
+    /// `dW1`'s position columns of one axis, `[M][PX or PY]`, before they are scattered.
+    dw1_pos: Vec<f32>,
     lanes: Vec<F8>,
     reduce: gemm::ReduceScratch,
 }
 
 impl Scratch {
-    fn ensure(&mut self, l: &DenseLayout, np: usize, nc: usize) {
+    fn ensure(&mut self, l: &DenseLayout, np: usize, nc: usize, geo: &Geometry) {
         let (d, x) = (l.d, l.x);
+        self.gh_col.resize(l.m * geo.wr, 0.0);
+        self.gh_row.resize(l.m * geo.unit_rows, 0.0);
+        self.dw1_pos.resize(l.m * l.px.max(l.py), 0.0);
         self.xp.resize(x * np, 0.0);
         self.qkv.resize(3 * d * np, 0.0);
         self.ux.resize((d + x) * nc, 0.0);
@@ -198,6 +288,15 @@ pub struct DenseWorkspace {
     chunk_rows: usize,
     /// Position features `[P][H][W]` of the current grid.
     pos: Vec<f32>,
+    /// The `X` features along a row, `[PX][wr]` (zero past the grid), and the `Y`
+    /// features down a column, `[PY][hr]`.
+    pos_x: Vec<f32>,
+    pos_y: Vec<f32>,
+    /// Rows rounded up to whole vectors.
+    hr: usize,
+    /// The pass's position terms ([`PositionTerms`]): `[3D][wr]`, `[3D][hr]` for the
+    /// projection, `[M][wr]`, `[M][hr]` (with `b1`) for the MLP.
+    terms: Vec<f32>,
     /// Row-planar output `[B][H][C][wr]`.
     out: Vec<f32>,
     /// Row-planar attention `[B][H][9][wr]`.
@@ -217,12 +316,16 @@ struct Ctx<'a> {
     chunk_rows: usize,
     state: &'a [f32],
     pos: &'a [f32],
-    /// `pk`, `pv` (9·D each): the model's, or zeros without position embeddings.
-    pk: &'a [f32],
-    pv: &'a [f32],
-    /// `[wq; wk; wv]` as one `[3·D × (C+P)]` matrix, and `[bq; bk; bv]`.
-    wqkv: &'a [f32],
-    bqkv: &'a [f32],
+    derived: Derived<'a>,
+    /// Position terms of the projection (without bias) and of the MLP (with `b1`),
+    /// per column (`wr` apart) and per row (`hr` apart).
+    q_col: &'a [f32],
+    q_row: &'a [f32],
+    h_col: &'a [f32],
+    h_row: &'a [f32],
+    pos_x: &'a [f32],
+    pos_y: &'a [f32],
+    hr: usize,
     target: &'a [f32],
     mode: Mode,
 }
@@ -236,6 +339,10 @@ impl DenseWorkspace {
             geo: None,
             chunk_rows: 1,
             pos: Vec::new(),
+            pos_x: Vec::new(),
+            pos_y: Vec::new(),
+            hr: 0,
+            terms: Vec::new(),
             out: Vec::new(),
             attention: Vec::new(),
             partials: Vec::new(),
@@ -256,6 +363,24 @@ impl DenseWorkspace {
                 .to_vec(),
             None => Vec::new(),
         };
+        let (plane, p) = (geo.h * geo.w, self.pos.len() / (geo.h * geo.w).max(1));
+        let hr = geo.h.div_ceil(ALIGN) * ALIGN;
+        let (mut pos_x, mut pos_y) = (Vec::new(), Vec::new());
+        for f in 0..p {
+            let feature = &self.pos[f * plane..(f + 1) * plane];
+            match feature_axis(f) {
+                Axis::X => {
+                    pos_x.extend_from_slice(&feature[..geo.w]);
+                    pos_x.resize(pos_x.len() + geo.wr - geo.w, 0.0);
+                }
+                Axis::Y => {
+                    pos_y.extend(feature.iter().step_by(geo.w));
+                    pos_y.resize(pos_y.len() + hr - geo.h, 0.0);
+                }
+            }
+        }
+        (self.pos_x, self.pos_y, self.hr) = (pos_x, pos_y, hr);
+        self.terms.resize((3 * l.d + l.m) * (geo.wr + hr), 0.0);
         self.chunk_rows = CHUNK_CELLS.div_ceil(geo.wr).clamp(1, geo.unit_rows);
         self.out.resize(geo.b * geo.h * l.c * geo.wr, 0.0);
         self.attention.clear();
@@ -268,7 +393,7 @@ impl DenseWorkspace {
         self.scratch = (0..threads)
             .map(|_| {
                 let mut s = Scratch::default();
-                s.ensure(&l, np, nc);
+                s.ensure(&l, np, nc, &geo);
                 Mutex::new(s)
             })
             .collect();
@@ -293,7 +418,20 @@ impl DenseWorkspace {
             self.attention
                 .resize(geo.b * geo.h * NEIGHBOURS * geo.wr, 0.0);
         }
-        let nd = NEIGHBOURS * l.d;
+        let derived = l.split(derived);
+        let (wr, hr) = (geo.wr, self.hr);
+        let (q_col, rest) = self.terms.split_at_mut(3 * l.d * wr);
+        let (q_row, rest) = rest.split_at_mut(3 * l.d * hr);
+        let (h_col, h_row) = rest.split_at_mut(l.m * wr);
+        let b1 = l.mlp.map_or(&[][..], |(_, b1)| &w[b1..b1 + l.m]);
+        simd::run(PositionTerms {
+            products: [
+                (derived.qkv_x, &self.pos_x, wr, &mut *q_col, Start::Zero),
+                (derived.qkv_y, &self.pos_y, hr, &mut *q_row, Start::Zero),
+                (derived.w1_x, &self.pos_x, wr, &mut *h_col, Start::Zero),
+                (derived.w1_y, &self.pos_y, hr, &mut *h_row, Start::Bias(b1)),
+            ],
+        });
         let ctx = Ctx {
             w,
             l,
@@ -301,10 +439,14 @@ impl DenseWorkspace {
             chunk_rows: self.chunk_rows,
             state,
             pos: &self.pos,
-            pk: &derived[..nd],
-            pv: &derived[nd..2 * nd],
-            wqkv: &derived[2 * nd..2 * nd + 3 * l.d * l.x],
-            bqkv: &derived[2 * nd + 3 * l.d * l.x..],
+            derived,
+            q_col,
+            q_row,
+            h_col,
+            h_row,
+            pos_x: &self.pos_x,
+            pos_y: &self.pos_y,
+            hr,
             target,
             mode,
         };
@@ -376,6 +518,39 @@ impl DenseWorkspace {
     }
 }
 
+/// The per-column and per-row position terms of one pass: each product is
+/// `out = start + W·features`, with `features` `[k × n]` and `out` `[rows × n]`.
+struct PositionTerms<'a> {
+    products: [PositionProduct<'a>; 4],
+}
+
+/// `(W, features, n, out, start)` of one [`PositionTerms`] product.
+type PositionProduct<'a> = (&'a [f32], &'a [f32], usize, &'a mut [f32], Start<'a>);
+
+impl Kernel for PositionTerms<'_> {
+    const WIDE: bool = false;
+    type Output = ();
+    #[inline(always)]
+    fn body<A: MulAdd, V: Vector>(self) {
+        // A loop, not four calls: each call site is another inlined copy of the tiles.
+        for (weights, features, n, out, start) in self.products {
+            let (rows, k) = (out.len() / n, features.len() / n);
+            let dims = (rows, k, n);
+            gemm::project::<V, A>(
+                dims,
+                weights,
+                (k, 1),
+                features,
+                n,
+                out,
+                n,
+                start,
+                Epilogue::Store,
+            );
+        }
+    }
+}
+
 /// One unit: its chunks in order, then the lane sums into the unit's gradient vector.
 struct UnitPass<'a, 'c> {
     ctx: &'a Ctx<'c>,
@@ -412,6 +587,8 @@ impl UnitPass<'_, '_> {
         let rows = out.len() / (l.c * geo.wr);
         partial.fill(0.0);
         s.lanes.fill(F8::ZERO);
+        s.gh_col.fill(0.0);
+        s.gh_row.fill(0.0);
         let mut r0 = 0;
         while r0 < rows {
             let n = ctx.chunk_rows.min(rows - r0);
@@ -421,11 +598,14 @@ impl UnitPass<'_, '_> {
             } else {
                 &mut att[r0 * NEIGHBOURS * geo.wr..(r0 + n) * NEIGHBOURS * geo.wr]
             };
-            chunk_body::<D, A, V>(ctx, s, bi, y0 + r0, n, o, a, partial);
+            chunk_body::<D, A, V>(ctx, s, bi, (y0 + r0, r0), n, o, a, partial);
             r0 += n;
         }
         if ctx.mode != Mode::Train {
             return;
+        }
+        if let Some((w1, b1)) = l.mlp {
+            position_gradients::<V, A>(ctx, s, y0, rows, w1, b1, partial);
         }
         let d = l.d;
         let nd = NEIGHBOURS * d;
@@ -450,6 +630,87 @@ impl UnitPass<'_, '_> {
     }
 }
 
+/// `dW1`'s position columns and `db1` from the unit's column and row sums of `G_h`:
+/// `dW1_X += colsum·p_Xᵀ`, `dW1_Y += rowsum·p_Yᵀ`, `db1 += Σ rowsum`.
+#[inline(always)]
+fn position_gradients<V: Vector, A: MulAdd>(
+    ctx: &Ctx<'_>,
+    s: &mut Scratch,
+    y0: usize,
+    rows: usize,
+    w1: usize,
+    b1: usize,
+    partial: &mut [f32],
+) {
+    let (l, geo) = (ctx.l, ctx.geo);
+    let (m, wr, ur) = (l.m, geo.wr, geo.unit_rows);
+    let (stride, first) = (l.d + l.x, l.d + l.c);
+    let p = l.x - l.c;
+    for i in 0..m {
+        let sums = &s.gh_row[i * ur..i * ur + rows];
+        partial[b1 + i] += sums.iter().sum::<f32>();
+    }
+    for axis in [Axis::X, Axis::Y] {
+        let k = if axis == Axis::X { l.px } else { l.py };
+        if k == 0 {
+            continue;
+        }
+        let dw = &mut s.dw1_pos[..m * k];
+        dw.fill(0.0);
+        if axis == Axis::X {
+            let dims = (m, k, wr);
+            gemm::reduce::<V, A>(
+                dims,
+                &s.gh_col,
+                wr,
+                ctx.pos_x,
+                wr,
+                dw,
+                (k, 1),
+                &mut s.reduce,
+            );
+        } else {
+            // A few rows per unit: not worth a vector product.
+            for i in 0..m {
+                let sums = &s.gh_row[i * ur..i * ur + rows];
+                for j in 0..k {
+                    let feature = &ctx.pos_y[j * ctx.hr + y0..j * ctx.hr + y0 + rows];
+                    dw[i * k + j] = sums.iter().zip(feature).map(|(a, b)| a * b).sum();
+                }
+            }
+        }
+        let columns = (0..p).filter(|&f| feature_axis(f) == axis);
+        for (j, f) in columns.enumerate() {
+            for i in 0..m {
+                partial[w1 + i * stride + first + f] += dw[i * k + j];
+            }
+        }
+    }
+}
+
+/// Adds the sums of `G_h` (`m` rows of `rows` grid rows `wr` apart, `nc` apart) along
+/// each grid row into `row_sums[i·ur + at + r]` and across the rows into `col_sums`.
+#[inline(always)]
+fn add_row_and_column_sums<V: Vector>(
+    (m, rows, wr, nc): (usize, usize, usize, usize),
+    gh: &[f32],
+    col_sums: &mut [f32],
+    row_sums: &mut [f32],
+    (ur, at): (usize, usize),
+) {
+    for i in 0..m {
+        for r in 0..rows {
+            let mut acc = V::ZERO;
+            for x0 in (0..wr).step_by(V::LANES) {
+                let v = V::load(gh, i * nc + r * wr + x0);
+                acc = acc + v;
+                (V::load(col_sums, i * wr + x0) + v).store(col_sums, i * wr + x0);
+            }
+            row_sums[i * ur + at + r] += acc.sum();
+        }
+    }
+}
+
 /// Padded cells of a chunk of `rows` rows: the rows and their halo, rounded up to whole
 /// vectors.
 fn padded_cells(rows: usize, wp: usize) -> usize {
@@ -462,7 +723,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
     ctx: &Ctx<'_>,
     s: &mut Scratch,
     bi: usize,
-    y0: usize,
+    (y0, unit_row): (usize, usize),
     rows: usize,
     out: &mut [f32],
     att: &mut [f32],
@@ -473,15 +734,18 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
     let (wd, wp, wr, h) = (geo.w, geo.wp, geo.wr, geo.h);
     let np = padded_cells(rows, wp);
     let nc = rows * wr;
+    let train = ctx.mode == Mode::Train;
 
-    // 1. Inputs of the padded rows y0-1 ..= y0+rows, zero outside the grid.
-    let xp = &mut s.xp[..x * np];
+    // 1. Inputs of the padded rows y0-1 ..= y0+rows, zero outside the grid. The forward
+    //    products read only the state rows; the position rows are for the gradients.
+    let x_used = if train { x } else { c };
+    let xp = &mut s.xp[..x_used * np];
     xp.fill(0.0);
     for pr in 0..rows + 2 {
         let Some(y) = (y0 + pr).checked_sub(1).filter(|&y| y < h) else {
             continue;
         };
-        for j in 0..x {
+        for j in 0..x_used {
             let src = if j < c {
                 let from = ((bi * c + j) * h + y) * wd;
                 &ctx.state[from..from + wd]
@@ -493,17 +757,32 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
             xp[to..to + wd].copy_from_slice(src);
         }
     }
-    let xp = &s.xp[..x * np];
+    let xp = &s.xp[..x_used * np];
     let qkv = &mut s.qkv[..3 * d * np];
+    for f in 0..3 * d {
+        let row = &mut qkv[f * np..(f + 1) * np];
+        row.fill(ctx.derived.bqkv[f]);
+        let col = &ctx.q_col[f * wr..f * wr + wd];
+        for pr in 0..rows + 2 {
+            let Some(y) = (y0 + pr).checked_sub(1).filter(|&y| y < h) else {
+                continue;
+            };
+            let add = ctx.q_row[f * ctx.hr + y];
+            let at = pr * wp + 1;
+            for (o, &cv) in row[at..at + wd].iter_mut().zip(col) {
+                *o += add + cv;
+            }
+        }
+    }
     gemm::project::<V, A>(
-        (3 * d, x, np),
-        ctx.wqkv,
+        (3 * d, c, np),
+        ctx.derived.wqkv,
         (x, 1),
         xp,
         np,
         qkv,
         np,
-        Start::Bias(ctx.bqkv),
+        Start::Current,
         Epilogue::Store,
     );
 
@@ -519,8 +798,9 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
         rows,
         d,
         x,
-        pk: ctx.pk,
-        pv: ctx.pv,
+        x_used,
+        pk: ctx.derived.pk,
+        pv: ctx.derived.pv,
     };
     attend_body::<D, A>(&view, &mut s.ux, &mut s.att, &mut s.qc);
     if !att.is_empty() {
@@ -536,10 +816,19 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
     let ux = &s.ux[..(d + x) * nc];
     let f = &mut s.f[..c * nc];
     let bo = Start::Bias(&w[l.bo..l.bo + c]);
-    if let Some((w1, b1)) = l.mlp {
+    if let Some((w1, _)) = l.mlp {
         let hb = &mut s.h[..m * nc];
-        let start = Start::Bias(&w[b1..b1 + m]);
-        let dims = (m, d + x, nc);
+        for i in 0..m {
+            let col = &ctx.h_col[i * wr..(i + 1) * wr];
+            for r in 0..rows {
+                let add = ctx.h_row[i * ctx.hr + y0 + r];
+                let at = i * nc + r * wr;
+                for (o, &cv) in hb[at..at + wr].iter_mut().zip(col) {
+                    *o = add + cv;
+                }
+            }
+        }
+        let dims = (m, d + c, nc);
         gemm::project::<V, A>(
             dims,
             &w[w1..],
@@ -548,7 +837,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
             nc,
             hb,
             nc,
-            start,
+            Start::Current,
             Epilogue::Relu,
         );
         let hb = &s.h[..m * nc];
@@ -592,7 +881,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
             }
         }
     }
-    if ctx.mode != Mode::Train {
+    if !train {
         return;
     }
 
@@ -627,7 +916,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
 
     // Dense backward.
     let gu = &mut s.gu[..d * nc];
-    if let Some((w1, b1)) = l.mlp {
+    if let Some((w1, _)) = l.mlp {
         let hb = &s.h[..m * nc];
         let wo = &mut partial[l.wo..];
         gemm::reduce::<V, A>((c, m, nc), gf, nc, hb, nc, wo, (m, 1), &mut s.reduce);
@@ -636,9 +925,10 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
         let mask = Epilogue::Mask(hb);
         gemm::project::<V, A>(dims, &w[l.wo..], (1, m), gf, nc, gh, nc, Start::Zero, mask);
         let gh = &s.gh[..m * nc];
-        gemm::row_sums::<V>(m, nc, gh, nc, &mut partial[b1..]);
+        let unit = (geo.unit_rows, unit_row);
+        add_row_and_column_sums::<V>((m, rows, wr, nc), gh, &mut s.gh_col, &mut s.gh_row, unit);
         gemm::reduce::<V, A>(
-            (m, d + x, nc),
+            (m, d + c, nc),
             gh,
             nc,
             ux,
@@ -714,6 +1004,8 @@ struct Chunk<'a> {
     rows: usize,
     d: usize,
     x: usize,
+    /// Input rows filled: all `x` when training, the state's `C` otherwise.
+    x_used: usize,
     pk: &'a [f32],
     pv: &'a [f32],
 }
@@ -793,7 +1085,7 @@ fn attend_body<const D: usize, A: MulAdd>(
             for dd in 0..d {
                 u[dd].store(ux, dd * nc + cell);
             }
-            for j in 0..v.x {
+            for j in 0..v.x_used {
                 F8::load(v.xp, j * np + centre).store(ux, (d + j) * nc + cell);
             }
         }

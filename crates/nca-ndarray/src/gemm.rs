@@ -1,7 +1,13 @@
 //! Small register-blocked matrix products over feature-major matrices (one row per
 //! feature, cells contiguous), written once over the lane width ([`Vector`]: [`F8`] or,
-//! on AVX-512 CPUs, [`F16`]) and inlined into the calling kernel, so they compile into
-//! whatever it was compiled for (AVX-512, AVX2 + FMA or the baseline).
+//! on AVX-512 CPUs, [`F16`]).
+//!
+//! Each product is compiled once per instruction set (AVX-512, AVX2 + FMA, the
+//! baseline), out of line, and a kernel's call picks the copy for the `V`, `A` it was
+//! compiled with. Inlined into every call site instead, each of a kernel's dozen
+//! products was another copy of all 18 tile shapes per instruction set and per kernel
+//! specialisation, which made this crate take many minutes to compile; the call costs
+//! nothing next to a product over a chunk of cells.
 //!
 //! They need no packing and allocate nothing: the cell dimension is always a whole number
 //! of vectors, and the other dimensions are small (≤ a few hundred), so the
@@ -11,7 +17,11 @@
 // Tiles are indexed by compile-time sizes: index loops are what unrolls.
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
-use crate::simd::{MulAdd, Vector, F16, F8};
+use std::any::TypeId;
+
+#[cfg(target_arch = "x86_64")]
+use crate::simd::Fused;
+use crate::simd::{MulAdd, Separate, Vector, F16, F8};
 
 /// Largest tile in either product and either vector width ([`Vector::PROJECT_TILE`],
 /// [`Vector::REDUCE_TILE`]): the shapes [`for_tile_shape`] spells out.
@@ -31,6 +41,8 @@ pub enum Start<'a> {
     Zero,
     /// `bias[i]` in every cell of row `i`.
     Bias(&'a [f32]),
+    /// The output's current value: the product is added to what is there.
+    Current,
 }
 
 /// What a [`project`] tile does before it stores.
@@ -88,6 +100,77 @@ fn last_index(first: usize, strided: &[(usize, usize)]) -> usize {
 /// `n` is a multiple of `V::LANES`.
 #[inline(always)]
 pub fn project<V: Vector, A: MulAdd>(
+    dims: (usize, usize, usize),
+    w: &[f32],
+    w_strides: (usize, usize),
+    b: &[f32],
+    ldb: usize,
+    out: &mut [f32],
+    ldo: usize,
+    start: Start<'_>,
+    epi: Epilogue<'_>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if is::<A, Fused>() {
+        if is::<V, F16>() {
+            // SAFETY: `Fused` is only used inside `simd::run`'s AVX2 and AVX-512 copies,
+            // and with `F16` only in the AVX-512 one, which run on CPUs that have them.
+            return unsafe { project_avx512(dims, w, w_strides, b, ldb, out, ldo, start, epi) };
+        }
+        if is::<V, F8>() {
+            // SAFETY: as above: `Fused` runs only where AVX2 and FMA are present.
+            return unsafe { project_avx2(dims, w, w_strides, b, ldb, out, ldo, start, epi) };
+        }
+    }
+    if is::<A, Separate>() && is::<V, F8>() {
+        return project_base(dims, w, w_strides, b, ldb, out, ldo, start, epi);
+    }
+    project_inline::<V, A>(dims, w, w_strides, b, ldb, out, ldo, start, epi)
+}
+
+/// Whether `T` and `U` are the same type: constant once inlined.
+#[inline(always)]
+fn is<T: 'static, U: 'static>() -> bool {
+    TypeId::of::<T>() == TypeId::of::<U>()
+}
+
+/// Defines the out-of-line copy `$name` of `$body::<$v, $a>`: compiled with the target
+/// features `$features` (then `unsafe`: the caller checks the CPU), or for the baseline.
+macro_rules! out_of_line {
+    ($name:ident = $body:ident::<$v:ty, $a:ty>, $features:literal; ($($arg:ident: $t:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        #[inline(never)]
+        unsafe fn $name($($arg: $t),*) {
+            $body::<$v, $a>($($arg),*)
+        }
+    };
+    ($name:ident = $body:ident::<$v:ty, $a:ty>; ($($arg:ident: $t:ty),*)) => {
+        #[inline(never)]
+        fn $name($($arg: $t),*) {
+            $body::<$v, $a>($($arg),*)
+        }
+    };
+}
+
+/// Defines [`project`]'s three copies.
+macro_rules! project_copies {
+    ($($name:ident = $v:ty, $a:ty $(, $features:literal)?;)*) => {$(
+        out_of_line!($name = project_inline::<$v, $a> $(, $features)?;
+            (dims: (usize, usize, usize), w: &[f32], w_strides: (usize, usize), b: &[f32],
+             ldb: usize, out: &mut [f32], ldo: usize, start: Start<'_>, epi: Epilogue<'_>));
+    )*};
+}
+
+project_copies! {
+    project_avx512 = F16, Fused, "avx2,fma,avx512f,avx512vl";
+    project_avx2 = F8, Fused, "avx2,fma";
+    project_base = F8, Separate;
+}
+
+/// [`project`] itself, inlined into the copy that runs it.
+#[inline(always)]
+fn project_inline<V: Vector, A: MulAdd>(
     (m, k, n): (usize, usize, usize),
     w: &[f32],
     (rsw, csw): (usize, usize),
@@ -159,12 +242,24 @@ unsafe fn project_tile<const R: usize, const NV_: usize, V: Vector, A: MulAdd>(
     epi: Epilogue<'_>,
 ) {
     let mut acc = [[V::ZERO; NV_]; R];
-    if let Start::Bias(bias) = start {
-        for r in 0..R {
-            acc[r] = [V::splat(bias[i0 + r]); NV_];
+    let c0 = j0 * V::LANES;
+    match start {
+        Start::Zero => {}
+        Start::Bias(bias) => {
+            for r in 0..R {
+                acc[r] = [V::splat(bias[i0 + r]); NV_];
+            }
+        }
+        Start::Current => {
+            for r in 0..R {
+                for v in 0..NV_ {
+                    let at = (i0 + r) * ldo + c0 + v * V::LANES;
+                    // SAFETY: within `out`, by the caller's contract.
+                    acc[r][v] = unsafe { V::load_ptr(out.as_ptr().add(at)) };
+                }
+            }
         }
     }
-    let c0 = j0 * V::LANES;
     let (wp, bp) = (w.as_ptr(), b.as_ptr());
     for kk in 0..k {
         let mut bv = [V::ZERO; NV_];
@@ -223,6 +318,50 @@ pub struct ReduceScratch {
 /// vectors of cells whose lanes are summed in a fixed order.
 #[inline(always)]
 pub fn reduce<V: Vector, A: MulAdd>(
+    dims: (usize, usize, usize),
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    out: &mut [f32],
+    out_strides: (usize, usize),
+    scratch: &mut ReduceScratch,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if is::<A, Fused>() {
+        if is::<V, F16>() {
+            // SAFETY: as in `project`.
+            return unsafe { reduce_avx512(dims, a, lda, b, ldb, out, out_strides, scratch) };
+        }
+        if is::<V, F8>() {
+            // SAFETY: as in `project`.
+            return unsafe { reduce_avx2(dims, a, lda, b, ldb, out, out_strides, scratch) };
+        }
+    }
+    if is::<A, Separate>() && is::<V, F8>() {
+        return reduce_base(dims, a, lda, b, ldb, out, out_strides, scratch);
+    }
+    reduce_inline::<V, A>(dims, a, lda, b, ldb, out, out_strides, scratch)
+}
+
+/// Defines [`reduce`]'s three copies.
+macro_rules! reduce_copies {
+    ($($name:ident = $v:ty, $a:ty $(, $features:literal)?;)*) => {$(
+        out_of_line!($name = reduce_inline::<$v, $a> $(, $features)?;
+            (dims: (usize, usize, usize), a: &[f32], lda: usize, b: &[f32], ldb: usize,
+             out: &mut [f32], out_strides: (usize, usize), scratch: &mut ReduceScratch));
+    )*};
+}
+
+reduce_copies! {
+    reduce_avx512 = F16, Fused, "avx2,fma,avx512f,avx512vl";
+    reduce_avx2 = F8, Fused, "avx2,fma";
+    reduce_base = F8, Separate;
+}
+
+/// [`reduce`] itself, inlined into the copy that runs it.
+#[inline(always)]
+fn reduce_inline<V: Vector, A: MulAdd>(
     (m, n, cells): (usize, usize, usize),
     a: &[f32],
     lda: usize,
@@ -258,7 +397,7 @@ pub fn reduce<V: Vector, A: MulAdd>(
     let product = &mut scratch.product;
     product.resize(m * np, 0.0);
     let dims = (m, cells, np);
-    project::<V, A>(
+    project_inline::<V, A>(
         dims,
         a,
         (lda, 1),
@@ -353,18 +492,6 @@ unsafe fn reduce_tile<const R: usize, const C: usize, V: Vector, A: MulAdd>(
     }
 }
 
-/// `out[i] += Σ_c a[i][c]` for the `m` rows of `a` (`lda` apart), `cells` wide.
-#[inline(always)]
-pub fn row_sums<V: Vector>(m: usize, cells: usize, a: &[f32], lda: usize, out: &mut [f32]) {
-    for i in 0..m {
-        let mut acc = V::ZERO;
-        for c in (0..cells).step_by(V::LANES) {
-            acc = acc + V::load(a, i * lda + c);
-        }
-        out[i] += acc.sum();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,6 +531,35 @@ mod tests {
                     let v = v.max(0.0);
                     assert!((out[i * n + c] - v).abs() < 1e-4, "{m} {k} {n}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn project_from_current_adds_to_the_output() {
+        let (m, k, n) = (7, 5, 32);
+        let (w, b) = (data(m * k, 6), data(k * n, 7));
+        let before = data(m * n, 8);
+        let mut out = before.clone();
+        let dims = (m, k, n);
+        project::<F8, Separate>(
+            dims,
+            &w,
+            (k, 1),
+            &b,
+            n,
+            &mut out,
+            n,
+            Start::Current,
+            Epilogue::Store,
+        );
+        for i in 0..m {
+            for c in 0..n {
+                let mut v = before[i * n + c];
+                for kk in 0..k {
+                    v += w[i * k + kk] * b[kk * n + c];
+                }
+                assert!((out[i * n + c] - v).abs() < 1e-4, "{i} {c}");
             }
         }
     }

@@ -110,15 +110,16 @@ pub struct Geometry {
 
 impl Geometry {
     pub fn new(b: usize, h: usize, w: usize) -> Self {
-        Self::aligned(b, h, w, LANES)
+        Self::aligned(b, h, w, LANES, 64)
     }
 
     /// The geometry with rows padded to a multiple of `align` cells (a multiple of
-    /// [`LANES`]).
-    pub fn aligned(b: usize, h: usize, w: usize, align: usize) -> Self {
+    /// [`LANES`]), split into about `units` work units (at least 256 cells, at most 4,096
+    /// each).
+    pub fn aligned(b: usize, h: usize, w: usize, align: usize, units: usize) -> Self {
         // Enough units for both cores on small grids, few enough that the per-unit
         // gradient lanes stay small on large ones; depends only on the shape.
-        let unit_cells = (b * h * w / 64).clamp(256, 4096);
+        let unit_cells = (b * h * w / units.max(1)).clamp(256, 4096);
         let unit_rows = unit_cells.div_ceil(w.max(1)).clamp(1, h.max(1));
         let wr = w.div_ceil(align) * align;
         Self {

@@ -9,7 +9,9 @@
 //!   `Q, K, V = W·[s; p] + b`, attention per cell, `h = relu(W1·[u; x] + b1)`,
 //!   `f = Wo·h + bo`, and in the backward pass every weight gradient is again a matrix
 //!   product over the chunk's cells (`src/gemm.rs`: register-blocked, no packing,
-//!   AVX-512 or AVX2 + FMA chosen at run time).
+//!   AVX-512 or AVX2 + FMA chosen at run time). The position inputs enter those products
+//!   as one term per grid column plus one per row (each feature depends on `X` or on `Y`
+//!   only), not as a product per cell.
 //!
 //! Both are checked against the golden vectors and f64 finite differences by
 //! `nca-testkit`. Adam follows PyTorch (β = (0.9, 0.999), eps 1e-8, bias-corrected).
@@ -191,7 +193,7 @@ impl NdarrayTrainer {
     fn geometry(&self, b: usize, h: usize, w: usize) -> Geometry {
         match self.engine {
             Engine::Fused { .. } => Geometry::new(b, h, w),
-            Engine::Dense { .. } => Geometry::aligned(b, h, w, dense::ALIGN),
+            Engine::Dense { .. } => Geometry::aligned(b, h, w, dense::ALIGN, dense::UNITS),
         }
     }
 

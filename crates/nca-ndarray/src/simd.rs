@@ -29,7 +29,9 @@ pub struct F16(pub [f32; 16]);
 
 /// A vector of `f32` lanes: [`F8`] or [`F16`]. Every lane-wise loop compiles to one
 /// instruction per vector.
-pub trait Vector: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> {
+pub trait Vector:
+    Copy + 'static + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self>
+{
     /// Number of lanes.
     const LANES: usize;
     /// All lanes zero.
@@ -190,7 +192,7 @@ impl F8 {
 }
 
 /// How `a·b + c` is computed: fused where the CPU has FMA, else multiply then add.
-pub trait MulAdd: Copy {
+pub trait MulAdd: Copy + 'static {
     /// `a·b + c` on eight lanes.
     #[inline(always)]
     fn madd(a: F8, b: F8, c: F8) -> F8 {
@@ -268,6 +270,7 @@ impl Isa {
 pub trait Kernel {
     /// Whether the body's matrix products gain from [`F16`]. Without, AVX-512 CPUs run
     /// the AVX2 copy and the body is compiled once less (each copy costs build time).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     const WIDE: bool;
     /// What the body returns.
     type Output;
