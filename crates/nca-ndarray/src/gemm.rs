@@ -95,37 +95,49 @@ fn last_index(first: usize, strided: &[(usize, usize)]) -> usize {
     })
 }
 
-/// `out[i][c] = start + Σ_k w(i, k) · b[k][c]` for `i < m`, `c < n`, with
-/// `w(i, k) = w[i·rsw + k·csw]`, rows of `b` `ldb` apart and rows of `out` `ldo` apart;
-/// `n` is a multiple of `V::LANES`.
-#[inline(always)]
-pub fn project<V: Vector, A: MulAdd>(
-    dims: (usize, usize, usize),
-    w: &[f32],
-    w_strides: (usize, usize),
-    b: &[f32],
-    ldb: usize,
-    out: &mut [f32],
-    ldo: usize,
-    start: Start<'_>,
-    epi: Epilogue<'_>,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if is::<A, Fused>() {
-        if is::<V, F16>() {
-            // SAFETY: `Fused` is only used inside `simd::run`'s AVX2 and AVX-512 copies,
-            // and with `F16` only in the AVX-512 one, which run on CPUs that have them.
-            return unsafe { project_avx512(dims, w, w_strides, b, ldb, out, ldo, start, epi) };
+/// Defines the public product `$name`: it calls the out-of-line copy of `$inline` for the
+/// `V`, `A` its caller was compiled with (one per instruction set, each compiled once with
+/// that set's target features), or `$inline` itself for any other pair (tests).
+macro_rules! per_instruction_set {
+    ($(#[$doc:meta])* $name:ident = $inline:ident($($arg:ident: $t:ty),*)) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub fn $name<V: Vector, A: MulAdd>($($arg: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+            #[inline(never)]
+            unsafe fn avx512($($arg: $t),*) {
+                $inline::<F16, Fused>($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            #[inline(never)]
+            unsafe fn avx2($($arg: $t),*) {
+                $inline::<F8, Fused>($($arg),*)
+            }
+            #[inline(never)]
+            fn base($($arg: $t),*) {
+                $inline::<F8, Separate>($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if is::<A, Fused>() {
+                if is::<V, F16>() {
+                    // SAFETY: `Fused` is only used inside `simd::run`'s AVX2 and AVX-512
+                    // copies, and with `F16` only in the AVX-512 one, which run on CPUs
+                    // that have them.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if is::<V, F8>() {
+                    // SAFETY: as above: `Fused` runs only where AVX2 and FMA are present.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            if is::<A, Separate>() && is::<V, F8>() {
+                return base($($arg),*);
+            }
+            $inline::<V, A>($($arg),*)
         }
-        if is::<V, F8>() {
-            // SAFETY: as above: `Fused` runs only where AVX2 and FMA are present.
-            return unsafe { project_avx2(dims, w, w_strides, b, ldb, out, ldo, start, epi) };
-        }
-    }
-    if is::<A, Separate>() && is::<V, F8>() {
-        return project_base(dims, w, w_strides, b, ldb, out, ldo, start, epi);
-    }
-    project_inline::<V, A>(dims, w, w_strides, b, ldb, out, ldo, start, epi)
+    };
 }
 
 /// Whether `T` and `U` are the same type: constant once inlined.
@@ -134,38 +146,21 @@ fn is<T: 'static, U: 'static>() -> bool {
     TypeId::of::<T>() == TypeId::of::<U>()
 }
 
-/// Defines the out-of-line copy `$name` of `$body::<$v, $a>`: compiled with the target
-/// features `$features` (then `unsafe`: the caller checks the CPU), or for the baseline.
-macro_rules! out_of_line {
-    ($name:ident = $body:ident::<$v:ty, $a:ty>, $features:literal; ($($arg:ident: $t:ty),*)) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        #[inline(never)]
-        unsafe fn $name($($arg: $t),*) {
-            $body::<$v, $a>($($arg),*)
-        }
-    };
-    ($name:ident = $body:ident::<$v:ty, $a:ty>; ($($arg:ident: $t:ty),*)) => {
-        #[inline(never)]
-        fn $name($($arg: $t),*) {
-            $body::<$v, $a>($($arg),*)
-        }
-    };
-}
-
-/// Defines [`project`]'s three copies.
-macro_rules! project_copies {
-    ($($name:ident = $v:ty, $a:ty $(, $features:literal)?;)*) => {$(
-        out_of_line!($name = project_inline::<$v, $a> $(, $features)?;
-            (dims: (usize, usize, usize), w: &[f32], w_strides: (usize, usize), b: &[f32],
-             ldb: usize, out: &mut [f32], ldo: usize, start: Start<'_>, epi: Epilogue<'_>));
-    )*};
-}
-
-project_copies! {
-    project_avx512 = F16, Fused, "avx2,fma,avx512f,avx512vl";
-    project_avx2 = F8, Fused, "avx2,fma";
-    project_base = F8, Separate;
+per_instruction_set! {
+    /// `out[i][c] = start + Σ_k w(i, k) · b[k][c]` for `i < m`, `c < n`, with
+    /// `w(i, k) = w[i·rsw + k·csw]`, rows of `b` `ldb` apart and rows of `out` `ldo` apart;
+    /// `n` is a multiple of `V::LANES`.
+    project = project_inline(
+        dims: (usize, usize, usize),
+        w: &[f32],
+        w_strides: (usize, usize),
+        b: &[f32],
+        ldb: usize,
+        out: &mut [f32],
+        ldo: usize,
+        start: Start<'_>,
+        epi: Epilogue<'_>
+    )
 }
 
 /// [`project`] itself, inlined into the copy that runs it.
@@ -307,56 +302,26 @@ pub struct ReduceScratch {
     product: Vec<f32>,
 }
 
-/// `out(i, j) += Σ_c a[i][c] · b[j][c]` for `i < m`, `j < n`, `c < cells`, with
-/// `out(i, j) = out[i·rso + j·cso]`, rows of `a` `lda` apart and of `b` `ldb` apart;
-/// `cells` is a multiple of `V::LANES`.
-///
-/// With at least [`TRANSPOSE_MIN_ROWS`] rows, `b` is transposed into `scratch` and the
-/// product runs as a [`project`] over vectors of `j` (each output summed over `c` in
-/// order, in one lane: no horizontal sums, which are slow and which LLVM's SLP
-/// vectoriser turned into shuffles across the tile); with fewer, as register tiles over
-/// vectors of cells whose lanes are summed in a fixed order.
-#[inline(always)]
-pub fn reduce<V: Vector, A: MulAdd>(
-    dims: (usize, usize, usize),
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    out: &mut [f32],
-    out_strides: (usize, usize),
-    scratch: &mut ReduceScratch,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if is::<A, Fused>() {
-        if is::<V, F16>() {
-            // SAFETY: as in `project`.
-            return unsafe { reduce_avx512(dims, a, lda, b, ldb, out, out_strides, scratch) };
-        }
-        if is::<V, F8>() {
-            // SAFETY: as in `project`.
-            return unsafe { reduce_avx2(dims, a, lda, b, ldb, out, out_strides, scratch) };
-        }
-    }
-    if is::<A, Separate>() && is::<V, F8>() {
-        return reduce_base(dims, a, lda, b, ldb, out, out_strides, scratch);
-    }
-    reduce_inline::<V, A>(dims, a, lda, b, ldb, out, out_strides, scratch)
-}
-
-/// Defines [`reduce`]'s three copies.
-macro_rules! reduce_copies {
-    ($($name:ident = $v:ty, $a:ty $(, $features:literal)?;)*) => {$(
-        out_of_line!($name = reduce_inline::<$v, $a> $(, $features)?;
-            (dims: (usize, usize, usize), a: &[f32], lda: usize, b: &[f32], ldb: usize,
-             out: &mut [f32], out_strides: (usize, usize), scratch: &mut ReduceScratch));
-    )*};
-}
-
-reduce_copies! {
-    reduce_avx512 = F16, Fused, "avx2,fma,avx512f,avx512vl";
-    reduce_avx2 = F8, Fused, "avx2,fma";
-    reduce_base = F8, Separate;
+per_instruction_set! {
+    /// `out(i, j) += Σ_c a[i][c] · b[j][c]` for `i < m`, `j < n`, `c < cells`, with
+    /// `out(i, j) = out[i·rso + j·cso]`, rows of `a` `lda` apart and of `b` `ldb` apart;
+    /// `cells` is a multiple of `V::LANES`.
+    ///
+    /// With at least [`TRANSPOSE_MIN_ROWS`] rows, `b` is transposed into `scratch` and the
+    /// product runs as a [`project`] over vectors of `j` (each output summed over `c` in
+    /// order, in one lane: no horizontal sums, which are slow and which LLVM's SLP
+    /// vectoriser turned into shuffles across the tile); with fewer, as register tiles over
+    /// vectors of cells whose lanes are summed in a fixed order.
+    reduce = reduce_inline(
+        dims: (usize, usize, usize),
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        ldb: usize,
+        out: &mut [f32],
+        out_strides: (usize, usize),
+        scratch: &mut ReduceScratch
+    )
 }
 
 /// [`reduce`] itself, inlined into the copy that runs it.
