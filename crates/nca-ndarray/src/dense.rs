@@ -587,8 +587,11 @@ impl UnitPass<'_, '_> {
         let rows = out.len() / (l.c * geo.wr);
         partial.fill(0.0);
         s.lanes.fill(F8::ZERO);
-        s.gh_col.fill(0.0);
-        s.gh_row.fill(0.0);
+        if ctx.mode == Mode::Train {
+            // Only the backward pass sums into these; a rollout step skips the fill.
+            s.gh_col.fill(0.0);
+            s.gh_row.fill(0.0);
+        }
         let mut r0 = 0;
         while r0 < rows {
             let n = ctx.chunk_rows.min(rows - r0);
