@@ -164,7 +164,7 @@ impl DenseLayout {
         for axis in [Axis::X, Axis::Y] {
             for at in [self.wq, self.wk, self.wv] {
                 for row in 0..self.d {
-                    let cols = (0..p).filter(|&f| feature_axis(f) == axis);
+                    let cols = features_along(axis, p);
                     out.extend(cols.map(|f| w[at + row * self.x + first + f]));
                 }
             }
@@ -173,7 +173,7 @@ impl DenseLayout {
             let (stride, first) = (self.d + self.x, self.d + self.c);
             for axis in [Axis::X, Axis::Y] {
                 for row in 0..self.m {
-                    let cols = (0..p).filter(|&f| feature_axis(f) == axis);
+                    let cols = features_along(axis, p);
                     out.extend(cols.map(|f| w[w1 + row * stride + first + f]));
                 }
             }
@@ -222,6 +222,12 @@ struct Derived<'a> {
     /// The columns of `w1` for the `X` features (`[M × PX]`) and the `Y` features.
     w1_x: &'a [f32],
     w1_y: &'a [f32],
+}
+
+/// The position features (of `p`) that depend on `axis`, in order: the column order of
+/// the gathered `W_X`/`W_Y` and of their gradients.
+fn features_along(axis: Axis, p: usize) -> impl Iterator<Item = usize> {
+    (0..p).filter(move |&f| feature_axis(f) == axis)
 }
 
 /// Number of lane accumulators of a unit: `bq bk bv` (D each), `pk pv` (9·D each), `bo`
@@ -682,7 +688,7 @@ fn position_gradients<V: Vector, A: MulAdd>(
                 }
             }
         }
-        let columns = (0..p).filter(|&f| feature_axis(f) == axis);
+        let columns = features_along(axis, p);
         for (j, f) in columns.enumerate() {
             for i in 0..m {
                 partial[w1 + i * stride + first + f] += dw[i * k + j];
