@@ -192,28 +192,47 @@ fn project_inline<V: Vector, A: MulAdd>(
         assert!(w.len() > last_index(0, &[(m, rsw), (k, csw)]));
         assert!(b.len() > last_index(n - 1, &[(k, ldb)]));
     }
-    let (mr, nv_max) = V::PROJECT_TILE;
+    let (mr_wide, nv_max) = V::PROJECT_TILE;
     let nv = n / V::LANES;
-    let mut j = 0;
-    while j < nv {
-        let step = (nv - j).min(nv_max);
-        let mut i = 0;
-        while i < m {
-            let rows = (m - i).min(mr);
-            macro_rules! tile {
-                ($r:literal, $v:literal) => {
-                    // SAFETY: the asserts above cover rows i..i+rows, columns j..j+step.
-                    unsafe {
-                        project_tile::<$r, $v, V, A>(
-                            i, j, k, w, rsw, csw, b, ldb, out, ldo, start, epi,
-                        )
-                    }
-                };
+    // Row panels: when the output is larger than `b` (k ≤ m), a panel of a few rows is
+    // swept across all cells, so that the output streams through once, row by row, while
+    // `b` stays in L1; otherwise one panel holds every row and `b` streams once, a few
+    // vectors of cells at a time, while `w` stays in L1.
+    let panel = if k <= m { mr_wide } else { m };
+    let mut i0 = 0;
+    while i0 < m {
+        let i1 = (i0 + panel).min(m);
+        let mut j = 0;
+        while j < nv {
+            let left = nv - j;
+            // Three vectors (four rows) where two would leave a one-vector tile or too few
+            // independent accumulators to hide the FMA latency.
+            let narrow = nv_max == 2 && left >= 3 && i1 - i0 <= 4;
+            let (mr, step) = if narrow {
+                (4, 3)
+            } else {
+                (mr_wide, left.min(nv_max))
+            };
+            let mut i = i0;
+            while i < i1 {
+                let rows = (i1 - i).min(mr);
+                macro_rules! tile {
+                    ($r:literal, $v:literal) => {
+                        // SAFETY: the asserts above cover rows i..i+rows, columns
+                        // j..j+step.
+                        unsafe {
+                            project_tile::<$r, $v, V, A>(
+                                i, j, k, w, rsw, csw, b, ldb, out, ldo, start, epi,
+                            )
+                        }
+                    };
+                }
+                for_tile_shape!(rows, step, tile);
+                i += rows;
             }
-            for_tile_shape!(rows, step, tile);
-            i += rows;
+            j += step;
         }
-        j += step;
+        i0 = i1;
     }
 }
 
@@ -450,9 +469,20 @@ unsafe fn reduce_tile<const R: usize, const C: usize, V: Vector, A: MulAdd>(
             }
         }
     }
+    // The lanes go through memory and are summed as scalars: summed in registers, LLVM
+    // split the whole tile's accumulators into half-width vectors and spilled them.
+    let mut lanes = [[[0.0f32; 16]; C]; R];
     for r in 0..R {
         for s in 0..C {
-            out[(i0 + r) * rso + (j0 + s) * cso] += acc[r][s].sum();
+            // SAFETY: `lanes` rows hold 16 ≥ `V::LANES` floats.
+            unsafe { acc[r][s].store_ptr(lanes[r][s].as_mut_ptr()) };
+        }
+    }
+    let lanes = std::hint::black_box(&lanes);
+    for r in 0..R {
+        for s in 0..C {
+            let sum: f32 = lanes[r][s][..V::LANES].iter().sum();
+            out[(i0 + r) * rso + (j0 + s) * cso] += sum;
         }
     }
 }
@@ -469,14 +499,23 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn project_matches_naive() {
-        for (m, k, n) in [(1, 1, 16), (5, 7, 48), (16, 29, 96), (7, 3, 16)] {
+    fn project_matches_naive_with<V: Vector>() {
+        // Outputs wider than `b` (k ≤ m: row panels) and narrower (k > m: one panel),
+        // and few rows over many vectors (the three-vector tiles).
+        let shapes = [
+            (1, 1, 16),
+            (5, 7, 48),
+            (16, 29, 96),
+            (7, 3, 16),
+            (3, 40, 112),
+            (30, 5, 80),
+        ];
+        for (m, k, n) in shapes {
             let (w, b) = (data(m * k, 1), data(k * n, 2));
             let bias = data(m, 3);
             // Transposed weight access: w(i, kk) = w[kk·m + i].
             let mut out = vec![0.0; m * n];
-            project::<F16, Separate>(
+            project::<V, Separate>(
                 (m, k, n),
                 &w,
                 (1, m),
@@ -494,10 +533,16 @@ mod tests {
                         v += w[kk * m + i] * b[kk * n + c];
                     }
                     let v = v.max(0.0);
-                    assert!((out[i * n + c] - v).abs() < 1e-4, "{m} {k} {n}");
+                    assert!((out[i * n + c] - v).abs() < 1e-3, "{m} {k} {n}");
                 }
             }
         }
+    }
+
+    #[test]
+    fn project_matches_naive() {
+        project_matches_naive_with::<F8>();
+        project_matches_naive_with::<F16>();
     }
 
     #[test]
