@@ -988,6 +988,8 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
         &mut s.lanes,
     );
     let xc = &ux[d * nc..];
+    // Each runs transposed, `dWᵀ = X·Aᵀ`: `reduce` then transposes the D-row operand (two
+    // whole vectors) instead of the `C + P`-row one, which it would pad to whole vectors.
     // A loop, not a closure: a closure would not inherit the caller's AVX2/FMA features.
     for (off, a, b) in [
         (l.wq, &s.dq[..d * nc], xc),
@@ -995,7 +997,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
         (l.wv, &s.gu[..d * nc], &s.xv[..x * nc]),
     ] {
         let out = &mut partial[off..];
-        gemm::reduce::<V, A>((d, x, nc), a, nc, b, nc, out, (x, 1), &mut s.reduce);
+        gemm::reduce::<V, A>((x, d, nc), b, nc, a, nc, out, (1, x), &mut s.reduce);
     }
 }
 
