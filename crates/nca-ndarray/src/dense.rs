@@ -61,6 +61,10 @@ use crate::simd::{self, Kernel, MulAdd, Vector, F8, LANES};
 /// that a chunk's matrices (about 1.7 KB per cell for the default model) stay in L2.
 const CHUNK_CELLS: usize = 256;
 
+/// Hidden units per panel of the MLP backward: a panel's `G_h` (32 KB for a chunk of 256
+/// cells) stays in L1 while it is used.
+const MLP_PANEL: usize = 32;
+
 /// Cells in the widest vector the products use ([`F16`]): row lengths and chunk widths
 /// are whole multiples of it.
 pub const ALIGN: usize = 16;
@@ -259,6 +263,9 @@ struct Scratch {
     dw1_pos: Vec<f32>,
     lanes: Vec<F8>,
     reduce: gemm::ReduceScratch,
+    /// `[U; S]` transposed, for the panels of `dW1`, and their product before it is added.
+    uxt: gemm::Transposed,
+    product: Vec<f32>,
 }
 
 impl Scratch {
@@ -273,7 +280,7 @@ impl Scratch {
         self.att.resize(NEIGHBOURS * nc, 0.0);
         self.qc.resize(d * nc, 0.0);
         self.h.resize(l.m * nc, 0.0);
-        self.gh.resize(l.m * nc, 0.0);
+        self.gh.resize(l.m.min(MLP_PANEL) * nc, 0.0);
         self.f.resize(l.c * nc, 0.0);
         self.gf.resize(l.c * nc, 0.0);
         self.gu.resize(d * nc, 0.0);
@@ -929,36 +936,47 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
         let hb = &s.h[..m * nc];
         let wo = &mut partial[l.wo..];
         gemm::reduce::<V, A>((c, m, nc), gf, nc, hb, nc, wo, (m, 1), &mut s.reduce);
-        let gh = &mut s.gh[..m * nc];
-        let dims = (m, c, nc);
-        let mask = Epilogue::Mask(hb);
-        gemm::project::<V, A>(dims, &w[l.wo..], (1, m), gf, nc, gh, nc, Start::Zero, mask);
-        let gh = &s.gh[..m * nc];
+        // G_h one panel of hidden units at a time, each used for its rows of dW1, its
+        // row and column sums and its part of G_u while it is still in L1: the whole
+        // `M × cells` G_h (384 KB at M = 384) went through L2 four times.
+        s.uxt.set((d + c, nc), ux, nc, V::LANES);
         let unit = (geo.unit_rows, unit_row);
-        add_row_and_column_sums::<V>((m, rows, wr, nc), gh, &mut s.gh_col, &mut s.gh_row, unit);
-        gemm::reduce::<V, A>(
-            (m, d + c, nc),
-            gh,
-            nc,
-            ux,
-            nc,
-            &mut partial[w1..],
-            (d + x, 1),
-            &mut s.reduce,
-        );
-        let dims = (d, m, nc);
-        let store = Epilogue::Store;
-        gemm::project::<V, A>(
-            dims,
-            &w[w1..],
-            (1, d + x),
-            gh,
-            nc,
-            gu,
-            nc,
-            Start::Zero,
-            store,
-        );
+        let (ur, stride) = (geo.unit_rows, d + x);
+        for p0 in (0..m).step_by(MLP_PANEL) {
+            let pm = MLP_PANEL.min(m - p0);
+            let gh = &mut s.gh[..pm * nc];
+            let mask = Epilogue::Mask(&hb[p0 * nc..]);
+            let wo_t = (&w[l.wo + p0..], (1, m));
+            gemm::project::<V, A>(
+                (pm, c, nc),
+                wo_t.0,
+                wo_t.1,
+                gf,
+                nc,
+                gh,
+                nc,
+                Start::Zero,
+                mask,
+            );
+            let gh = &s.gh[..pm * nc];
+            let (col, row) = (&mut s.gh_col[p0 * wr..], &mut s.gh_row[p0 * ur..]);
+            add_row_and_column_sums::<V>((pm, rows, wr, nc), gh, col, row, unit);
+            let dw1 = &mut partial[w1 + p0 * stride..];
+            gemm::reduce_transposed::<V, A>(pm, gh, nc, &s.uxt, dw1, (stride, 1), &mut s.product);
+            let start = if p0 == 0 { Start::Zero } else { Start::Current };
+            let w1_t = &w[w1 + p0 * stride..];
+            gemm::project::<V, A>(
+                (d, pm, nc),
+                w1_t,
+                (1, stride),
+                gh,
+                nc,
+                gu,
+                nc,
+                start,
+                Epilogue::Store,
+            );
+        }
     } else {
         let wo = &mut partial[l.wo..];
         gemm::reduce::<V, A>((c, d, nc), gf, nc, ux, nc, wo, (d, 1), &mut s.reduce);

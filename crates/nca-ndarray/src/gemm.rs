@@ -315,10 +315,43 @@ const TRANSPOSE_MIN_ROWS: usize = 8;
 /// it has grown to the largest product.
 #[derive(Default)]
 pub struct ReduceScratch {
-    /// `b` transposed: one row per cell, its columns padded to whole vectors with zeros.
-    bt: Vec<f32>,
+    /// `b` transposed.
+    bt: Transposed,
     /// The product before it is added into the output.
     product: Vec<f32>,
+}
+
+/// A matrix transposed for [`reduce_transposed`]: one row per cell, its columns padded to
+/// whole vectors with zeros. Made once, it serves every product with the same `b`.
+#[derive(Default)]
+pub struct Transposed {
+    /// `cells` rows of `np` floats.
+    bt: Vec<f32>,
+    /// Columns in use (rows of the original).
+    n: usize,
+    /// Columns per row: `n` rounded up to whole vectors.
+    np: usize,
+    /// Rows (cells of the original).
+    cells: usize,
+}
+
+impl Transposed {
+    /// Holds the transpose of `b`'s first `cells` columns of its `n` rows (`ldb` apart),
+    /// rows padded to whole vectors of `lanes`.
+    pub fn set(&mut self, (n, cells): (usize, usize), b: &[f32], ldb: usize, lanes: usize) {
+        let np = n.div_ceil(lanes) * lanes;
+        if n > 0 && cells > 0 {
+            assert!(b.len() > last_index(cells - 1, &[(n, ldb)]));
+        }
+        self.bt.resize(cells * np, 0.0);
+        for (c, row) in self.bt.chunks_exact_mut(np).take(cells).enumerate() {
+            for (j, t) in row[..n].iter_mut().enumerate() {
+                *t = b[j * ldb + c];
+            }
+            row[n..].fill(0.0);
+        }
+        (self.n, self.np, self.cells) = (n, np, cells);
+    }
 }
 
 per_instruction_set! {
@@ -369,23 +402,55 @@ fn reduce_inline<V: Vector, A: MulAdd>(
         reduce_lanes::<V, A>((m, n, cells), a, lda, b, ldb, out, (rso, cso));
         return;
     }
-    let np = n.div_ceil(V::LANES) * V::LANES;
-    let bt = &mut scratch.bt;
-    bt.resize(cells * np, 0.0);
-    for (c, row) in bt.chunks_exact_mut(np).take(cells).enumerate() {
-        for (j, t) in row[..n].iter_mut().enumerate() {
-            *t = b[j * ldb + c];
-        }
-        row[n..].fill(0.0);
+    scratch.bt.set((n, cells), b, ldb, V::LANES);
+    reduce_transposed_inline::<V, A>(
+        m,
+        a,
+        lda,
+        &scratch.bt,
+        out,
+        (rso, cso),
+        &mut scratch.product,
+    );
+}
+
+per_instruction_set! {
+    /// [`reduce`] with `b` already transposed (`bt`, its `n` and `cells`), for several
+    /// products with the same `b`; `product` is scratch space.
+    reduce_transposed = reduce_transposed_inline(
+        m: usize,
+        a: &[f32],
+        lda: usize,
+        bt: &Transposed,
+        out: &mut [f32],
+        out_strides: (usize, usize),
+        product: &mut Vec<f32>
+    )
+}
+
+/// [`reduce_transposed`] itself, inlined into the copy that runs it.
+#[inline(always)]
+fn reduce_transposed_inline<V: Vector, A: MulAdd>(
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    bt: &Transposed,
+    out: &mut [f32],
+    (rso, cso): (usize, usize),
+    product: &mut Vec<f32>,
+) {
+    let (n, np, cells) = (bt.n, bt.np, bt.cells);
+    debug_assert_eq!(np % V::LANES, 0);
+    if m == 0 || n == 0 || cells == 0 {
+        return;
     }
-    let product = &mut scratch.product;
+    assert!(out.len() > last_index(0, &[(m, rso), (n, cso)]));
     product.resize(m * np, 0.0);
-    let dims = (m, cells, np);
     project_inline::<V, A>(
-        dims,
+        (m, cells, np),
         a,
         (lda, 1),
-        bt,
+        &bt.bt,
         np,
         product,
         np,
