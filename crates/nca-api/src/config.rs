@@ -693,8 +693,8 @@ impl SpikeRule {
 ///
 /// Measured on the bundled cat photograph (ndarray): at 32×32 the defaults reach about
 /// 48 dB regrowth PSNR; at 128×128 they reach only 26 dB, while 7 octaves, a 256-wide
-/// MLP, 18,000 steps and a warm-up + cosine learning rate reach 35–37 dB, and a 384-wide
-/// MLP more (docs/sizing.md in the repository has the tables).
+/// MLP, 18,000 steps and a warm-up + cosine learning rate reach 35–37 dB, and a 512-wide
+/// MLP gets busier photos there too (docs/sizing.md in the repository has the tables).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SizedDefaults {
     /// `model.position_octaves`.
@@ -718,7 +718,7 @@ pub const LARGE_GRID_RESET_EVERY: u64 = 500;
 /// Largest grid side that keeps the small-picture settings (today's defaults).
 pub const SMALL_GRID_SIDE: usize = 64;
 
-/// Largest grid side that gets the 384-wide MLP; larger grids get 256. At 128×128 that
+/// Largest grid side that gets the 512-wide MLP; larger grids get 256. At 128×128 that
 /// run stays under ten minutes on a 2-core laptop; a 256×256 step has four times the
 /// cells, and the wider MLP there would take the run well past half an hour.
 pub const WIDE_MLP_MAX_SIDE: usize = 128;
@@ -729,8 +729,8 @@ impl SizedDefaults {
     /// Up to [`SMALL_GRID_SIDE`] cells a side: the defaults of [`ModelConfig`] and
     /// [`TrainingConfig`]. Larger: one octave per doubling of the side, so the finest
     /// position feature has a period of about two cells (`ceil(log2(side))`, at least the
-    /// default 6); an MLP 384 wide up to [`WIDE_MLP_MAX_SIDE`], 256 wide beyond (busy
-    /// photos at 128×128 regrow below 35 dB with 256); 18,000 steps; a 500-step
+    /// default 6); an MLP 512 wide up to [`WIDE_MLP_MAX_SIDE`], 256 wide beyond (busy
+    /// photos at 128×128 regrow below 35 dB with 256 and 384); 18,000 steps; a 500-step
     /// warm-up with a cosine decay to a tenth of the rate, without which the regrowth
     /// collapsed late in the run; and the original spike rule plus a reset to fresh
     /// noise every [`LARGE_GRID_RESET_EVERY`] steps: on busy photos the loss stays above
@@ -740,7 +740,7 @@ impl SizedDefaults {
     /// ```
     /// use nca_api::{LrSchedule, SizedDefaults};
     /// let d = SizedDefaults::for_grid(128, 128);
-    /// assert_eq!((d.position_octaves, d.mlp_hidden, d.steps), (Some(7), Some(384), 18_000));
+    /// assert_eq!((d.position_octaves, d.mlp_hidden, d.steps), (Some(7), Some(512), 18_000));
     /// let large = SizedDefaults::for_grid(256, 256);
     /// assert_eq!((large.mlp_hidden, large.steps), (Some(256), 18_000));
     /// assert_eq!(d.spike.reset_every, Some(500));
@@ -766,7 +766,7 @@ impl SizedDefaults {
         let octaves = usize::BITS - (side - 1).leading_zeros();
         Self {
             position_octaves: Some(octaves.clamp(6, MAX_POSITION_OCTAVES)),
-            mlp_hidden: Some(if side <= WIDE_MLP_MAX_SIDE { 384 } else { 256 }),
+            mlp_hidden: Some(if side <= WIDE_MLP_MAX_SIDE { 512 } else { 256 }),
             steps: 18_000,
             learning_rate: training.learning_rate,
             lr_schedule: LrSchedule::WarmupCosine {

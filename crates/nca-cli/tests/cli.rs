@@ -649,7 +649,7 @@ fn bench_reports_positive_throughput_for_the_default_backend() {
 #[test]
 fn bench_with_a_run_file_measures_the_model_that_run_would_train() {
     // examples/cat128.ron leaves the model to the sizing rule; a 128x128 run trains
-    // L = 7, M = 384, so that is what the bench must measure, not the 32x32 default.
+    // L = 7, M = 512, so that is what the bench must measure, not the 32x32 default.
     let o = run(&[
         os("bench"),
         os("--backends"),
@@ -665,7 +665,7 @@ fn bench_with_a_run_file_measures_the_model_that_run_would_train() {
     assert!(o.status.success(), "bench failed: {}", stderr(&o));
     assert!(
         out.lines()
-            .any(|l| l.starts_with("model: picture model L=7 M=384")),
+            .any(|l| l.starts_with("model: picture model L=7 M=512")),
         "{out}"
     );
 }

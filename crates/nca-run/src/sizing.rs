@@ -120,7 +120,7 @@ mod tests {
         let (large, chosen) =
             sized("(grid: (height: 128, width: 128), target: Solid(1.0, 0.0, 0.0))");
         assert_eq!(large.model.position_octaves, Some(7));
-        assert_eq!(large.model.mlp_hidden, Some(384));
+        assert_eq!(large.model.mlp_hidden, Some(512));
         assert_eq!(large.training.steps, 18_000);
         assert!(matches!(
             large.training.lr_schedule,
