@@ -946,18 +946,8 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
             let pm = MLP_PANEL.min(m - p0);
             let gh = &mut s.gh[..pm * nc];
             let mask = Epilogue::Mask(&hb[p0 * nc..]);
-            let wo_t = (&w[l.wo + p0..], (1, m));
-            gemm::project::<V, A>(
-                (pm, c, nc),
-                wo_t.0,
-                wo_t.1,
-                gf,
-                nc,
-                gh,
-                nc,
-                Start::Zero,
-                mask,
-            );
+            let wo_t = &w[l.wo + p0..];
+            gemm::project::<V, A>((pm, c, nc), wo_t, (1, m), gf, nc, gh, nc, Start::Zero, mask);
             let gh = &s.gh[..pm * nc];
             let (col, row) = (&mut s.gh_col[p0 * wr..], &mut s.gh_row[p0 * ur..]);
             add_row_and_column_sums::<V>((pm, rows, wr, nc), gh, col, row, unit);
