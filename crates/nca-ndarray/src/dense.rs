@@ -939,7 +939,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
         // G_h one panel of hidden units at a time, each used for its rows of dW1, its
         // row and column sums and its part of G_u while it is still in L1: the whole
         // `M × cells` G_h (384 KB at M = 384) went through L2 four times.
-        s.uxt.set((d + c, nc), ux, nc, V::LANES);
+        s.uxt.set::<V, A>((d + c, nc), ux, nc);
         let unit = (geo.unit_rows, unit_row);
         let (ur, stride) = (geo.unit_rows, d + x);
         for p0 in (0..m).step_by(MLP_PANEL) {

@@ -337,20 +337,93 @@ pub struct Transposed {
 
 impl Transposed {
     /// Holds the transpose of `b`'s first `cells` columns of its `n` rows (`ldb` apart),
-    /// rows padded to whole vectors of `lanes`.
-    pub fn set(&mut self, (n, cells): (usize, usize), b: &[f32], ldb: usize, lanes: usize) {
-        let np = n.div_ceil(lanes) * lanes;
+    /// rows padded to whole vectors of `V`; `V`, `A` say which instruction sets the
+    /// caller runs with, as for the products.
+    pub fn set<V: Vector, A: MulAdd>(&mut self, (n, cells): (usize, usize), b: &[f32], ldb: usize) {
+        let np = n.div_ceil(V::LANES) * V::LANES;
         if n > 0 && cells > 0 {
             assert!(b.len() > last_index(cells - 1, &[(n, ldb)]));
         }
+        debug_assert_eq!(cells % V::LANES, 0);
         self.bt.resize(cells * np, 0.0);
+        (self.n, self.np, self.cells) = (n, np, cells);
+        #[cfg(target_arch = "x86_64")]
+        if is::<A, Fused>() {
+            // SAFETY: `Fused` runs only where AVX2 is present (see `per_instruction_set!`);
+            // `b` was checked above, `bt` holds `cells` rows of `np`, and `cells` and `np`
+            // are whole multiples of eight.
+            unsafe { transpose_avx2((n, cells), b, ldb, &mut self.bt, np) };
+            return;
+        }
         for (c, row) in self.bt.chunks_exact_mut(np).take(cells).enumerate() {
             for (j, t) in row[..n].iter_mut().enumerate() {
                 *t = b[j * ldb + c];
             }
             row[n..].fill(0.0);
         }
-        (self.n, self.np, self.cells) = (n, np, cells);
+    }
+}
+
+/// [`Transposed::set`] in blocks of 8 rows × 8 cells, each transposed in registers (eight
+/// loads, 24 shuffles, eight stores instead of 64 scalar moves); rows past `n` read as
+/// zero, which writes the padding columns.
+///
+/// # Safety
+/// AVX2 is present; `b` holds rows `0..n` (`ldb` apart) of `cells` floats; `bt` holds
+/// `cells` rows of `np`; `cells` and `np` are multiples of 8 and `np ≥ n`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_avx2(
+    (n, cells): (usize, usize),
+    b: &[f32],
+    ldb: usize,
+    bt: &mut [f32],
+    np: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(cells.is_multiple_of(8) && np.is_multiple_of(8) && np >= n);
+    debug_assert!(bt.len() >= cells * np);
+    let (bp, tp) = (b.as_ptr(), bt.as_mut_ptr());
+    for c0 in (0..cells).step_by(8) {
+        for j0 in (0..np).step_by(8) {
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (i, v) in r.iter_mut().enumerate() {
+                if j0 + i < n {
+                    // SAFETY: row j0+i < n, cells c0..c0+8 ≤ cells: within `b`.
+                    *v = unsafe { _mm256_loadu_ps(bp.add((j0 + i) * ldb + c0)) };
+                }
+            }
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let out = [
+                _mm256_permute2f128_ps::<0x20>(u0, u4),
+                _mm256_permute2f128_ps::<0x20>(u1, u5),
+                _mm256_permute2f128_ps::<0x20>(u2, u6),
+                _mm256_permute2f128_ps::<0x20>(u3, u7),
+                _mm256_permute2f128_ps::<0x31>(u0, u4),
+                _mm256_permute2f128_ps::<0x31>(u1, u5),
+                _mm256_permute2f128_ps::<0x31>(u2, u6),
+                _mm256_permute2f128_ps::<0x31>(u3, u7),
+            ];
+            for (k, v) in out.into_iter().enumerate() {
+                // SAFETY: row c0+k < cells, columns j0..j0+8 ≤ np: within `bt`.
+                unsafe { _mm256_storeu_ps(tp.add((c0 + k) * np + j0), v) };
+            }
+        }
     }
 }
 
@@ -402,7 +475,7 @@ fn reduce_inline<V: Vector, A: MulAdd>(
         reduce_lanes::<V, A>((m, n, cells), a, lda, b, ldb, out, (rso, cso));
         return;
     }
-    scratch.bt.set((n, cells), b, ldb, V::LANES);
+    scratch.bt.set::<V, A>((n, cells), b, ldb);
     reduce_transposed_inline::<V, A>(
         m,
         a,
@@ -663,6 +736,28 @@ mod tests {
                     }
                     assert!((out[j * m + i] - 1.0 - v).abs() < 1e-3, "{m} {n} {cells}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn transposes_agree_with_and_without_avx2() {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            use crate::simd::Fused;
+            for (n, cells, ldb) in [(19, 256, 300), (16, 32, 32), (33, 64, 80), (3, 16, 16)] {
+                let b = data(n * ldb, 9);
+                let (mut fast, mut plain) = (Transposed::default(), Transposed::default());
+                // Stale contents must not survive in the padding.
+                fast.bt = vec![f32::NAN; cells * 48];
+                fast.set::<F8, Fused>((n, cells), &b, ldb);
+                plain.set::<F8, Separate>((n, cells), &b, ldb);
+                assert_eq!(
+                    (fast.n, fast.np, fast.cells),
+                    (plain.n, plain.np, plain.cells)
+                );
+                assert_eq!(fast.bt[..cells * fast.np], plain.bt[..cells * plain.np]);
+                assert_eq!(plain.bt[fast.np + 1], b[ldb + 1], "{n} {cells}");
             }
         }
     }
