@@ -7,12 +7,12 @@
 //! chunk is independent of every other. Matrices are feature-major: one row per feature,
 //! one column per cell, the cells of a chunk contiguous. Per chunk:
 //!
-//! 1. `XP` = cell inputs `x = [s; p]` of the chunk's padded rows (zero outside the grid);
-//!    `Q, K, V = W·XP + b` — one GEMM `[3D × C]·[C × cells]` over the state rows, started
-//!    from the position part (see below); a border cell's zero input gives `K = bk`,
-//!    `V = bv`, as zero padding implies.
+//! 1. `XP` = the state `s` of the chunk's padded rows (zero outside the grid);
+//!    `Q, K, V = W·x + b` for the inputs `x = [s; p]` — one GEMM `[3D × C]·[C × cells]`
+//!    over the state rows, started from the position part (see below); a border cell's
+//!    zero input gives `K = bk`, `V = bv`, as zero padding implies.
 //! 2. Per cell (eight cells per vector, like the fused kernel): scores with `pk`, softmax,
-//!    `u = Σ a_n ṽ_n`, written into `UX = [U; X_c]`.
+//!    `u = Σ a_n ṽ_n`, written into `UX = [U; S]`.
 //! 3. `H = relu(W1·UX + b1)`, `F = Wo·H + bo` (without the MLP `F = Wo·U + bo`); the
 //!    output is `s + F` (or `F`). The product runs over `[U; S]` only, started from the
 //!    position part.
@@ -20,11 +20,13 @@
 //!    `dWo += G_f·Hᵀ`; `G_h = (Woᵀ·G_f) ⊙ [Z > 0]`; `dW1 += G_h·UXᵀ`, `db1 += Σ G_h`;
 //!    `G_u = W1[:, :D]ᵀ·G_h` (without the MLP, `G_u = Woᵀ·G_f`, `dWo += G_f·Uᵀ`). No
 //!    gradient flows into the state: the incoming state is a constant. `dW1`'s position
-//!    columns come from the row and column sums of `G_h` (below).
+//!    columns come from the row and column sums of `G_h` over the whole grid, once per
+//!    pass after the units' gradients are summed (below).
 //! 5. Per cell, the attention backward ([`crate::attention`], shared with the plain
-//!    kernel) gives `dq`, `xk = Σ dz_n x_n` and `xv = Σ a_n x_n`, plus the `pk`, `pv` and
-//!    bias gradients in vector lanes; then `dWq += DQ·X_cᵀ`, `dWk += Q·XKᵀ`,
-//!    `dWv += G_u·XVᵀ` are GEMMs again.
+//!    kernel) gives `dq`, `xk = Σ dz_n s_n` and `xv = Σ a_n s_n`, plus the `pk`, `pv` and
+//!    bias gradients in vector lanes; then `dWq += DQ·Sᵀ`, `dWk += Q·XKᵀ`,
+//!    `dWv += G_u·XVᵀ` are GEMMs again over the state columns; their position columns
+//!    come from sums by neighbour offset ([`ProjectionSums`]).
 //!
 //! **Position terms.** Every position feature is a function of the column's `X` alone or
 //! of the row's `Y` alone ([`nca_api::position::feature_axis`]), so for any weights `W`,
@@ -33,7 +35,8 @@
 //! numbers instead of a `P`-long dot product. With `P = 30` of the `D + C + P = 49` inputs
 //! of the 128×128 model's `W1`, that removes about 60 % of its product per cell, forward
 //! and backward (`dW1_X = Σ_x colsum(G_h)(x)·p_X(x)ᵀ`, `dW1_Y` likewise with row sums).
-//! The attention's projection gradients still use the full inputs (they are a small part).
+//! The projection gradients do the same per neighbour offset: a neighbour's position
+//! input is the cell's feature one column (or row) over, or zero outside the grid.
 //!
 //! Determinism: units and chunks depend only on the grid shape, GEMMs accumulate a chunk
 //! at a time into the unit's own gradient vector, and units are summed in order, so the
@@ -256,11 +259,14 @@ struct Scratch {
     dq: Vec<f32>,
     xk: Vec<f32>,
     xv: Vec<f32>,
-    /// Column sums `[M][wr]` and row sums `[M][unit rows]` of `G_h` over the unit.
-    gh_col: Vec<f32>,
-    gh_row: Vec<f32>,
-    /// `dW1`'s position columns of one axis, `[M][PX or PY]`, before they are scattered.
-    dw1_pos: Vec<f32>,
+    /// The unit's sums for the position columns of `dWk`, `dWv`, `dWq`
+    /// ([`ProjectionSums`]): per column `[7][D][wr]`, per row `[unit rows][7][D]`, and
+    /// the current row's lanes `[7][D]`.
+    proj_col: Vec<f32>,
+    proj_row: Vec<f32>,
+    proj_lanes: Vec<F8>,
+    /// One axis' position columns of a projection gradient, before they are scattered.
+    dw_pos: Vec<f32>,
     lanes: Vec<F8>,
     reduce: gemm::ReduceScratch,
     /// `[U; S]` transposed, for the panels of `dW1`, and their product before it is added.
@@ -270,13 +276,15 @@ struct Scratch {
 
 impl Scratch {
     fn ensure(&mut self, l: &DenseLayout, np: usize, nc: usize, geo: &Geometry) {
-        let (d, x) = (l.d, l.x);
-        self.gh_col.resize(l.m * geo.wr, 0.0);
-        self.gh_row.resize(l.m * geo.unit_rows, 0.0);
-        self.dw1_pos.resize(l.m * l.px.max(l.py), 0.0);
-        self.xp.resize(x * np, 0.0);
+        let (c, d) = (l.c, l.d);
+        self.proj_col.resize(PROJECTION_SUMS * d * geo.wr, 0.0);
+        self.proj_row
+            .resize(geo.unit_rows * PROJECTION_SUMS * d, 0.0);
+        self.proj_lanes.resize(PROJECTION_SUMS * d, F8::ZERO);
+        self.dw_pos.resize(d * l.px.max(l.py), 0.0);
+        self.xp.resize(c * np, 0.0);
         self.qkv.resize(3 * d * np, 0.0);
-        self.ux.resize((d + x) * nc, 0.0);
+        self.ux.resize((d + c) * nc, 0.0);
         self.att.resize(NEIGHBOURS * nc, 0.0);
         self.qc.resize(d * nc, 0.0);
         self.h.resize(l.m * nc, 0.0);
@@ -285,8 +293,8 @@ impl Scratch {
         self.gf.resize(l.c * nc, 0.0);
         self.gu.resize(d * nc, 0.0);
         self.dq.resize(d * nc, 0.0);
-        self.xk.resize(x * nc, 0.0);
-        self.xv.resize(x * nc, 0.0);
+        self.xk.resize(c * nc, 0.0);
+        self.xv.resize(c * nc, 0.0);
         self.lanes.resize(lanes_len(l), F8::ZERO);
     }
 }
@@ -305,6 +313,9 @@ pub struct DenseWorkspace {
     /// features down a column, `[PY][hr]`.
     pos_x: Vec<f32>,
     pos_y: Vec<f32>,
+    /// The `X` features with a zero on each side, `[PX][wr + 2]`: feature `j` at column
+    /// `x` (−1 ≤ x ≤ wr) is `pos_xp[j·(wr + 2) + x + 1]`.
+    pos_xp: Vec<f32>,
     /// Rows rounded up to whole vectors.
     hr: usize,
     /// The pass's position terms ([`PositionTerms`]): `[3D][wr]`, `[3D][hr]` for the
@@ -314,9 +325,18 @@ pub struct DenseWorkspace {
     out: Vec<f32>,
     /// Row-planar attention `[B][H][9][wr]`.
     attention: Vec<f32>,
-    /// One gradient vector (and loss) per unit.
+    /// One gradient vector per unit: the parameters' gradients and the loss, then
+    /// (with the MLP) the unit's column sums of `G_h`, `[M][wr]`.
     partials: Vec<f32>,
-    /// Reduced gradients in [`FlatLayout`] order, then the loss.
+    /// Length of one of [`DenseWorkspace::partials`]' vectors.
+    partial_len: usize,
+    /// Row sums of `G_h`, `[B][units][unit rows][M]`: each unit writes its own rows.
+    row_sums: Vec<f32>,
+    /// `dW1`'s position columns of one axis, `[M][PX]` or `[PY][M]`, before they are
+    /// scattered into [`DenseWorkspace::grads`].
+    dw1_pos: Vec<f32>,
+    reduce_scratch: gemm::ReduceScratch,
+    /// Reduced gradients in [`FlatLayout`] order, then the loss (then the column sums).
     pub grads: Vec<f32>,
     scratch: Vec<Mutex<Scratch>>,
 }
@@ -328,7 +348,6 @@ struct Ctx<'a> {
     geo: Geometry,
     chunk_rows: usize,
     state: &'a [f32],
-    pos: &'a [f32],
     derived: Derived<'a>,
     /// Position terms of the projection (without bias) and of the MLP (with `b1`),
     /// per column (`wr` apart) and per row (`hr` apart).
@@ -336,7 +355,8 @@ struct Ctx<'a> {
     q_row: &'a [f32],
     h_col: &'a [f32],
     h_row: &'a [f32],
-    pos_x: &'a [f32],
+    /// [`DenseWorkspace::pos_xp`] and the `Y` features `[PY][hr]`.
+    pos_xp: &'a [f32],
     pos_y: &'a [f32],
     hr: usize,
     target: &'a [f32],
@@ -354,11 +374,16 @@ impl DenseWorkspace {
             pos: Vec::new(),
             pos_x: Vec::new(),
             pos_y: Vec::new(),
+            pos_xp: Vec::new(),
             hr: 0,
             terms: Vec::new(),
             out: Vec::new(),
             attention: Vec::new(),
             partials: Vec::new(),
+            partial_len: 0,
+            row_sums: Vec::new(),
+            dw1_pos: Vec::new(),
+            reduce_scratch: gemm::ReduceScratch::default(),
             grads: Vec::new(),
             scratch: Vec::new(),
         }
@@ -392,14 +417,26 @@ impl DenseWorkspace {
                 }
             }
         }
+        self.pos_xp = pos_x
+            .chunks_exact(geo.wr)
+            .flat_map(|row| std::iter::once(0.0).chain(row.iter().copied()).chain([0.0]))
+            .collect();
         (self.pos_x, self.pos_y, self.hr) = (pos_x, pos_y, hr);
         self.terms.resize((3 * l.d + l.m) * (geo.wr + hr), 0.0);
         self.chunk_rows = CHUNK_CELLS.div_ceil(geo.wr).clamp(1, geo.unit_rows);
         self.out.resize(geo.b * geo.h * l.c * geo.wr, 0.0);
         self.attention.clear();
-        self.partials
-            .resize(geo.b * geo.units_per_item * l.partial_len(), 0.0);
-        self.grads.resize(l.partial_len(), 0.0);
+        // The position columns of `dW1` are made once per pass from sums of `G_h` over
+        // the whole grid (`finish_position_gradients`), not per unit: a unit of a
+        // 32×32 grid would pay for a whole row's product to use a quarter of it.
+        let units = geo.b * geo.units_per_item;
+        self.partial_len = l.partial_len() + l.m * geo.wr;
+        self.partials.resize(units * self.partial_len, 0.0);
+        // One float per unit without the MLP: the units' slices of it must not be empty.
+        self.row_sums
+            .resize(units * (geo.unit_rows * l.m).max(1), 0.0);
+        self.dw1_pos.resize(l.m * l.px.max(l.py), 0.0);
+        self.grads.resize(self.partial_len, 0.0);
         let np = padded_cells(self.chunk_rows, geo.wp);
         let nc = self.chunk_rows * geo.wr;
         let threads = rayon::current_num_threads().max(1);
@@ -451,24 +488,24 @@ impl DenseWorkspace {
             geo,
             chunk_rows: self.chunk_rows,
             state,
-            pos: &self.pos,
             derived,
             q_col,
             q_row,
             h_col,
             h_row,
-            pos_x: &self.pos_x,
+            pos_xp: &self.pos_xp,
             pos_y: &self.pos_y,
             hr,
             target,
             mode,
         };
         let scratch = &self.scratch;
-        let plen = l.partial_len();
+        let plen = self.partial_len;
         let per_item = geo.units_per_item;
         let out_unit = geo.unit_rows * l.c * geo.wr;
         let att_unit = geo.unit_rows * NEIGHBOURS * geo.wr;
-        let run = |unit: usize, o: &mut [f32], a: &mut [f32], p: &mut [f32]| {
+        let rows_unit = (geo.unit_rows * l.m).max(1);
+        let run = |unit: usize, o: &mut [f32], a: &mut [f32], (p, r): (&mut [f32], &mut [f32])| {
             let idx = rayon::current_thread_index().unwrap_or(0) % scratch.len();
             let mut s = scratch[idx]
                 .lock()
@@ -480,43 +517,65 @@ impl DenseWorkspace {
                 out: o,
                 att: a,
                 partial: p,
+                row_sums: r,
             });
         };
         let out_items = self.out.par_chunks_mut(geo.h * l.c * geo.wr);
         let part_items = self.partials.par_chunks_mut(per_item * plen);
+        let row_items = self.row_sums.par_chunks_mut(per_item * rows_unit);
+        let units = |o, p, r| unit_slices((o, p, r), (out_unit, plen, rows_unit));
         if attention {
             out_items
                 .zip(self.attention.par_chunks_mut(geo.h * NEIGHBOURS * geo.wr))
-                .zip(part_items)
+                .zip(part_items.zip(row_items))
                 .enumerate()
-                .for_each(|(bi, ((o, a), p))| {
-                    o.par_chunks_mut(out_unit)
+                .for_each(|(bi, ((o, a), (p, r)))| {
+                    units(o, p, r)
                         .zip(a.par_chunks_mut(att_unit))
-                        .zip(p.par_chunks_mut(plen))
-                        .enumerate()
-                        .for_each(|(u, ((o, a), p))| run(bi * per_item + u, o, a, p));
+                        .for_each(|((u, (o, pr)), a)| run(bi * per_item + u, o, a, pr));
                 });
         } else {
             out_items
-                .zip(part_items)
+                .zip(part_items.zip(row_items))
                 .enumerate()
-                .for_each(|(bi, (o, p))| {
-                    o.par_chunks_mut(out_unit)
-                        .zip(p.par_chunks_mut(plen))
-                        .enumerate()
-                        .for_each(|(u, (o, p))| run(bi * per_item + u, o, &mut [], p));
+                .for_each(|(bi, (o, (p, r)))| {
+                    units(o, p, r).for_each(|(u, (o, pr))| run(bi * per_item + u, o, &mut [], pr));
                 });
         }
     }
 
-    /// Sums the units' gradients in unit order into [`DenseWorkspace::grads`].
+    /// Sums the units' gradients in unit order into [`DenseWorkspace::grads`], then adds
+    /// the position columns of `dW1` and `db1` made from the sums of `G_h`.
     pub fn reduce(&mut self) {
-        let plen = self.l.partial_len();
-        self.grads.fill(0.0);
-        for part in self.partials.chunks_exact(plen) {
-            for (g, p) in self.grads.iter_mut().zip(part) {
-                *g += *p;
-            }
+        let plen = self.partial_len;
+        let partials = &self.partials;
+        // Slices of the vector in parallel; each element still sums the units in order.
+        const SLICE: usize = 4096;
+        self.grads
+            .par_chunks_mut(SLICE)
+            .enumerate()
+            .for_each(|(i, grads)| {
+                grads.fill(0.0);
+                let at = i * SLICE;
+                for part in partials.chunks_exact(plen) {
+                    for (g, p) in grads.iter_mut().zip(&part[at..]) {
+                        *g += *p;
+                    }
+                }
+            });
+        let Some(geo) = self.geo else { return };
+        if self.l.mlp.is_some() {
+            simd::run(PositionGradients {
+                l: self.l,
+                geo,
+                grads: &mut self.grads,
+                row_sums: &self.row_sums,
+                pos_x: &self.pos_x,
+                pos_y: &self.pos_y,
+                hr: self.hr,
+                dw: &mut self.dw1_pos,
+                scratch: &mut self.reduce_scratch,
+            });
         }
     }
 
@@ -530,6 +589,23 @@ impl DenseWorkspace {
         &self.attention
     }
 }
+
+/// A batch item's output, gradient and row-sum buffers split into its units', numbered.
+fn unit_slices<'a>(
+    (out, partials, row_sums): (&'a mut [f32], &'a mut [f32], &'a mut [f32]),
+    (out_unit, partial_len, rows_unit): (usize, usize, usize),
+) -> impl IndexedParallelIterator<Item = (usize, UnitSlices<'a>)> {
+    out.par_chunks_mut(out_unit)
+        .zip(
+            partials
+                .par_chunks_mut(partial_len)
+                .zip(row_sums.par_chunks_mut(rows_unit)),
+        )
+        .enumerate()
+}
+
+/// One unit's output, and its gradient vector and row sums.
+type UnitSlices<'a> = (&'a mut [f32], (&'a mut [f32], &'a mut [f32]));
 
 /// The per-column and per-row position terms of one pass: each product is
 /// `out = start + W·features`, with `features` `[k × n]` and `out` `[rows × n]`.
@@ -572,6 +648,8 @@ struct UnitPass<'a, 'c> {
     out: &'a mut [f32],
     att: &'a mut [f32],
     partial: &'a mut [f32],
+    /// The unit's rows of [`DenseWorkspace::row_sums`].
+    row_sums: &'a mut [f32],
 }
 
 impl Kernel for UnitPass<'_, '_> {
@@ -593,7 +671,7 @@ impl UnitPass<'_, '_> {
     #[inline(always)]
     fn chunks<const D: usize, A: MulAdd, V: Vector>(self) {
         let (ctx, s, unit) = (self.ctx, self.s, self.unit);
-        let (out, att, partial) = (self.out, self.att, self.partial);
+        let (out, att, partial, row_sums) = (self.out, self.att, self.partial, self.row_sums);
         let (l, geo) = (ctx.l, ctx.geo);
         let bi = unit / geo.units_per_item;
         let y0 = (unit % geo.units_per_item) * geo.unit_rows;
@@ -602,9 +680,15 @@ impl UnitPass<'_, '_> {
         s.lanes.fill(F8::ZERO);
         if ctx.mode == Mode::Train {
             // Only the backward pass sums into these; a rollout step skips the fill.
-            s.gh_col.fill(0.0);
-            s.gh_row.fill(0.0);
+            row_sums.fill(0.0);
+            s.proj_col.fill(0.0);
+            s.proj_row.fill(0.0);
         }
+        let (partial, col_sums) = partial.split_at_mut(l.partial_len());
+        let mut sums = GhSums {
+            col: col_sums,
+            row: row_sums,
+        };
         let mut r0 = 0;
         while r0 < rows {
             let n = ctx.chunk_rows.min(rows - r0);
@@ -614,15 +698,13 @@ impl UnitPass<'_, '_> {
             } else {
                 &mut att[r0 * NEIGHBOURS * geo.wr..(r0 + n) * NEIGHBOURS * geo.wr]
             };
-            chunk_body::<D, A, V>(ctx, s, bi, (y0 + r0, r0), n, o, a, partial);
+            chunk_body::<D, A, V>(ctx, s, bi, (y0 + r0, r0), n, o, a, partial, &mut sums);
             r0 += n;
         }
         if ctx.mode != Mode::Train {
             return;
         }
-        if let Some((w1, b1)) = l.mlp {
-            position_gradients::<V, A>(ctx, s, y0, rows, w1, b1, partial);
-        }
+        projection_position_gradients::<V, A>(ctx, s, y0, rows, partial);
         let d = l.d;
         let nd = NEIGHBOURS * d;
         let lanes = &s.lanes;
@@ -646,83 +728,109 @@ impl UnitPass<'_, '_> {
     }
 }
 
-/// `dW1`'s position columns and `db1` from the unit's column and row sums of `G_h`:
-/// `dW1_X += colsum·p_Xᵀ`, `dW1_Y += rowsum·p_Yᵀ`, `db1 += Σ rowsum`.
-#[inline(always)]
-fn position_gradients<V: Vector, A: MulAdd>(
-    ctx: &Ctx<'_>,
-    s: &mut Scratch,
-    y0: usize,
-    rows: usize,
-    w1: usize,
-    b1: usize,
-    partial: &mut [f32],
-) {
-    let (l, geo) = (ctx.l, ctx.geo);
-    let (m, wr, ur) = (l.m, geo.wr, geo.unit_rows);
-    let (stride, first) = (l.d + l.x, l.d + l.c);
-    let p = l.x - l.c;
-    for i in 0..m {
-        let sums = &s.gh_row[i * ur..i * ur + rows];
-        partial[b1 + i] += sums.iter().sum::<f32>();
-    }
-    for axis in [Axis::X, Axis::Y] {
-        let k = if axis == Axis::X { l.px } else { l.py };
-        if k == 0 {
-            continue;
+/// Where a unit's chunks add the sums of `G_h`: along each grid row into `row`
+/// (`[unit rows][M]`), across the rows into `col` (`[M][wr]`).
+struct GhSums<'a> {
+    col: &'a mut [f32],
+    row: &'a mut [f32],
+}
+
+/// `dW1`'s position columns and `db1` from the grid's sums of `G_h`, added to the reduced
+/// gradients: `dW1_X += colsum·p_Xᵀ`, `dW1_Y += rowsum·p_Yᵀ`, `db1 += Σ rowsum`.
+struct PositionGradients<'a> {
+    l: DenseLayout,
+    geo: Geometry,
+    /// The reduced gradients, the column sums after the loss.
+    grads: &'a mut [f32],
+    row_sums: &'a [f32],
+    pos_x: &'a [f32],
+    pos_y: &'a [f32],
+    hr: usize,
+    dw: &'a mut [f32],
+    scratch: &'a mut gemm::ReduceScratch,
+}
+
+impl Kernel for PositionGradients<'_> {
+    const WIDE: bool = false;
+    type Output = ();
+    #[inline(always)]
+    fn body<A: MulAdd, V: Vector>(self) {
+        let (l, geo) = (self.l, self.geo);
+        let Some((w1, b1)) = l.mlp else { return };
+        let (m, wr) = (l.m, geo.wr);
+        let (stride, first) = (l.d + l.x, l.d + l.c);
+        let p = l.x - l.c;
+        let (grads, col_sums) = self.grads.split_at_mut(l.partial_len());
+        let dw = &mut self.dw[..m * l.px.max(l.py)];
+        // Rows of the grid in order, batch item by item; a unit's rows past the grid's
+        // last are zero.
+        let item_rows = geo.units_per_item * geo.unit_rows;
+        let rows = self.row_sums.chunks_exact(m).enumerate();
+        let rows = rows.filter(|(g, _)| g % item_rows < geo.h);
+        let db1 = &mut grads[b1..b1 + m];
+        for (_, sums) in rows.clone() {
+            for (d, &v) in db1.iter_mut().zip(sums) {
+                *d += v;
+            }
         }
-        let dw = &mut s.dw1_pos[..m * k];
-        dw.fill(0.0);
-        if axis == Axis::X {
-            let dims = (m, k, wr);
-            gemm::reduce::<V, A>(
-                dims,
-                &s.gh_col,
-                wr,
-                ctx.pos_x,
-                wr,
-                dw,
-                (k, 1),
-                &mut s.reduce,
-            );
-        } else {
-            // A few rows per unit: not worth a vector product.
-            for i in 0..m {
-                let sums = &s.gh_row[i * ur..i * ur + rows];
-                for j in 0..k {
-                    let feature = &ctx.pos_y[j * ctx.hr + y0..j * ctx.hr + y0 + rows];
-                    dw[i * k + j] = sums.iter().zip(feature).map(|(a, b)| a * b).sum();
+        if l.px > 0 {
+            let dw = &mut dw[..m * l.px];
+            dw.fill(0.0);
+            let dims = (m, l.px, wr);
+            let scratch = self.scratch;
+            gemm::reduce::<V, A>(dims, col_sums, wr, self.pos_x, wr, dw, (l.px, 1), scratch);
+            for (j, f) in features_along(Axis::X, p).enumerate() {
+                for i in 0..m {
+                    grads[w1 + i * stride + first + f] += dw[i * l.px + j];
                 }
             }
         }
-        let columns = features_along(axis, p);
-        for (j, f) in columns.enumerate() {
-            for i in 0..m {
-                partial[w1 + i * stride + first + f] += dw[i * k + j];
+        if l.py > 0 {
+            // `[PY][M]`, so that the loop runs along the contiguous row sums.
+            let dw = &mut dw[..l.py * m];
+            dw.fill(0.0);
+            for (g, sums) in rows {
+                let y = g % item_rows;
+                for j in 0..l.py {
+                    let feature = self.pos_y[j * self.hr + y];
+                    for (d, &v) in dw[j * m..(j + 1) * m].iter_mut().zip(sums) {
+                        *d += feature * v;
+                    }
+                }
+            }
+            for (j, f) in features_along(Axis::Y, p).enumerate() {
+                for i in 0..m {
+                    grads[w1 + i * stride + first + f] += dw[j * m + i];
+                }
             }
         }
     }
 }
 
-/// Adds the sums of `G_h` (`m` rows of `rows` grid rows `wr` apart, `nc` apart) along
-/// each grid row into `row_sums[i·ur + at + r]` and across the rows into `col_sums`.
+/// Adds the sums of `G_h` (`pm` rows of `rows` grid rows `wr` apart, `nc` apart) for the
+/// hidden units `p0..p0 + pm` along each grid row into `row[(at + r)·m + p0 + i]` and
+/// across the rows into `col[(p0 + i)·wr..]`.
 #[inline(always)]
 fn add_row_and_column_sums<V: Vector>(
-    (m, rows, wr, nc): (usize, usize, usize, usize),
+    (pm, rows, wr, nc): (usize, usize, usize, usize),
     gh: &[f32],
-    col_sums: &mut [f32],
-    row_sums: &mut [f32],
-    (ur, at): (usize, usize),
+    sums: &mut GhSums<'_>,
+    (m, p0, at): (usize, usize, usize),
 ) {
-    for i in 0..m {
+    for i in 0..pm {
+        let col = &mut sums.col[(p0 + i) * wr..(p0 + i + 1) * wr];
         for r in 0..rows {
+            let row = &gh[i * nc + r * wr..i * nc + (r + 1) * wr];
             let mut acc = V::ZERO;
-            for x0 in (0..wr).step_by(V::LANES) {
-                let v = V::load(gh, i * nc + r * wr + x0);
+            for (g, c) in row
+                .chunks_exact(V::LANES)
+                .zip(col.chunks_exact_mut(V::LANES))
+            {
+                let v = V::load(g, 0);
                 acc = acc + v;
-                (V::load(col_sums, i * wr + x0) + v).store(col_sums, i * wr + x0);
+                (V::load(c, 0) + v).store(c, 0);
             }
-            row_sums[i * ur + at + r] += acc.sum();
+            sums.row[(at + r) * m + p0 + i] += acc.sum();
         }
     }
 }
@@ -744,6 +852,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
     out: &mut [f32],
     att: &mut [f32],
     partial: &mut [f32],
+    sums: &mut GhSums<'_>,
 ) {
     let (l, geo, w) = (ctx.l, ctx.geo, ctx.w);
     let (c, d, x, m) = (l.c, width::<D>(l.d), l.x, l.m);
@@ -752,28 +861,21 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
     let nc = rows * wr;
     let train = ctx.mode == Mode::Train;
 
-    // 1. Inputs of the padded rows y0-1 ..= y0+rows, zero outside the grid. The forward
-    //    products read only the state rows; the position rows are for the gradients.
-    let x_used = if train { x } else { c };
-    let xp = &mut s.xp[..x_used * np];
+    // 1. State of the padded rows y0-1 ..= y0+rows, zero outside the grid (the position
+    //    inputs enter only through the position terms and sums).
+    let xp = &mut s.xp[..c * np];
     xp.fill(0.0);
     for pr in 0..rows + 2 {
         let Some(y) = (y0 + pr).checked_sub(1).filter(|&y| y < h) else {
             continue;
         };
-        for j in 0..x_used {
-            let src = if j < c {
-                let from = ((bi * c + j) * h + y) * wd;
-                &ctx.state[from..from + wd]
-            } else {
-                let from = ((j - c) * h + y) * wd;
-                &ctx.pos[from..from + wd]
-            };
+        for j in 0..c {
+            let from = ((bi * c + j) * h + y) * wd;
             let to = j * np + pr * wp + 1;
-            xp[to..to + wd].copy_from_slice(src);
+            xp[to..to + wd].copy_from_slice(&ctx.state[from..from + wd]);
         }
     }
-    let xp = &s.xp[..x_used * np];
+    let xp = &s.xp[..c * np];
     let qkv = &mut s.qkv[..3 * d * np];
     for f in 0..3 * d {
         let row = &mut qkv[f * np..(f + 1) * np];
@@ -813,8 +915,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
         wd,
         rows,
         d,
-        x,
-        x_used,
+        c,
         pk: ctx.derived.pk,
         pv: ctx.derived.pv,
     };
@@ -829,7 +930,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
     }
 
     // 3. Dense output.
-    let ux = &s.ux[..(d + x) * nc];
+    let ux = &s.ux[..(d + c) * nc];
     let f = &mut s.f[..c * nc];
     let bo = Start::Bias(&w[l.bo..l.bo + c]);
     if let Some((w1, _)) = l.mlp {
@@ -940,8 +1041,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
         // row and column sums and its part of G_u while it is still in L1: the whole
         // `M × cells` G_h (384 KB at M = 384) went through L2 four times.
         s.uxt.set::<V, A>((d + c, nc), ux, nc);
-        let unit = (geo.unit_rows, unit_row);
-        let (ur, stride) = (geo.unit_rows, d + x);
+        let stride = d + x;
         for p0 in (0..m).step_by(MLP_PANEL) {
             let pm = MLP_PANEL.min(m - p0);
             let gh = &mut s.gh[..pm * nc];
@@ -949,8 +1049,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
             let wo_t = &w[l.wo + p0..];
             gemm::project::<V, A>((pm, c, nc), wo_t, (1, m), gf, nc, gh, nc, Start::Zero, mask);
             let gh = &s.gh[..pm * nc];
-            let (col, row) = (&mut s.gh_col[p0 * wr..], &mut s.gh_row[p0 * ur..]);
-            add_row_and_column_sums::<V>((pm, rows, wr, nc), gh, col, row, unit);
+            add_row_and_column_sums::<V>((pm, rows, wr, nc), gh, sums, (m, p0, unit_row));
             let dw1 = &mut partial[w1 + p0 * stride..];
             gemm::reduce_transposed::<V, A>(pm, gh, nc, &s.uxt, dw1, (stride, 1), &mut s.product);
             let start = if p0 == 0 { Start::Zero } else { Start::Current };
@@ -985,6 +1084,14 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
     }
 
     // 5. Attention backward per cell, then the projection gradients.
+    let mut sums = ProjectionSums {
+        col: &mut s.proj_col,
+        row: &mut s.proj_row,
+        lanes: &mut s.proj_lanes,
+        y0,
+        unit_row,
+        h,
+    };
     attend_back_body::<D, A>(
         &view,
         &s.att,
@@ -994,6 +1101,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
         &mut s.xk,
         &mut s.xv,
         &mut s.lanes,
+        &mut sums,
     );
     let xc = &ux[d * nc..];
     // Each runs transposed, `dWᵀ = X·Aᵀ`: `reduce` then transposes the D-row operand (two
@@ -1001,11 +1109,11 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
     // A loop, not a closure: a closure would not inherit the caller's AVX2/FMA features.
     for (off, a, b) in [
         (l.wq, &s.dq[..d * nc], xc),
-        (l.wk, &s.qc[..d * nc], &s.xk[..x * nc]),
-        (l.wv, &s.gu[..d * nc], &s.xv[..x * nc]),
+        (l.wk, &s.qc[..d * nc], &s.xk[..c * nc]),
+        (l.wv, &s.gu[..d * nc], &s.xv[..c * nc]),
     ] {
         let out = &mut partial[off..];
-        gemm::reduce::<V, A>((x, d, nc), b, nc, a, nc, out, (1, x), &mut s.reduce);
+        gemm::reduce::<V, A>((c, d, nc), b, nc, a, nc, out, (1, x), &mut s.reduce);
     }
 }
 
@@ -1013,7 +1121,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
 struct Chunk<'a> {
     /// `[Q; K; V]`, `3·D` rows of `np` padded cells.
     qkv: &'a [f32],
-    /// Inputs, `x` rows of `np` padded cells.
+    /// The state, `C` rows of `np` padded cells.
     xp: &'a [f32],
     np: usize,
     nc: usize,
@@ -1022,9 +1130,7 @@ struct Chunk<'a> {
     wd: usize,
     rows: usize,
     d: usize,
-    x: usize,
-    /// Input rows filled: all `x` when training, the state's `C` otherwise.
-    x_used: usize,
+    c: usize,
     pk: &'a [f32],
     pv: &'a [f32],
 }
@@ -1104,7 +1210,7 @@ fn attend_body<const D: usize, A: MulAdd>(
             for dd in 0..d {
                 u[dd].store(ux, dd * nc + cell);
             }
-            for j in 0..v.x_used {
+            for j in 0..v.c {
                 F8::load(v.xp, j * np + centre).store(ux, (d + j) * nc + cell);
             }
         }
@@ -1112,7 +1218,8 @@ fn attend_body<const D: usize, A: MulAdd>(
 }
 
 /// Attention backward of every cell of the chunk: `dq` into `dq`, `Σ dz_n x_n` into
-/// `xk`, `Σ a_n x_n` into `xv`; bias and `pk`/`pv` gradients into `lanes`.
+/// `xk` and `Σ a_n x_n` into `xv` for the state inputs; bias and `pk`/`pv` gradients into
+/// `lanes`; what the position columns of `dWq`, `dWk`, `dWv` need into `sums`.
 #[inline(always)]
 fn attend_back_body<const D: usize, A: MulAdd>(
     v: &Chunk<'_>,
@@ -1123,6 +1230,7 @@ fn attend_back_body<const D: usize, A: MulAdd>(
     xk: &mut [f32],
     xv: &mut [f32],
     lanes: &mut [F8],
+    sums: &mut ProjectionSums<'_>,
 ) {
     let d = width::<D>(v.d);
     let nc = v.nc;
@@ -1134,7 +1242,13 @@ fn attend_back_body<const D: usize, A: MulAdd>(
         pk: 3 * d,
         pv: 3 * d + nd,
     };
+    let wr = v.wr;
     for r in 0..v.rows {
+        let y = sums.y0 + r;
+        // A neighbour row outside the grid has zero inputs: it drops out of the sums for
+        // the column features (the row features are zero-padded instead).
+        let row_inside = [y > 0, true, y + 1 < sums.h];
+        sums.lanes.fill(F8::ZERO);
         for x0 in (0..v.wd).step_by(LANES) {
             let cell = r * v.wr + x0;
             let at = neighbours_at(v, r, x0);
@@ -1155,10 +1269,140 @@ fn attend_back_body<const D: usize, A: MulAdd>(
             for dd in 0..d {
                 dqv[dd].store(dq, dd * nc + cell);
             }
-            attention::input_sums::<A>(v.x, &v.inputs(at), &dz, &a, |j, sk, sv| {
+            attention::input_sums::<A>(v.c, &v.inputs(at), &dz, &a, |j, sk, sv| {
                 sk.store(xk, j * nc + cell);
                 sv.store(xv, j * nc + cell);
             });
+            // Column features: the neighbours at each column offset, over rows inside.
+            let (mut col_k, mut col_v) = ([F8::ZERO; 3], [F8::ZERO; 3]);
+            for dy in 0..3 {
+                if row_inside[dy] {
+                    for dx in 0..3 {
+                        col_k[dx] = col_k[dx] + dz[3 * dy + dx];
+                        col_v[dx] = col_v[dx] + a[3 * dy + dx];
+                    }
+                }
+            }
+            // Row features: the neighbours at each row offset, over columns inside.
+            let mut left = F8::splat(1.0);
+            let mut right = F8::splat(1.0);
+            for lane in 0..LANES {
+                left.0[lane] = f32::from(u8::from(x0 + lane > 0));
+                right.0[lane] = f32::from(u8::from(x0 + lane + 1 < v.wd));
+            }
+            let (mut row_k, mut row_v) = ([F8::ZERO; 3], [F8::ZERO; 3]);
+            for dy in 0..3 {
+                let n = 3 * dy;
+                row_k[dy] = A::madd(dz[n], left, A::madd(dz[n + 2], right, dz[n + 1]));
+                row_v[dy] = A::madd(a[n], left, A::madd(a[n + 2], right, a[n + 1]));
+            }
+            for dd in 0..d {
+                for t in 0..3 {
+                    let ik = (t * d + dd) * wr + x0;
+                    let iv = ((3 + t) * d + dd) * wr + x0;
+                    A::madd(q[dd], col_k[t], F8::load(sums.col, ik)).store(sums.col, ik);
+                    A::madd(g[dd], col_v[t], F8::load(sums.col, iv)).store(sums.col, iv);
+                    let (lk, lv) = (t * d + dd, (3 + t) * d + dd);
+                    sums.lanes[lk] = A::madd(q[dd], row_k[t], sums.lanes[lk]);
+                    sums.lanes[lv] = A::madd(g[dd], row_v[t], sums.lanes[lv]);
+                }
+                let iq = (6 * d + dd) * wr + x0;
+                (F8::load(sums.col, iq) + dqv[dd]).store(sums.col, iq);
+                sums.lanes[6 * d + dd] = sums.lanes[6 * d + dd] + dqv[dd];
+            }
+        }
+        let row = &mut sums.row[(sums.unit_row + r) * PROJECTION_SUMS * d..];
+        for (o, l) in row.iter_mut().zip(&sums.lanes[..PROJECTION_SUMS * d]) {
+            *o += l.sum();
+        }
+    }
+}
+
+/// Sums in which the position inputs' part of `dWk`, `dWv`, `dWq` is gathered: with `p`
+/// a position feature of the column alone (or of the row alone) and every neighbour
+/// offset `(dy, dx)`, `Σ_cells q ⊗ Σ_n dz_n p(neighbour n)` becomes
+/// `Σ_dx Σ_x p(x + dx)·[Σ_y q·Σ_dy dz_(dy,dx)]`: one sum per column and offset (`col`),
+/// one per row and offset (`row`), instead of a `P`-long product per cell. Seven sums of
+/// `D` each: `dWk` by offset (3, with `q` and `dz`), `dWv` by offset (3, `g_u` and `a`),
+/// `dWq` (the centre, `dq`).
+struct ProjectionSums<'a> {
+    /// `[7][D][wr]`, summed over the unit's rows.
+    col: &'a mut [f32],
+    /// `[unit rows][7][D]`.
+    row: &'a mut [f32],
+    /// The current row's sums in lanes, `[7][D]`.
+    lanes: &'a mut [F8],
+    /// Grid row of the chunk's first row, its row in the unit, and the grid's height.
+    y0: usize,
+    unit_row: usize,
+    h: usize,
+}
+
+/// Number of `D`-wide sums in [`ProjectionSums`].
+const PROJECTION_SUMS: usize = 7;
+
+/// The position columns of `dWk`, `dWv`, `dWq` from the unit's [`ProjectionSums`],
+/// added to its gradient vector.
+#[inline(always)]
+fn projection_position_gradients<V: Vector, A: MulAdd>(
+    ctx: &Ctx<'_>,
+    s: &mut Scratch,
+    y0: usize,
+    rows: usize,
+    partial: &mut [f32],
+) {
+    let (l, geo) = (ctx.l, ctx.geo);
+    let (c, d, x, wr, h) = (l.c, l.d, l.x, geo.wr, geo.h);
+    let p = x - c;
+    // (first sum, weight, offsets): the centre alone for `dWq`.
+    for (first, weight, offsets) in [(0, l.wk, 0..3), (3, l.wv, 0..3), (6, l.wq, 1..2)] {
+        if l.px > 0 {
+            let dw = &mut s.dw_pos[..d * l.px];
+            dw.fill(0.0);
+            for (i, dx) in offsets.clone().enumerate() {
+                let sums = &s.proj_col[(first + i) * d * wr..];
+                let features = &ctx.pos_xp[dx..];
+                let dims = (d, l.px, wr);
+                gemm::reduce::<V, A>(
+                    dims,
+                    sums,
+                    wr,
+                    features,
+                    wr + 2,
+                    dw,
+                    (l.px, 1),
+                    &mut s.reduce,
+                );
+            }
+            for (j, f) in features_along(Axis::X, p).enumerate() {
+                for dd in 0..d {
+                    partial[weight + dd * x + c + f] += dw[dd * l.px + j];
+                }
+            }
+        }
+        if l.py > 0 {
+            let dw = &mut s.dw_pos[..l.py * d];
+            dw.fill(0.0);
+            for r in 0..rows {
+                for (i, dy) in offsets.clone().enumerate() {
+                    let Some(y) = (y0 + r + dy).checked_sub(1).filter(|&y| y < h) else {
+                        continue;
+                    };
+                    let at = (r * PROJECTION_SUMS + first + i) * d;
+                    let sums = &s.proj_row[at..at + d];
+                    for j in 0..l.py {
+                        let feature = ctx.pos_y[j * ctx.hr + y];
+                        for (o, &v) in dw[j * d..(j + 1) * d].iter_mut().zip(sums) {
+                            *o += feature * v;
+                        }
+                    }
+                }
+            }
+            for (j, f) in features_along(Axis::Y, p).enumerate() {
+                for dd in 0..d {
+                    partial[weight + dd * x + c + f] += dw[j * d + dd];
+                }
+            }
         }
     }
 }

@@ -93,7 +93,8 @@ pub enum Error {
 pub type State = Array4<f32>;
 
 /// How the transition is computed: the fused kernel for the plain model, blocked GEMMs
-/// around a per-cell attention for the picture model.
+/// around a per-cell attention for the picture model. The workspaces are boxed: they are
+/// hundreds of bytes of buffer handles, of very different sizes.
 enum Engine {
     /// Plain model (no position inputs, no MLP): one fused per-cell kernel.
     Fused {
@@ -101,14 +102,14 @@ enum Engine {
         /// position embeddings).
         kernel_w: Vec<f32>,
         layout: Layout,
-        workspace: Workspace,
+        workspace: Box<Workspace>,
     },
     /// Position inputs and/or the MLP update ([`dense`]).
     Dense {
         /// What the cells read besides the flat parameters ([`DenseLayout::derive`]).
         derived: Vec<f32>,
         layout: DenseLayout,
-        workspace: DenseWorkspace,
+        workspace: Box<DenseWorkspace>,
     },
 }
 
@@ -141,7 +142,7 @@ impl NdarrayTrainer {
             Some(layout) => Engine::Fused {
                 kernel_w: Vec::new(),
                 layout,
-                workspace: Workspace::default(),
+                workspace: Box::default(),
             },
             None => {
                 let layout = DenseLayout::new(model).ok_or(Error::Unsupported {
@@ -150,7 +151,7 @@ impl NdarrayTrainer {
                 Engine::Dense {
                     derived: Vec::new(),
                     layout,
-                    workspace: DenseWorkspace::new(layout, model.position_octaves),
+                    workspace: Box::new(DenseWorkspace::new(layout, model.position_octaves)),
                 }
             }
         };

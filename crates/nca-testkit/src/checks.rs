@@ -351,6 +351,78 @@ pub fn finite_difference_gradients<H: Harness>() {
     }
 }
 
+/// Gradients stay right on a grid large enough for a backend to split it into pieces of
+/// work (ndarray: units of whole rows, here three per picture, the last one shorter), in
+/// a batch of two: every parameter tensor is moved along one random direction and the
+/// change of the f64 reference loss is compared with the gradient's prediction.
+///
+/// `bk` is left out: its gradient is zero in theory (see [`crate::cross::training_matches`]),
+/// so both sides are rounding noise.
+pub fn directional_gradients_on_a_large_grid<H: Harness>() {
+    let model = ModelConfig {
+        visible_channels: 3,
+        hidden_channels: 1,
+        attention_dim: 4,
+        position_embeddings: true,
+        state_clamp: None,
+        position_octaves: Some(2),
+        mlp_hidden: Some(40),
+    };
+    let c = model.channels();
+    let mut t = build::<H>(&model, &OptimizerConfig::default());
+    let weights = random_weights(&model, 41);
+    let state = random_tensor(&[2, c, 25, 23], 42);
+    let target = random_tensor(&[2, 3, 25, 23], 43);
+    t.set_weights(&weights).unwrap();
+    t.set_target(&target).unwrap();
+    let s = t.upload(&state).unwrap();
+    let (_, grads) = t.loss_and_gradients(&s).unwrap();
+    let signs = |w: &Weights| -> Vec<bool> {
+        let forward = reference::forward(&model, w, &state);
+        forward.pre_activations.iter().map(|&z| z > 0.0).collect()
+    };
+    let base = signs(&weights);
+    for (k, (name, g)) in grads.named().into_iter().enumerate() {
+        if name == Param::Bk {
+            continue;
+        }
+        let direction = random_tensor(g.shape(), 50 + k as u64);
+        // A central difference across a relu kink measures neither side: shrink the step
+        // until no pre-activation changes sign.
+        let mut h = 1e-3f32;
+        let (plus, minus) = loop {
+            let (mut plus, mut minus) = (weights.clone(), weights.clone());
+            let moved = plus[name].data_mut().iter_mut().zip(minus[name].data_mut());
+            for ((p, m), v) in moved.zip(direction.data()) {
+                *p += h * v;
+                *m -= h * v;
+            }
+            if signs(&plus) == base && signs(&minus) == base {
+                break (plus, minus);
+            }
+            h /= 4.0;
+            assert!(h > 1e-7, "{name}: every step crosses a relu kink");
+        };
+        // The exact f32 perturbation applied, not `2h·v`.
+        let steps = plus[name].data().iter().zip(minus[name].data());
+        let terms: Vec<f64> = g
+            .data()
+            .iter()
+            .zip(steps)
+            .map(|(&g, (&p, &m))| f64::from(g) * (f64::from(p) - f64::from(m)))
+            .collect();
+        let predicted: f64 = terms.iter().sum();
+        let scale: f64 = terms.iter().map(|t| t.abs()).sum();
+        let measured = reference::loss(&model, &plus, &state, &target)
+            - reference::loss(&model, &minus, &state, &target);
+        assert!(
+            (predicted - measured).abs() <= 1e-4 * scale + 1e-3 * measured.abs(),
+            "{name}: the gradient predicts a loss change of {predicted:e} along a random \
+             direction, the reference measures {measured:e}"
+        );
+    }
+}
+
 /// `train_step` returns `s + f(s)` computed with the old weights, reports that step's
 /// loss, and applies exactly one bias-corrected Adam update.
 pub fn train_step_is_one_adam_update<H: Harness>() {

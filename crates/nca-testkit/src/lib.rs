@@ -105,6 +105,7 @@ macro_rules! conformance_tests {
             shape_and_attention_normalisation_5x5,
             noise_statistics,
             finite_difference_gradients,
+            directional_gradients_on_a_large_grid,
             train_step_is_one_adam_update,
             gradient_clipping_bounds_the_update,
             solid_red_converges,
