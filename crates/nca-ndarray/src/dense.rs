@@ -307,8 +307,6 @@ pub struct DenseWorkspace {
     geo: Option<Geometry>,
     /// Rows per chunk.
     chunk_rows: usize,
-    /// Position features `[P][H][W]` of the current grid.
-    pos: Vec<f32>,
     /// The `X` features along a row, `[PX][wr]` (zero past the grid), and the `Y`
     /// features down a column, `[PY][hr]`.
     pos_x: Vec<f32>,
@@ -371,7 +369,6 @@ impl DenseWorkspace {
             octaves,
             geo: None,
             chunk_rows: 1,
-            pos: Vec::new(),
             pos_x: Vec::new(),
             pos_y: Vec::new(),
             pos_xp: Vec::new(),
@@ -395,17 +392,15 @@ impl DenseWorkspace {
             return;
         }
         let l = self.l;
-        self.pos = match self.octaves {
-            Some(oct) => nca_api::position::features(oct, geo.h, geo.w)
-                .data()
-                .to_vec(),
+        let pos = match self.octaves {
+            Some(oct) => nca_api::position::features(oct, geo.h, geo.w).into_data(),
             None => Vec::new(),
         };
-        let (plane, p) = (geo.h * geo.w, self.pos.len() / (geo.h * geo.w).max(1));
+        let (plane, p) = (geo.h * geo.w, pos.len() / (geo.h * geo.w).max(1));
         let hr = geo.h.div_ceil(ALIGN) * ALIGN;
         let (mut pos_x, mut pos_y) = (Vec::new(), Vec::new());
         for f in 0..p {
-            let feature = &self.pos[f * plane..(f + 1) * plane];
+            let feature = &pos[f * plane..(f + 1) * plane];
             match feature_axis(f) {
                 Axis::X => {
                     pos_x.extend_from_slice(&feature[..geo.w]);
@@ -427,7 +422,7 @@ impl DenseWorkspace {
         self.out.resize(geo.b * geo.h * l.c * geo.wr, 0.0);
         self.attention.clear();
         // The position columns of `dW1` are made once per pass from sums of `G_h` over
-        // the whole grid (`finish_position_gradients`), not per unit: a unit of a
+        // the whole grid (`PositionGradients`), not per unit: a unit of a
         // 32×32 grid would pay for a whole row's product to use a quarter of it.
         let units = geo.b * geo.units_per_item;
         self.partial_len = l.partial_len() + l.m * geo.wr;
@@ -728,6 +723,25 @@ impl UnitPass<'_, '_> {
     }
 }
 
+/// Adds the gradients of one axis' position columns, `dw[i·row_step + j·feature_step]`
+/// for row `i < rows` and the `j`-th feature along `axis`, into the weight matrix at
+/// `out[weight..]` whose rows are `stride` apart and whose position inputs start at
+/// column `first`.
+fn add_position_columns(
+    out: &mut [f32],
+    (weight, stride, first): (usize, usize, usize),
+    axis: Axis,
+    p: usize,
+    (rows, dw): (usize, &[f32]),
+    (row_step, feature_step): (usize, usize),
+) {
+    for (j, f) in features_along(axis, p).enumerate() {
+        for i in 0..rows {
+            out[weight + i * stride + first + f] += dw[i * row_step + j * feature_step];
+        }
+    }
+}
+
 /// Where a unit's chunks add the sums of `G_h`: along each grid row into `row`
 /// (`[unit rows][M]`), across the rows into `col` (`[M][wr]`).
 struct GhSums<'a> {
@@ -779,11 +793,8 @@ impl Kernel for PositionGradients<'_> {
             let dims = (m, l.px, wr);
             let scratch = self.scratch;
             gemm::reduce::<V, A>(dims, col_sums, wr, self.pos_x, wr, dw, (l.px, 1), scratch);
-            for (j, f) in features_along(Axis::X, p).enumerate() {
-                for i in 0..m {
-                    grads[w1 + i * stride + first + f] += dw[i * l.px + j];
-                }
-            }
+            let at = (w1, stride, first);
+            add_position_columns(grads, at, Axis::X, p, (m, dw), (l.px, 1));
         }
         if l.py > 0 {
             // `[PY][M]`, so that the loop runs along the contiguous row sums.
@@ -798,11 +809,8 @@ impl Kernel for PositionGradients<'_> {
                     }
                 }
             }
-            for (j, f) in features_along(Axis::Y, p).enumerate() {
-                for i in 0..m {
-                    grads[w1 + i * stride + first + f] += dw[j * m + i];
-                }
-            }
+            let at = (w1, stride, first);
+            add_position_columns(grads, at, Axis::Y, p, (m, dw), (1, m));
         }
     }
 }
@@ -1374,11 +1382,7 @@ fn projection_position_gradients<V: Vector, A: MulAdd>(
                     &mut s.reduce,
                 );
             }
-            for (j, f) in features_along(Axis::X, p).enumerate() {
-                for dd in 0..d {
-                    partial[weight + dd * x + c + f] += dw[dd * l.px + j];
-                }
-            }
+            add_position_columns(partial, (weight, x, c), Axis::X, p, (d, dw), (l.px, 1));
         }
         if l.py > 0 {
             let dw = &mut s.dw_pos[..l.py * d];
@@ -1398,11 +1402,7 @@ fn projection_position_gradients<V: Vector, A: MulAdd>(
                     }
                 }
             }
-            for (j, f) in features_along(Axis::Y, p).enumerate() {
-                for dd in 0..d {
-                    partial[weight + dd * x + c + f] += dw[j * d + dd];
-                }
-            }
+            add_position_columns(partial, (weight, x, c), Axis::Y, p, (d, dw), (1, d));
         }
     }
 }
