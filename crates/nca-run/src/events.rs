@@ -117,6 +117,33 @@ impl Events for Quiet {
     }
 }
 
+/// Passes events on and remembers whether any of them asked to stop: work that cannot
+/// stop halfway (reading the target or the checkpoint before training) keeps the request
+/// for the training loop, which then stops before its first step.
+pub(crate) struct StopLatch<'a> {
+    inner: &'a mut dyn Events,
+    /// Whether an event returned `Break`.
+    pub stopped: bool,
+}
+
+impl<'a> StopLatch<'a> {
+    /// A latch in front of `inner`.
+    pub(crate) fn new(inner: &'a mut dyn Events) -> Self {
+        Self {
+            inner,
+            stopped: false,
+        }
+    }
+}
+
+impl Events for StopLatch<'_> {
+    fn on_event(&mut self, event: &Event<'_>) -> ControlFlow<()> {
+        let flow = self.inner.on_event(event);
+        self.stopped |= flow.is_break();
+        flow
+    }
+}
+
 /// Sends a note.
 pub(crate) fn note(events: &mut dyn Events, level: Level, message: &str) -> ControlFlow<()> {
     events.on_event(&Event::Note { level, message })

@@ -352,6 +352,45 @@ mod tests {
     }
 
     #[test]
+    fn a_stop_asked_for_while_the_target_is_read_stops_before_the_first_step() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // A 16×16 picture for an 8×8 grid: reading it sends a note (it is resized).
+        image::RgbImage::from_pixel(16, 16, image::Rgb([0, 200, 0]))
+            .save(tmp.path().join("t.png"))
+            .expect("png");
+        let path = tmp.path().join("t.ron");
+        std::fs::write(
+            &path,
+            "(grid: (height: 8, width: 8), training: (steps: 50), \
+             target: Image(path: \"t.png\"), output: (snapshot_every: 50, scale: 1))",
+        )
+        .expect("run file");
+        let request = TrainRequest {
+            output: Output::Dir(tmp.path().join("out")),
+            ..TrainRequest::file(path, crate::backend::Backend::Ndarray)
+        };
+        let (mut notes, mut steps) = (0, 0);
+        let mut events = |e: &Event<'_>| match e {
+            Event::Note { .. } => {
+                notes += 1;
+                std::ops::ControlFlow::Break(())
+            }
+            Event::Step(_) => {
+                steps += 1;
+                std::ops::ControlFlow::Continue(())
+            }
+            _ => std::ops::ControlFlow::Continue(()),
+        };
+        let result = train(&request, &mut events).expect("a stopped run is not an error");
+        assert!(notes >= 1, "reading the picture sent no note");
+        assert_eq!(steps, 0);
+        assert_eq!(result.status, Status::Interrupted);
+        assert_eq!(result.summary.final_step, 0);
+        let summary = std::fs::read_to_string(tmp.path().join("out/summary.json"));
+        assert!(summary.expect("summary.json").contains("\"interrupted\""));
+    }
+
+    #[test]
     fn without_a_stop_rule_the_run_completes_and_scores_along_the_way() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let request = tiny(tmp.path(), "steps: 90", "steps: 5, seeds: 1, every: 40");

@@ -8,7 +8,7 @@ use nca_api::{Checkpoint, HostTensor, IoError, NcaConfig, ResumeError};
 use super::{Output, RunSource, TrainRequest};
 use crate::config::RunConfig;
 use crate::error::{bail, invalid, Result, ResultExt};
-use crate::events::{self, Chosen, Events, Level};
+use crate::events::{self, Chosen, Events, Level, StopLatch};
 use crate::files;
 use crate::plot::{self, LossRecord};
 use crate::score;
@@ -39,6 +39,9 @@ pub(super) struct Plan {
     pub history: Vec<LossRecord>,
     /// `psnr.csv` rows of the resumed run before its checkpoint.
     pub psnr_history: Vec<PsnrRow>,
+    /// Whether an event during planning (a note about the target or the checkpoint) asked
+    /// to stop: the run then stops before its first step.
+    pub stop_requested: bool,
 }
 
 /// A `psnr.csv` row: step, mean PSNR in dB, mean MSE.
@@ -87,6 +90,7 @@ fn settings(source: &RunSource) -> Result<(RunConfig, Vec<Chosen>, String, PathB
 
 /// Validates the run and decides where it goes; reads files, writes none.
 pub(super) fn plan(request: &TrainRequest, events: &mut dyn Events) -> Result<Plan> {
+    let events = &mut StopLatch::new(events);
     let (cfg, chosen, origin, base) = settings(&request.source)?;
     let nca = cfg.nca();
     // Sizes first: the target and everything after it allocate in proportion to the grid.
@@ -154,6 +158,7 @@ pub(super) fn plan(request: &TrainRequest, events: &mut dyn Events) -> Result<Pl
         run_ron,
         history,
         psnr_history,
+        stop_requested: events.stopped,
     })
 }
 

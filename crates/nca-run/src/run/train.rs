@@ -274,7 +274,9 @@ fn train<T: Trainer>(
         chosen: plan.chosen.clone(),
         log_every: cfg.output.snapshot_every,
     };
-    let stop = obs.events.on_event(&Event::Started(&started)).is_break();
+    // `Started` goes out either way, so the caller sees the run it stopped.
+    let asked = obs.events.on_event(&Event::Started(&started)).is_break();
+    let stop = asked || plan.stop_requested;
 
     let train_started = Instant::now();
     let epsilon = nca.training.spike.epsilon(&nca.noise, &plan.target);
