@@ -1096,6 +1096,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
         col: &mut s.proj_col,
         row: &mut s.proj_row,
         lanes: &mut s.proj_lanes,
+        active: x > c,
         y0,
         unit_row,
         h,
@@ -1281,6 +1282,10 @@ fn attend_back_body<const D: usize, A: MulAdd>(
                 sk.store(xk, j * nc + cell);
                 sv.store(xv, j * nc + cell);
             });
+            // Without position inputs there is nothing to gather.
+            if !sums.active {
+                continue;
+            }
             // Column features: the neighbours at each column offset, over rows inside.
             let (mut col_k, mut col_v) = ([F8::ZERO; 3], [F8::ZERO; 3]);
             for dy in 0..3 {
@@ -1319,6 +1324,9 @@ fn attend_back_body<const D: usize, A: MulAdd>(
                 sums.lanes[6 * d + dd] = sums.lanes[6 * d + dd] + dqv[dd];
             }
         }
+        if !sums.active {
+            continue;
+        }
         let row = &mut sums.row[(sums.unit_row + r) * PROJECTION_SUMS * d..];
         for (o, l) in row.iter_mut().zip(&sums.lanes[..PROJECTION_SUMS * d]) {
             *o += l.sum();
@@ -1340,6 +1348,8 @@ struct ProjectionSums<'a> {
     row: &'a mut [f32],
     /// The current row's sums in lanes, `[7][D]`.
     lanes: &'a mut [F8],
+    /// Whether the model has position inputs (else the sums are not needed).
+    active: bool,
     /// Grid row of the chunk's first row, its row in the unit, and the grid's height.
     y0: usize,
     unit_row: usize,
