@@ -377,10 +377,7 @@ pub fn directional_gradients_on_a_large_grid<H: Harness>() {
     t.set_target(&target).unwrap();
     let s = t.upload(&state).unwrap();
     let (_, grads) = t.loss_and_gradients(&s).unwrap();
-    let signs = |w: &Weights| -> Vec<bool> {
-        let forward = reference::forward(&model, w, &state);
-        forward.pre_activations.iter().map(|&z| z > 0.0).collect()
-    };
+    let signs = |w: &Weights| reference::relu_signs(&model, w, &state);
     let base = signs(&weights);
     for (k, (name, g)) in grads.named().into_iter().enumerate() {
         if name == Param::Bk {

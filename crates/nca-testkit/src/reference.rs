@@ -158,6 +158,16 @@ pub fn loss(
     sum / (b * v * plane) as f64
 }
 
+/// Which MLP pre-activations of [`forward`] are positive: a central difference is only
+/// valid between weights where these agree (no relu kink crossed).
+pub fn relu_signs(model: &ModelConfig, weights: &Weights, state: &HostTensor) -> Vec<bool> {
+    forward(model, weights, state)
+        .pre_activations
+        .iter()
+        .map(|&z| z > 0.0)
+        .collect()
+}
+
 /// Central-difference gradient of [`loss`] for every weight, in f64, with step `h`.
 ///
 /// Panics when a bump moves any MLP pre-activation across relu's kink at 0: a central
@@ -170,13 +180,7 @@ pub fn numerical_gradients(
     target: &HostTensor,
     h: f32,
 ) -> Vec<(Param, Vec<f64>)> {
-    let signs = |w: &Weights| -> Vec<bool> {
-        forward(model, w, state)
-            .pre_activations
-            .iter()
-            .map(|&z| z > 0.0)
-            .collect()
-    };
+    let signs = |w: &Weights| relu_signs(model, w, state);
     let base = signs(weights);
     let mut out = Vec::new();
     for (name, t) in weights.named() {
