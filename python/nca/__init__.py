@@ -32,7 +32,9 @@ class Run:
     """A finished training run (completed, stopped by ``on_step`` or Ctrl-C).
 
     Attributes:
-        model: the trained rule (:class:`Model`).
+        model: the trained rule (:class:`Model`): the weights ``summary["regrowth"]``
+            scores, i.e. the best-scoring ones of ``summary["kept_step"]`` when
+            ``evaluation.keep_best`` chose them from periodic scores, else the last.
         summary: what ``summary.json`` holds (``status``, ``final_loss``, ``regrowth``, …).
         losses: the loss of every step, ``np.float32`` of shape ``(steps,)``.
         out: the run directory, or None when nothing was written.

@@ -669,7 +669,8 @@ fn _train<'py>(
     let out = result.out.as_ref().map(|p| p.display().to_string());
     let psnr = result.psnr.clone();
     let model = PyModel {
-        inner: model::Model::from_checkpoint(result.checkpoint),
+        // The rule the summary scores: the kept weights when `evaluation.keep_best` chose them.
+        inner: model::Model::from_checkpoint(result.kept.unwrap_or(result.checkpoint)),
         backend,
     };
     let model = Bound::new(py, model)?.into_any();

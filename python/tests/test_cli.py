@@ -22,6 +22,22 @@ def test_training_gives_the_cli_weights(cli, tmp_path):
         assert np.array_equal(written[name], expected[name]), name
 
 
+def test_the_model_is_the_kept_weights_when_the_run_scores_as_it_goes(tmp_path):
+    run_file = tmp_path / "small.ron"
+    text = small_run_file(steps=200, seed=3).replace("seeds: 2)", "seeds: 2, every: 50)")
+    run_file.write_text(text)
+    run = nca.train(run_file, out=tmp_path / "py", progress=False)
+    step = run.summary["kept_step"]
+    assert step in (50, 100, 150, 200)
+    kept = read_safetensors(tmp_path / "py" / "best.safetensors")
+    last = read_safetensors(tmp_path / "py" / "checkpoint.safetensors")
+    for name, w in run.model.weights.items():
+        assert np.array_equal(w, kept[name]), name
+    assert "adam.m.wq" in last and "adam.m.wq" not in kept
+    best = max(row[1] for row in run.psnr)
+    assert dict((row[0], row[1]) for row in run.psnr)[step] == best
+
+
 def test_rollout_is_the_cli_rollout(cli, tmp_path):
     run_file = tmp_path / "small.ron"
     run_file.write_text(small_run_file(steps=100, seed=0))

@@ -115,6 +115,13 @@ pub fn eval_noise_seed(run_seed: u64, k: u64) -> u64 {
     stream_seed(run_seed, k, Stream::Init)
 }
 
+/// The run seed of a held-out score: weights chosen by their periodic scores are scored
+/// again on starts and rollout noise drawn from this seed instead of `run_seed`, so the
+/// reported number is not biased upwards by the choice.
+pub fn held_out_run_seed(run_seed: u64) -> u64 {
+    stream_seed(run_seed, 0, Stream::HeldOut)
+}
+
 /// The `[S, C, H, W]` initial state of the evaluation: batch element `i` is N(0, 1) noise
 /// from [`eval_noise_seed`]`(run_seed, i + 1)`. The shape's element count must fit in
 /// usize ([`regrowth`] checks it; check memory with [`crate::rollout_bytes`] first).

@@ -22,6 +22,8 @@ pub enum Stream {
     Spike = 3,
     /// Noise added during a rollout.
     Rollout = 4,
+    /// The run seed of the held-out regrowth score (see `eval::held_out_run_seed`).
+    HeldOut = 5,
 }
 
 /// A seed for `stream` at `step`, derived from the run seed.

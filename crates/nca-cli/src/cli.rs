@@ -529,6 +529,16 @@ fn report(result: &RunResult) {
          {} spikes",
         s.status, s.final_step, s.backend, s.steps_per_second, s.spikes
     );
+    if let Some(step) = s.kept_step {
+        let scored = |at: u64| result.psnr.iter().find(|row| row.0 == at).map(|row| row.1);
+        let db = |p: Option<f64>| p.map_or_else(|| "n/a".into(), |p| format!("{p:.1} dB"));
+        println!(
+            "evaluation.keep_best: kept the weights of step {step} ({}; the last step's {}) \
+             in best.safetensors; the score below is theirs on held-out starts",
+            db(scored(step)),
+            db(scored(s.final_step)),
+        );
+    }
     if let Some(r) = &s.regrowth {
         println!("{}", score::line(r));
     }

@@ -53,6 +53,9 @@ pub struct EvaluationConfig {
     /// Also score every this many training steps (`psnr.csv`, `psnr.png`); `None`: only at
     /// the end.
     pub every: Option<u64>,
+    /// With `every`: keep the weights whose score was the best (the last step's included)
+    /// instead of the last ones, and score them on starts not used to choose them.
+    pub keep_best: bool,
 }
 
 impl Default for EvaluationConfig {
@@ -61,6 +64,7 @@ impl Default for EvaluationConfig {
             steps: nca_api::eval::DEFAULT_EVAL_STEPS,
             seeds: nca_api::eval::DEFAULT_EVAL_SEEDS,
             every: None,
+            keep_best: true,
         }
     }
 }

@@ -244,11 +244,25 @@ impl CheckpointParts<'_> {
         progress: &Progress,
     ) -> Result<Checkpoint> {
         Ok(Checkpoint {
+            adam: Some(trainer.adam_state().backend()?),
+            state: Some(trainer.download(state).backend()?),
+            ..self.capture_weights(trainer, progress)?
+        })
+    }
+
+    /// The checkpoint of the trainer's weights at `progress`, with the target and run file
+    /// but no optimiser or carried state: a rule to roll out, not a run to resume.
+    pub fn capture_weights<T: Trainer>(
+        &self,
+        trainer: &T,
+        progress: &Progress,
+    ) -> Result<Checkpoint> {
+        Ok(Checkpoint {
             config: self.config.clone(),
             weights: trainer.weights().backend()?,
-            adam: Some(trainer.adam_state().backend()?),
+            adam: None,
             progress: progress.clone(),
-            state: Some(trainer.download(state).backend()?),
+            state: None,
             backend: self.backend.to_string(),
             target: Some(self.target.clone()),
             run_file: Some(self.run_ron.to_string()),

@@ -232,7 +232,7 @@ impl Model {
         let evaluation = EvaluationConfig {
             steps,
             seeds,
-            every: None,
+            ..EvaluationConfig::default()
         };
         evaluation.validate_as("steps", "seeds")?;
         let target = match target.or(self.target()) {

@@ -4,24 +4,37 @@
 
 use std::path::Path;
 
-use crate::error::{Result, ResultExt};
-use nca_api::{HostTensor, NcaConfig, RegrowthScore, Trainer};
+use crate::error::{BackendResult, Result, ResultExt};
+use nca_api::{Checkpoint, HostTensor, NcaConfig, RegrowthScore, Trainer};
 
-use super::plan::Plan;
+use super::kept::{self, Kept};
+use super::plan::{Plan, PsnrRow};
 use super::train::Trained;
 use super::Failures;
 use crate::files::write_artefact;
 use crate::{plot, render, score};
 
+/// What the end of a run scored.
+#[derive(Default)]
+pub(super) struct Scored {
+    /// The score `summary.json` reports (`None` after a failure).
+    pub regrowth: Option<RegrowthScore>,
+    /// The last step's `psnr.csv` row: the last weights on the evaluation's own starts.
+    pub final_row: Option<PsnrRow>,
+    /// The weights `regrowth` scores, when `evaluation.keep_best` chose them from the
+    /// periodic scores (they are then scored on held-out starts).
+    pub kept: Option<Kept>,
+}
+
 /// Scores the final rule and writes the run's results (into `out`; nothing without one);
-/// returns the regrowth score (`None` after a failure) and the names of the files written.
+/// returns what was scored and the names of the files written.
 pub(super) fn write<T: Trainer>(
     trainer: &mut T,
     plan: &Plan,
     out: Option<&Path>,
     trained: &Trained,
     failures: &mut Failures,
-) -> (Option<RegrowthScore>, Vec<&'static str>) {
+) -> (Scored, Vec<&'static str>) {
     let mut written = Vec::new();
     let mut wrote = |failures: &mut Failures, name: &'static str, r: Result<bool>| {
         if let Some(true) = failures.keep(r) {
@@ -35,31 +48,30 @@ pub(super) fn write<T: Trainer>(
     let scale = cfg.output.scale;
     let frame_ms = cfg.output.gif_frame_ms;
     let target = &plan.target;
-    let (seed, clamp) = (nca.training.seed, nca.model.state_clamp);
     // A rule that failed is not scored: its number would describe a broken run.
-    let regrowth = if failures.is_empty() {
-        failures.keep(score::run(
-            trainer,
-            target,
-            eval_cfg,
-            seed,
-            clamp,
-            out.is_some(),
-        ))
+    let (regrowth, final_row, kept) = if failures.is_empty() {
+        match failures.keep(score_final(trainer, plan, trained, out.is_some())) {
+            Some((r, row, kept)) => (Some(r), Some(row), kept),
+            None => (None, None, None),
+        }
     } else {
-        None
+        (None, None, None)
     };
     let Some(out) = out else {
-        return (regrowth.map(|r| r.score), written);
+        let scored = Scored {
+            regrowth: regrowth.map(|r| r.score),
+            final_row,
+            kept,
+        };
+        return (scored, written);
     };
+    if let Some(k) = &kept {
+        wrote(failures, kept::FILE, k.write(out).map(|()| true));
+    }
     let mut psnr_rows = trained.psnr_rows.clone();
+    psnr_rows.extend(final_row);
     let mut regrown_tile = None;
     if let Some(r) = &regrowth {
-        psnr_rows.push((
-            trained.progress.step,
-            r.score.mean_psnr_db,
-            r.score.mean_mse,
-        ));
         let half = (scale / 2).max(1);
         let picture = write_artefact(&out.join("regrowth.png"), |tmp| {
             score::write_picture(r, target, v, scale, tmp)
@@ -111,7 +123,58 @@ pub(super) fn write<T: Trainer>(
         write_contact_sheet(tmp, &out.join("snapshots"), nca, sheet)
     });
     wrote(failures, "contact_sheet.png", contact);
-    (regrowth.map(|r| r.score), written)
+    let scored = Scored {
+        regrowth: regrowth.map(|r| r.score),
+        final_row,
+        kept,
+    };
+    (scored, written)
+}
+
+/// Scores the last weights on the evaluation's starts (the last `psnr.csv` row). With
+/// `evaluation.keep_best` and periodic scores, the better of them and the best periodic
+/// weights is loaded into `trainer` and scored again on held-out starts, since a maximum
+/// over scores on the same starts would overstate it; returns the reported score (with
+/// pictures when `pictures`), the row, and the weights chosen.
+fn score_final<T: Trainer>(
+    trainer: &mut T,
+    plan: &Plan,
+    trained: &Trained,
+    pictures: bool,
+) -> Result<(score::Regrowth, PsnrRow, Option<Kept>)> {
+    let nca = &plan.nca;
+    let eval_cfg = &plan.cfg.evaluation;
+    let (seed, clamp) = (nca.training.seed, nca.model.state_clamp);
+    let step = trained.progress.step;
+    let best = trained.kept.as_ref().filter(|_| eval_cfg.keep_best);
+    let last_ckpt = trained.checkpoint.as_ref();
+    let (Some(best), Some(last_ckpt)) = (best, last_ckpt) else {
+        let last = score::run(trainer, &plan.target, eval_cfg, seed, clamp, pictures)?;
+        let row = (step, last.score.mean_psnr_db, last.score.mean_mse);
+        return Ok((last, row, None));
+    };
+    let last = score::run(trainer, &plan.target, eval_cfg, seed, clamp, false)?.score;
+    let row = (step, last.mean_psnr_db, last.mean_mse);
+    let kept = if best.beaten_by(last.mean_psnr_db) {
+        Kept {
+            step,
+            psnr_db: last.mean_psnr_db,
+            checkpoint: Checkpoint {
+                adam: None,
+                state: None,
+                ..last_ckpt.clone()
+            },
+        }
+    } else {
+        trainer
+            .set_weights(&best.checkpoint.weights)
+            .backend()
+            .context("loading the kept weights")?;
+        best.clone()
+    };
+    let held_out = nca_api::eval::held_out_run_seed(seed);
+    let reported = score::run(trainer, &plan.target, eval_cfg, held_out, clamp, pictures)?;
+    Ok((reported, row, Some(kept)))
 }
 
 /// What the contact sheet shows besides the snapshots.

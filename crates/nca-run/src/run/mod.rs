@@ -18,6 +18,7 @@
 
 mod artefacts;
 mod dir;
+mod kept;
 mod plan;
 mod train;
 
@@ -178,7 +179,12 @@ pub struct Summary {
     pub stop_at_psnr: Option<f32>,
     /// The step after which a score reached `stop_at_psnr` (status `reached_psnr`).
     pub reached_psnr_at_step: Option<u64>,
-    /// The regrowth score of the final rule (`null` when the run failed).
+    /// The step of the weights `regrowth` scores when `evaluation.keep_best` chose them
+    /// from the periodic scores (the last step's included; they are in `best.safetensors`
+    /// and scored on held-out starts); `null` when the last weights were scored as they are.
+    pub kept_step: Option<u64>,
+    /// The regrowth score of the final rule, or of the kept weights when `kept_step` is set
+    /// (`null` when the run failed).
     pub regrowth: Option<RegrowthScore>,
 }
 
@@ -196,6 +202,9 @@ pub struct RunResult {
     /// The final checkpoint (weights, Adam state, progress, state, target and run file),
     /// as written to `checkpoint.safetensors` when the run has a directory.
     pub checkpoint: Checkpoint,
+    /// The weights `summary.regrowth` scores when `evaluation.keep_best` chose them (as
+    /// written to `best.safetensors`: no optimiser or carried state).
+    pub kept: Option<Checkpoint>,
     /// The run directory, or `None` for [`Output::Nothing`].
     pub out: Option<PathBuf>,
 }
@@ -297,6 +306,7 @@ pub fn train(request: &TrainRequest, events: &mut dyn Events) -> Result<RunResul
 mod tests {
     use super::*;
     use crate::events::{Event, Quiet};
+    use crate::score;
 
     /// An 8×8 solid-green run file with `training` and `evaluation` section bodies.
     fn tiny(dir: &std::path::Path, training: &str, evaluation: &str) -> TrainRequest {
@@ -399,5 +409,90 @@ mod tests {
         assert_eq!(result.summary.reached_psnr_at_step, None);
         let steps: Vec<u64> = result.psnr.iter().map(|r| r.0).collect();
         assert_eq!(steps, [40, 80, 90]);
+    }
+
+    /// The regrowth score of `ckpt`'s weights on the starts of run seed `seed`.
+    fn score_of(ckpt: &Checkpoint, seed: u64) -> f64 {
+        let mut ckpt = ckpt.clone();
+        ckpt.config.training.seed = seed;
+        let limit = nca_api::MemoryLimit::from_env().expect("limit");
+        crate::model::Model::from_checkpoint(ckpt)
+            .regrowth(crate::backend::Backend::Ndarray, None, 5, 2, &limit)
+            .expect("scores")
+            .mean_psnr_db
+    }
+
+    #[test]
+    fn the_best_scoring_weights_are_kept_and_scored_on_held_out_starts() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let request = tiny(tmp.path(), "steps: 130", "steps: 5, seeds: 2, every: 20");
+        let result = train(&request, &mut Quiet).expect("trains");
+        let step = result.summary.kept_step.expect("a kept step");
+        // The kept step is the best of every score on the evaluation's own starts.
+        let best = result.psnr.iter().map(|r| r.1).fold(f64::MIN, f64::max);
+        let row = result.psnr.iter().find(|r| r.0 == step).expect("its row");
+        assert_eq!(row.1, best, "{:?}", result.psnr);
+        // Those are the weights in best.safetensors and in the result: they score the
+        // row's number on those starts, and the summary's on the held-out ones.
+        let file = Checkpoint::load(&tmp.path().join("out/best.safetensors")).expect("file");
+        let kept = result.kept.as_ref().expect("kept weights");
+        assert_eq!(file.weights, kept.weights);
+        assert_eq!(file.progress.step, step);
+        assert!(file.adam.is_none() && file.state.is_none());
+        assert!((score_of(kept, 0) - row.1).abs() < 1e-3);
+        let held_out = nca_api::eval::held_out_run_seed(0);
+        let reported = result
+            .summary
+            .regrowth
+            .as_ref()
+            .expect("score")
+            .mean_psnr_db;
+        assert!((score_of(kept, held_out) - reported).abs() < 1e-3);
+        assert!((reported - row.1).abs() > 1e-6, "scored on the same starts");
+        // The run's own checkpoint stays the last step's, for resuming.
+        assert_eq!(result.checkpoint.progress.step, 130);
+        assert!(result.checkpoint.adam.is_some());
+    }
+
+    #[test]
+    fn without_keep_best_the_last_weights_are_scored_on_the_evaluation_starts() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let evaluation = "steps: 5, seeds: 2, every: 20, keep_best: false";
+        let request = tiny(tmp.path(), "steps: 130", evaluation);
+        let result = train(&request, &mut Quiet).expect("trains");
+        assert_eq!(result.summary.kept_step, None);
+        assert!(result.kept.is_none());
+        assert!(!tmp.path().join("out/best.safetensors").exists());
+        let last = result.psnr.last().expect("final row");
+        let reported = result.summary.regrowth.as_ref().expect("score");
+        assert_eq!((last.0, last.1), (130, reported.mean_psnr_db));
+    }
+
+    #[test]
+    fn a_resumed_run_keeps_the_earlier_best_when_it_stays_the_best() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let request = tiny(tmp.path(), "steps: 60", "steps: 5, seeds: 2, every: 20");
+        let first = train(&request, &mut Quiet).expect("trains");
+        let step = first.summary.kept_step.expect("a kept step");
+        let earlier = first.kept.expect("kept weights").weights;
+        // Raise the earlier best's recorded score above anything the rule can reach.
+        let psnr_csv = tmp.path().join("out/psnr.csv");
+        let mut rows = score::read_csv(&psnr_csv).expect("psnr.csv");
+        rows.iter_mut()
+            .filter(|r| r.0 == step)
+            .for_each(|r| r.1 = 500.0);
+        score::write_csv(&psnr_csv, &rows).expect("written");
+        let resumed = TrainRequest {
+            resume: Some(tmp.path().join("out/checkpoint.safetensors")),
+            ..tiny(tmp.path(), "steps: 120", "steps: 5, seeds: 2, every: 20")
+        };
+        let result = train(&resumed, &mut Quiet).expect("resumes");
+        assert_eq!(result.summary.kept_step, Some(step));
+        assert_eq!(result.kept.expect("kept").weights, earlier);
+        let file = Checkpoint::load(&tmp.path().join("out/best.safetensors"));
+        assert_eq!(file.expect("file").weights, earlier);
+        // The first run's scores are history, its last one (step 60) included.
+        let steps: Vec<u64> = result.psnr.iter().map(|r| r.0).collect();
+        assert_eq!(steps, [20, 40, 60, 80, 100, 120]);
     }
 }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use nca_api::{Checkpoint, HostTensor, IoError, NcaConfig, ResumeError};
 
+use super::kept::{self, Kept};
 use super::{Output, RunSource, TrainRequest};
 use crate::config::RunConfig;
 use crate::error::{bail, invalid, Result, ResultExt};
@@ -37,8 +38,10 @@ pub(super) struct Plan {
     pub run_ron: String,
     /// `loss.csv` rows of the resumed run up to its checkpoint.
     pub history: Vec<LossRecord>,
-    /// `psnr.csv` rows of the resumed run before its checkpoint.
+    /// `psnr.csv` rows of the resumed run up to its checkpoint.
     pub psnr_history: Vec<PsnrRow>,
+    /// The weights the resumed run kept (`best.safetensors` beside its checkpoint).
+    pub earlier_kept: Option<Kept>,
     /// Whether an event during planning (a note about the target or the checkpoint) asked
     /// to stop: the run then stops before its first step.
     pub stop_requested: bool,
@@ -135,6 +138,9 @@ pub(super) fn plan(request: &TrainRequest, events: &mut dyn Events) -> Result<Pl
         Some(r) => read_history(r)?,
         None => (Vec::new(), Vec::new()),
     };
+    let earlier_kept = resume
+        .as_ref()
+        .and_then(|r| kept::earlier(r, &psnr_history, &limit, events));
 
     let mut resolved = cfg.clone();
     resolved.target = cfg.target.resolved(&base);
@@ -158,6 +164,7 @@ pub(super) fn plan(request: &TrainRequest, events: &mut dyn Events) -> Result<Pl
         run_ron,
         history,
         psnr_history,
+        earlier_kept,
         stop_requested: events.stopped,
     })
 }
@@ -307,8 +314,8 @@ fn load_resume(
     })
 }
 
-/// The resumed run's `loss.csv` rows up to its checkpoint and `psnr.csv` rows before it
-/// (the end-of-run score at the resume step is recomputed).
+/// The resumed run's `loss.csv` and `psnr.csv` rows up to its checkpoint (the end-of-run
+/// score at the resume step scored the checkpoint's weights, so it stays).
 fn read_history(r: &Resume) -> Result<(Vec<LossRecord>, Vec<PsnrRow>)> {
     let dir = files::parent_dir(&r.path);
     let step = r.step();
@@ -325,6 +332,6 @@ fn read_history(r: &Resume) -> Result<(Vec<LossRecord>, Vec<PsnrRow>)> {
     } else {
         Vec::new()
     };
-    psnr.retain(|row| row.0 < step);
+    psnr.retain(|row| row.0 <= step);
     Ok((history, psnr))
 }

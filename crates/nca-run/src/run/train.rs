@@ -15,6 +15,7 @@ use nca_api::{
 
 use super::artefacts;
 use super::dir::RunDir;
+use super::kept::Kept;
 use super::plan::Plan;
 use super::{Failures, RunResult, Status, Summary, TrainRequest};
 use crate::backend::{Backend, Job};
@@ -65,6 +66,9 @@ pub(super) struct Trained {
     pub last_checkpoint: Option<u64>,
     /// The checkpoint of the last step, in memory (`None` when the run failed before it).
     pub checkpoint: Option<Checkpoint>,
+    /// The best-scoring weights of the periodic scores (`evaluation.keep_best`), the
+    /// resumed run's included.
+    pub kept: Option<Kept>,
 }
 
 impl Job for TrainJob<'_> {
@@ -79,8 +83,9 @@ impl Job for TrainJob<'_> {
         let out = dir.as_ref().map(|d| d.path.as_path());
         let mut failures = Failures::default();
         let trained = train(&mut trainer, backend, plan, out, self.events, &mut failures)?;
-        let (regrowth, mut written) =
+        let (scored, mut written) =
             artefacts::write(&mut trainer, plan, out, &trained, &mut failures);
+        let regrowth = scored.regrowth;
         if trained.loss_csv_complete && out.is_some() {
             written.insert(0, "loss.csv");
         }
@@ -114,7 +119,8 @@ impl Job for TrainJob<'_> {
             evaluation_seconds: trained.evaluation_seconds,
             stop_at_psnr: plan.nca.training.stop_at_psnr,
             reached_psnr_at_step: trained.reached_psnr_at_step,
-            regrowth: regrowth.clone(),
+            kept_step: scored.kept.as_ref().map(|k| k.step),
+            regrowth,
         };
         if let Some(out) = out {
             if failures
@@ -132,9 +138,7 @@ impl Job for TrainJob<'_> {
             ))?;
         }
         let mut psnr = trained.psnr_rows.clone();
-        if let Some(r) = &regrowth {
-            psnr.push((trained.progress.step, r.mean_psnr_db, r.mean_mse));
-        }
+        psnr.extend(scored.final_row);
         let checkpoint = trained
             .checkpoint
             .ok_or_else(|| Error::Diverged("the run ended without a checkpoint".into()))?;
@@ -144,6 +148,7 @@ impl Job for TrainJob<'_> {
             losses: trained.records,
             psnr,
             checkpoint,
+            kept: scored.kept.map(|k| k.checkpoint),
             out: out.map(Path::to_path_buf),
         })
     }
@@ -192,6 +197,8 @@ fn aftermath(plan: &Plan, out: &Path, trained: &Trained, written: &[&str]) -> St
 
 /// The run directory's files the observer writes as it goes.
 struct RunFiles {
+    /// The run directory.
+    dir: PathBuf,
     checkpoint: PathBuf,
     csv_path: PathBuf,
     csv: BufWriter<File>,
@@ -254,6 +261,8 @@ fn train<T: Trainer>(
         state_clamp: nca.model.state_clamp,
         evaluation: &cfg.evaluation,
         psnr_rows: plan.psnr_history.clone(),
+        progress: progress.clone(),
+        kept: plan.earlier_kept.clone(),
         evaluation_seconds: 0.0,
         reset_before: None,
         last_spike: None,
@@ -388,6 +397,7 @@ fn train<T: Trainer>(
         epsilon,
         last_checkpoint: obs.last_checkpoint,
         checkpoint,
+        kept: obs.kept,
     })
 }
 
@@ -412,6 +422,7 @@ fn open_run_files(plan: &Plan, out: &Path) -> Result<RunFiles> {
         .open(&csv_path)
         .with_context(|| format!("cannot open {}", csv_path.display()))?;
     Ok(RunFiles {
+        dir: out.to_path_buf(),
         checkpoint: out.join("checkpoint.safetensors"),
         csv_path,
         csv: BufWriter::new(csv),
@@ -450,6 +461,10 @@ struct RunObserver<'a> {
     evaluation: &'a EvaluationConfig,
     /// `psnr.csv` rows so far, the resumed run's included.
     psnr_rows: Vec<super::plan::PsnrRow>,
+    /// The loop's progress after the last step seen.
+    progress: Progress,
+    /// The best-scoring weights so far (`evaluation.keep_best`).
+    kept: Option<Kept>,
     /// Seconds spent scoring during training.
     evaluation_seconds: f64,
     /// The step and state before its spike replaced the state with fresh noise, so the
@@ -578,6 +593,7 @@ impl RunObserver<'_> {
         if info.spiked {
             self.last_spike = Some((info.step, info.spike_sigma));
         }
+        self.progress.clone_from(ctx.progress);
         if let Some(before) = ctx.before_reset {
             self.reset_before = Some((info.step, ctx.trainer.download(before).backend()?));
         }
@@ -620,10 +636,28 @@ impl RunObserver<'_> {
         });
         self.psnr_rows
             .push((step, reg.score.mean_psnr_db, reg.score.mean_mse));
+        self.keep_if_best(trainer, reg.score.mean_psnr_db)?;
         Ok(Evaluation {
             psnr_db: Some(reg.score.mean_psnr_db),
             flow,
         })
+    }
+}
+
+impl RunObserver<'_> {
+    /// Keeps the trainer's weights (in memory and in `best.safetensors`) when a periodic
+    /// score of `psnr_db` beats the best so far and `evaluation.keep_best` is on.
+    fn keep_if_best<T: Trainer>(&mut self, trainer: &T, psnr_db: f64) -> Result<()> {
+        let better = self.kept.as_ref().is_none_or(|k| k.beaten_by(psnr_db));
+        if !self.evaluation.keep_best || !better {
+            return Ok(());
+        }
+        let kept = Kept::capture(self.parts, trainer, &self.progress, psnr_db)?;
+        if let Some(f) = &self.files {
+            kept.write(&f.dir)?;
+        }
+        self.kept = Some(kept);
+        Ok(())
     }
 }
 
