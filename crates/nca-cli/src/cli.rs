@@ -62,7 +62,7 @@ impl From<Backend> for nca_run::Backend {
     subcommand_negates_reqs = true,
     after_help = "`nca-cli` is the binary of this crate: run it as `cargo run -p nca-cli -- ARGS` \
                   from the repository, or install it with `cargo install --path crates/nca-cli` \
-                  (it lands in ~/.cargo/bin).\n\nExamples:\n  nca-cli examples/cat.ron\n  nca-cli examples/red.ron\n  nca-cli --backend candle run.ron --out runs/try2\n  nca-cli run.ron --resume runs/run/checkpoint.safetensors\n  nca-cli rollout --checkpoint runs/red/checkpoint.safetensors --steps 200 --out runs/red-rollout\n  nca-cli bench --sizes 32,128 --batches 1,8\n  nca-cli web --checkpoint runs/cat/checkpoint.safetensors --out runs/cat-web --serve\n\n\
+                  (it lands in ~/.cargo/bin).\n\nExamples:\n  nca-cli examples/cat.ron\n  nca-cli examples/red.ron\n  nca-cli --backend candle run.ron --out runs/try2\n  nca-cli run.ron --resume runs/run/checkpoint.safetensors\n  nca-cli rollout --checkpoint runs/red/checkpoint.safetensors --steps 200 --out runs/red-rollout\n  nca-cli bench --sizes 32,128 --batches 1,8\n  nca-cli web --checkpoint runs/cat/best.safetensors --out runs/cat-web --serve\n\n\
                   Memory: sizes are estimated before anything is allocated or written, and a \
                   command that would need more than NCA_MEMORY_LIMIT (e.g. 8G, 512M; default: \
                   half of physical memory) is refused with the field or flag to change. A run \
