@@ -167,22 +167,16 @@ impl DenseLayout {
             out.extend_from_slice(&w[at..at + self.d]);
         }
         let p = self.x - self.c;
-        let first = self.c;
         for axis in [Axis::X, Axis::Y] {
             for at in [self.wq, self.wk, self.wv] {
-                for row in 0..self.d {
-                    let cols = features_along(axis, p);
-                    out.extend(cols.map(|f| w[at + row * self.x + first + f]));
-                }
+                let matrix = (&w[at..], self.d, self.x, self.c);
+                gather_position_columns(out, matrix, axis, p);
             }
         }
         if let Some((w1, _)) = self.mlp {
-            let (stride, first) = (self.d + self.x, self.d + self.c);
             for axis in [Axis::X, Axis::Y] {
-                for row in 0..self.m {
-                    let cols = features_along(axis, p);
-                    out.extend(cols.map(|f| w[w1 + row * stride + first + f]));
-                }
+                let matrix = (&w[w1..], self.m, self.d + self.x, self.d + self.c);
+                gather_position_columns(out, matrix, axis, p);
             }
         }
     }
@@ -235,6 +229,27 @@ struct Derived<'a> {
 /// the gathered `W_X`/`W_Y` and of their gradients.
 fn features_along(axis: Axis, p: usize) -> impl Iterator<Item = usize> {
     (0..p).filter(move |&f| feature_axis(f) == axis)
+}
+
+/// Appends to `out`, row by row, the columns `first + f` for the features `f` along `axis`
+/// of the first `rows` rows of `matrix` (rows `stride` apart). Column by column, so the
+/// features are told apart once per column rather than once per element: this runs every
+/// step, for every row of `w1`.
+fn gather_position_columns(
+    out: &mut Vec<f32>,
+    (matrix, rows, stride, first): (&[f32], usize, usize, usize),
+    axis: Axis,
+    p: usize,
+) {
+    let n = features_along(axis, p).count();
+    let start = out.len();
+    out.resize(start + rows * n, 0.0);
+    let gathered = &mut out[start..];
+    for (j, f) in features_along(axis, p).enumerate() {
+        for row in 0..rows {
+            gathered[row * n + j] = matrix[row * stride + first + f];
+        }
+    }
 }
 
 /// Number of lane accumulators of a unit: `bq bk bv` (D each), `pk pv` (9·D each), `bo`
