@@ -15,7 +15,6 @@ use crate::files::write_artefact;
 use crate::{plot, render, score};
 
 /// What the end of a run scored.
-#[derive(Default)]
 pub(super) struct Scored {
     /// The score `summary.json` reports (`None` after a failure).
     pub regrowth: Option<RegrowthScore>,

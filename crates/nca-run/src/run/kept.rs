@@ -93,9 +93,7 @@ pub(super) fn earlier(
         return None;
     }
     let step = checkpoint.progress.step;
-    let score = psnr
-        .iter()
-        .find(|row| row.0 == step && step <= resume.step());
+    let score = psnr.iter().find(|row| row.0 == step);
     let Some(&(_, psnr_db, _)) = score else {
         let message = format!(
             "{} holds the weights of step {step}, which has no score in the resumed run's \
