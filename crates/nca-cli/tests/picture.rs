@@ -138,7 +138,8 @@ fn scores_during_training_change_no_loss_and_are_plotted() {
         &tiny(40, "", ", evaluation: (steps: 10, every: 15)"),
     );
     ok(&run_in(tmp.path(), &["a.ron", "--out", "a"]));
-    ok(&run_in(tmp.path(), &["b.ron", "--out", "b"]));
+    let scored = run_in(tmp.path(), &["b.ron", "--out", "b"]);
+    ok(&scored);
     let loss = |d: &str| std::fs::read_to_string(tmp.path().join(d).join("loss.csv")).expect("csv");
     assert_eq!(
         loss("a"),
@@ -155,6 +156,20 @@ fn scores_during_training_change_no_loss_and_are_plotted() {
     image::open(tmp.path().join("b/psnr.png")).expect("psnr.png");
     // The default (picture) model is scored too.
     check_score(&json(&tmp.path().join("b/summary.json"))["regrowth"], 3);
+    // With scores along the way the best-scoring weights are the result
+    // (evaluation.keep_best), in best.safetensors; without them, the last weights.
+    let kept = &json(&tmp.path().join("b/summary.json"))["kept_step"];
+    let step = kept.as_u64().expect("kept_step");
+    assert!([15, 30, 40].contains(&step), "{kept}");
+    let best = Checkpoint::load(&tmp.path().join("b/best.safetensors"));
+    assert_eq!(best.expect("best.safetensors").progress.step, step);
+    let stdout = text(&scored.stdout);
+    assert!(
+        stdout.contains(&format!("kept the weights of step {step}")),
+        "{stdout}"
+    );
+    assert!(json(&tmp.path().join("a/summary.json"))["kept_step"].is_null());
+    assert!(!tmp.path().join("a/best.safetensors").exists());
 }
 
 #[test]
