@@ -77,8 +77,10 @@ pub(crate) fn apply(cfg: &mut RunConfig, given: &Given) -> Vec<Chosen> {
         choose("training.learning_rate", format!("{:?}", d.learning_rate));
     }
     if !given.training.lr_schedule {
-        cfg.training.lr_schedule = d.lr_schedule;
-        choose("training.lr_schedule", ron_value(&d.lr_schedule));
+        // After `steps` is settled: the warm-up of a short run is shortened to fit it.
+        let schedule = d.lr_schedule_for(cfg.training.steps);
+        cfg.training.lr_schedule = schedule;
+        choose("training.lr_schedule", ron_value(&schedule));
     }
     if !given.training.spike {
         cfg.training.spike = d.spike;
@@ -115,8 +117,31 @@ mod tests {
     #[test]
     fn a_small_grid_keeps_the_defaults_and_a_large_one_gets_the_large_model() {
         let (small, chosen) = sized("(target: Solid(1.0, 0.0, 0.0))");
-        assert_eq!(small.nca(), nca_api::NcaConfig::default());
+        let defaults = nca_api::NcaConfig::default();
+        assert_eq!(small.nca().model, defaults.model);
+        assert_eq!(small.training.steps, defaults.training.steps);
+        assert_eq!(small.training.spike, defaults.training.spike);
         assert_eq!(chosen.len(), 6);
+        // Up to 32×32 the rate decays; at 64×64 the picture is still learning at the end.
+        assert_eq!(
+            small.training.lr_schedule,
+            LrSchedule::WarmupCosine {
+                warmup_steps: 500,
+                final_fraction: 0.1
+            }
+        );
+        // A short run's warm-up is a tenth of it.
+        let (short, _) = sized("(training: (steps: 60), target: Solid(1.0, 0.0, 0.0))");
+        assert_eq!(
+            short.training.lr_schedule,
+            LrSchedule::WarmupCosine {
+                warmup_steps: 6,
+                final_fraction: 0.1
+            }
+        );
+        let (middle, _) = sized("(grid: (height: 64, width: 33), target: Solid(1.0, 0.0, 0.0))");
+        assert_eq!(middle.training.lr_schedule, LrSchedule::Constant);
+        assert_eq!(middle.model.mlp_hidden, small.model.mlp_hidden);
         let (large, chosen) =
             sized("(grid: (height: 128, width: 128), target: Solid(1.0, 0.0, 0.0))");
         assert_eq!(large.model.position_octaves, Some(7));
