@@ -106,8 +106,10 @@ pub fn forward<A: MulAdd>(
     }
 }
 
-/// Backward from `gu = ∂L/∂u`: writes `dz` and `dq`, and adds the bias and position
-/// embedding gradients into `acc` at `lanes`.
+/// Backward from `gu = ∂L/∂u`: writes `dz` and `dq`, and adds the bias gradients into
+/// `acc` at `lanes`; with `embeddings`, the position embedding gradients too (a caller
+/// that keeps `dz`, `a`, `q` and `gu` of every block adds those afterwards with
+/// [`embedding_gradients`], in the same order and with fewer memory round trips).
 #[inline(always)]
 pub fn backward<A: MulAdd>(
     d: usize,
@@ -116,6 +118,7 @@ pub fn backward<A: MulAdd>(
     a: &[F8; NEIGHBOURS],
     nb: &Neighbourhood<'_>,
     lanes: GradLanes,
+    embeddings: bool,
     acc: &mut [F8],
     dz: &mut [F8; NEIGHBOURS],
     dq: &mut [F8; MAX_DIM],
@@ -140,14 +143,91 @@ pub fn backward<A: MulAdd>(
         let mut dqv = F8::ZERO;
         for n in 0..NEIGHBOURS {
             dqv = A::madd(dz[n], nb.keys.embedded(nb.pk, d, n, dd), dqv);
-            let (ik, iv) = (lanes.pk + n * d + dd, lanes.pv + n * d + dd);
-            acc[ik] = A::madd(dz[n], q[dd], acc[ik]);
-            acc[iv] = A::madd(a[n], gu[dd], acc[iv]);
+            if embeddings {
+                let (ik, iv) = (lanes.pk + n * d + dd, lanes.pv + n * d + dd);
+                acc[ik] = A::madd(dz[n], q[dd], acc[ik]);
+                acc[iv] = A::madd(a[n], gu[dd], acc[iv]);
+            }
         }
         dq[dd] = dqv;
         acc[lanes.bq + dd] = acc[lanes.bq + dd] + dqv;
         acc[lanes.bk + dd] = A::madd(dz_sum, q[dd], acc[lanes.bk + dd]);
         acc[lanes.bv + dd] = acc[lanes.bv + dd] + gu[dd];
+    }
+}
+
+/// Neighbours per register tile of [`embedding_gradients`] (a divisor of nine).
+const TILE_NEIGHBOURS: usize = 3;
+/// Attention features per register tile of [`embedding_gradients`]: with three
+/// neighbours, twelve accumulators and the three neighbour weights fill AVX2's sixteen
+/// registers.
+const TILE_FEATURES: usize = 4;
+
+/// Adds `dpk_n += dz_n ⊗ q` and `dpv_n += a_n ⊗ gu` of the blocks starting at `cells`
+/// into `acc` at `lanes`: every buffer is feature-major with features `nc` apart
+/// (`dz`, `a`: `[9][nc]`; `q`, `gu`: `[D][nc]`).
+///
+/// Each accumulator takes the blocks in the order of `cells`, one multiply-add each, as
+/// [`backward`] with `embeddings` does block by block, so the sums are the same to the
+/// bit; a tile of accumulators stays in registers across the blocks instead of being
+/// loaded and stored for every block.
+#[inline(always)]
+pub fn embedding_gradients<A: MulAdd>(
+    d: usize,
+    nc: usize,
+    cells: impl Iterator<Item = usize> + Clone,
+    (dz, a): (&[f32], &[f32]),
+    (q, gu): (&[f32], &[f32]),
+    lanes: GradLanes,
+    acc: &mut [F8],
+) {
+    for (weights, inputs, at) in [(dz, q, lanes.pk), (a, gu, lanes.pv)] {
+        for n0 in (0..NEIGHBOURS).step_by(TILE_NEIGHBOURS) {
+            let mut dd0 = 0;
+            while dd0 + TILE_FEATURES <= d {
+                let mut t = [[F8::ZERO; TILE_FEATURES]; TILE_NEIGHBOURS];
+                for i in 0..TILE_NEIGHBOURS {
+                    for j in 0..TILE_FEATURES {
+                        t[i][j] = acc[at + (n0 + i) * d + dd0 + j];
+                    }
+                }
+                for cell in cells.clone() {
+                    let mut w = [F8::ZERO; TILE_NEIGHBOURS];
+                    for i in 0..TILE_NEIGHBOURS {
+                        w[i] = F8::load(weights, (n0 + i) * nc + cell);
+                    }
+                    for j in 0..TILE_FEATURES {
+                        let x = F8::load(inputs, (dd0 + j) * nc + cell);
+                        for i in 0..TILE_NEIGHBOURS {
+                            t[i][j] = A::madd(w[i], x, t[i][j]);
+                        }
+                    }
+                }
+                for i in 0..TILE_NEIGHBOURS {
+                    for j in 0..TILE_FEATURES {
+                        acc[at + (n0 + i) * d + dd0 + j] = t[i][j];
+                    }
+                }
+                dd0 += TILE_FEATURES;
+            }
+            // The features left over when D is not a multiple of the tile.
+            for dd in dd0..d {
+                let mut t = [F8::ZERO; TILE_NEIGHBOURS];
+                for i in 0..TILE_NEIGHBOURS {
+                    t[i] = acc[at + (n0 + i) * d + dd];
+                }
+                for cell in cells.clone() {
+                    let x = F8::load(inputs, dd * nc + cell);
+                    for i in 0..TILE_NEIGHBOURS {
+                        let w = F8::load(weights, (n0 + i) * nc + cell);
+                        t[i] = A::madd(w, x, t[i]);
+                    }
+                }
+                for i in 0..TILE_NEIGHBOURS {
+                    acc[at + (n0 + i) * d + dd] = t[i];
+                }
+            }
+        }
     }
 }
 

@@ -274,6 +274,8 @@ struct Scratch {
     dq: Vec<f32>,
     xk: Vec<f32>,
     xv: Vec<f32>,
+    /// `dz` of every cell, `[9][nc]`, for the position embeddings' gradients.
+    dz: Vec<f32>,
     /// The unit's sums for the position columns of `dWk`, `dWv`, `dWq`
     /// ([`ProjectionSums`]): per column `[7][D][wr]`, per row `[unit rows][7][D]`, and
     /// the current row's lanes `[7][D]`.
@@ -310,6 +312,7 @@ impl Scratch {
         self.dq.resize(d * nc, 0.0);
         self.xk.resize(c * nc, 0.0);
         self.xv.resize(c * nc, 0.0);
+        self.dz.resize(NEIGHBOURS * nc, 0.0);
         self.lanes.resize(lanes_len(l), F8::ZERO);
     }
 }
@@ -1124,6 +1127,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
         &mut s.dq,
         &mut s.xk,
         &mut s.xv,
+        &mut s.dz,
         &mut s.lanes,
         &mut sums,
     );
@@ -1253,6 +1257,7 @@ fn attend_back_body<const D: usize, A: MulAdd>(
     dq: &mut [f32],
     xk: &mut [f32],
     xv: &mut [f32],
+    dzs: &mut [f32],
     lanes: &mut [F8],
     sums: &mut ProjectionSums<'_>,
 ) {
@@ -1289,9 +1294,12 @@ fn attend_back_body<const D: usize, A: MulAdd>(
             let nb = v.neighbourhood(d, at);
             let mut dz = [F8::ZERO; NEIGHBOURS];
             let mut dqv = [F8::ZERO; MAX_DIM];
-            attention::backward::<A>(d, &q, &g, &a, &nb, grads, lanes, &mut dz, &mut dqv);
+            attention::backward::<A>(d, &q, &g, &a, &nb, grads, false, lanes, &mut dz, &mut dqv);
             for dd in 0..d {
                 dqv[dd].store(dq, dd * nc + cell);
+            }
+            for n in 0..NEIGHBOURS {
+                dz[n].store(dzs, n * nc + cell);
             }
             attention::input_sums::<A>(v.c, &v.inputs(at), &dz, &a, |j, sk, sv| {
                 sk.store(xk, j * nc + cell);
@@ -1347,6 +1355,9 @@ fn attend_back_body<const D: usize, A: MulAdd>(
             *o += l.sum();
         }
     }
+    let (rows, wd) = (v.rows, v.wd);
+    let blocks = (0..rows).flat_map(move |r| (0..wd).step_by(LANES).map(move |x0| r * wr + x0));
+    attention::embedding_gradients::<A>(d, nc, blocks, (dzs, att), (qc, gu), grads, lanes);
 }
 
 /// Sums in which the position inputs' part of `dWk`, `dWv`, `dWq` is gathered: with `p`

@@ -605,7 +605,7 @@ fn block<A: MulAdd>(
     };
     let mut dz = [F8::ZERO; NEIGHBOURS];
     let mut dq = [F8::ZERO; MAX_DIM];
-    attention::backward::<A>(d, &q, &gu, &a, &nb, lanes, acc, &mut dz, &mut dq);
+    attention::backward::<A>(d, &q, &gu, &a, &nb, lanes, true, acc, &mut dz, &mut dq);
     let mut sk = [F8::ZERO; MAX_CHANNELS];
     let mut sv = [F8::ZERO; MAX_CHANNELS];
     attention::input_sums::<A>(c, &states, &dz, &a, |ch, k, v| {
