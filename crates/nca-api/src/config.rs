@@ -734,8 +734,12 @@ const SIZED_WARMUP_COSINE: LrSchedule = LrSchedule::WarmupCosine {
 };
 
 /// Largest grid side that gets the 512-wide MLP; larger grids get 256. At 128×128 that
-/// run stays under ten minutes on a 2-core laptop; a 256×256 step has four times the
-/// cells, and the wider MLP there would take the run well past half an hour.
+/// run stays under ten minutes on a 2-core laptop. At 256×256 a photo not tuned on
+/// (scikit-image's astronaut) regrew to 27.4 dB with 256 and 30.3 dB with 512 (in about
+/// half an hour), but the memory preflight's estimate for scoring the 512-wide model
+/// there (5.2 GiB, sized for the hungriest backend) would refuse it under the default
+/// limit of an 8 GiB machine, although ndarray ran it in 194 MB; `model.mlp_hidden: 512`
+/// chooses it.
 pub const WIDE_MLP_MAX_SIDE: usize = 128;
 
 impl SizedDefaults {
@@ -743,10 +747,11 @@ impl SizedDefaults {
     ///
     /// Up to [`SMALL_GRID_SIDE`] cells a side: the defaults of [`ModelConfig`] and
     /// [`TrainingConfig`], except that up to [`DECAYED_RATE_MAX_SIDE`] the learning rate
-    /// warms up for 500 steps and then decays to a tenth (a cosine). Larger: one octave per doubling of the side, so the finest
-    /// position feature has a period of about two cells (`ceil(log2(side))`, at least the
-    /// default 6); an MLP 512 wide up to [`WIDE_MLP_MAX_SIDE`], 256 wide beyond (busy
-    /// photos at 128×128 regrow below 35 dB with 256 and 384); 18,000 steps; a 500-step
+    /// warms up for 500 steps and then decays to a tenth (a cosine). Larger: one octave
+    /// per doubling of the side, so the finest position feature has a period of about
+    /// two cells (`ceil(log2(side))`, at least the default 6); an MLP 512 wide up to
+    /// [`WIDE_MLP_MAX_SIDE`], 256 wide beyond (busy photos at 128×128 regrow below 35 dB
+    /// with 256 and 384); 18,000 steps; a 500-step
     /// warm-up with a cosine decay to a tenth of the rate, without which the regrowth
     /// collapsed late in the run; and the original spike rule plus a reset to fresh
     /// noise every [`LARGE_GRID_RESET_EVERY`] steps: on busy photos the loss stays above
