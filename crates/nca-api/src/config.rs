@@ -692,9 +692,10 @@ impl SpikeRule {
 /// that sizes the picture model, its training length and its schedules.
 ///
 /// Measured on the bundled cat photograph (ndarray): at 32×32 the defaults with a
-/// decaying learning rate reach about 50 dB regrowth PSNR; at 128×128 they reach only 26 dB, while 7 octaves, a 256-wide
-/// MLP, 18,000 steps and a warm-up + cosine learning rate reach 35–37 dB, and a 512-wide
-/// MLP gets busier photos there too (docs/sizing.md in the repository has the tables).
+/// decaying learning rate reach about 50 dB regrowth PSNR; at 128×128 they reach only
+/// 26 dB, while 7 octaves, a 256-wide MLP, 18,000 steps and a warm-up + cosine learning
+/// rate reach 35–37 dB, and a 512-wide MLP gets busier photos there too (docs/sizing.md
+/// in the repository has the tables).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SizedDefaults {
     /// `model.position_octaves`.
@@ -751,9 +752,8 @@ impl SizedDefaults {
     /// per doubling of the side, so the finest position feature has a period of about
     /// two cells (`ceil(log2(side))`, at least the default 6); an MLP 512 wide up to
     /// [`WIDE_MLP_MAX_SIDE`], 256 wide beyond (busy photos at 128×128 regrow below 35 dB
-    /// with 256 and 384); 18,000 steps; a 500-step
-    /// warm-up with a cosine decay to a tenth of the rate, without which the regrowth
-    /// collapsed late in the run; and the original spike rule plus a reset to fresh
+    /// with 256 and 384); 18,000 steps; a 500-step warm-up with a cosine decay to a tenth
+    /// of the rate, without which the regrowth collapsed late in the run; and the original spike rule plus a reset to fresh
     /// noise every [`LARGE_GRID_RESET_EVERY`] steps: on busy photos the loss stays above
     /// ε for thousands of steps, no spike fires, and cells that fresh noise starts in an
     /// untrained state stay stuck at saturated colours.
@@ -803,9 +803,7 @@ impl SizedDefaults {
             },
         }
     }
-}
 
-impl SizedDefaults {
     /// The sized learning-rate schedule for a run of `steps` steps: a warm-up takes at
     /// most a tenth of the run, so that a short run (a quick try, a test) still spends
     /// most of its steps near the full rate; runs of 5,000 steps or more keep the 500.
