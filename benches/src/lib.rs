@@ -12,7 +12,7 @@ pub enum Model {
     /// The default model: position inputs (L = 6) and the MLP update (M = 128).
     Picture,
     /// The picture model a run file that gives only the grid trains
-    /// ([`SizedDefaults::for_grid`]: L = 7, M = 512 at 128×128; L = 8, M = 256 at
+    /// ([`SizedDefaults::for_grid`]: L = 7, M = 512 at 128×128; L = 8, M = 512 at
     /// 256×256).
     Sized,
 }

@@ -735,13 +735,17 @@ const SIZED_WARMUP_COSINE: LrSchedule = LrSchedule::WarmupCosine {
 };
 
 /// Largest grid side that gets the 512-wide MLP; larger grids get 256. At 128×128 that
-/// run stays under ten minutes on a 2-core laptop. At 256×256 a photo not tuned on
-/// (scikit-image's astronaut) regrew to 27.4 dB with 256 and 30.3 dB with 512 (in about
-/// half an hour), but the memory preflight's estimate for scoring the 512-wide model
-/// there (5.2 GiB, sized for the hungriest backend) would refuse it under the default
-/// limit of an 8 GiB machine, although ndarray ran it in 194 MB; `model.mlp_hidden: 512`
-/// chooses it.
-pub const WIDE_MLP_MAX_SIDE: usize = 128;
+/// run stays under ten minutes on a 2-core laptop. At 256×256 photos regrow far better
+/// with 512 than with 256 (scikit-image's astronaut, not tuned on: 30.3 against 27.4 dB;
+/// the cat: 37.2 against 34.7 dB) for 1.6× the time, about half an hour, in under
+/// 200 MB on ndarray. Beyond 256 a side the run's time, not the picture, decides.
+pub const WIDE_MLP_MAX_SIDE: usize = 256;
+
+/// Largest grid side trained for 18,000 steps by default; larger grids train for 30,000.
+/// At 128×128 18,000 steps keep a run under ten minutes on a 2-core laptop; at 256×256
+/// a photo not tuned on (scikit-image's coffee cup) was still improving at 18,000 steps
+/// (29.8 dB) and reached 30.8 dB at 30,000.
+pub const SHORTER_RUN_MAX_SIDE: usize = 128;
 
 impl SizedDefaults {
     /// The settings for a `height × width` grid.
@@ -752,7 +756,8 @@ impl SizedDefaults {
     /// per doubling of the side, so the finest position feature has a period of about
     /// two cells (`ceil(log2(side))`, at least the default 6); an MLP 512 wide up to
     /// [`WIDE_MLP_MAX_SIDE`], 256 wide beyond (busy photos at 128×128 regrow below 35 dB
-    /// with 256 and 384); 18,000 steps; a 500-step warm-up with a cosine decay to a tenth
+    /// with 256 and 384, at 256×256 below 30 dB with 256); 18,000 steps up to
+    /// [`SHORTER_RUN_MAX_SIDE`], 30,000 beyond; a 500-step warm-up with a cosine decay to a tenth
     /// of the rate, without which the regrowth collapsed late in the run; and the original spike rule plus a reset to fresh
     /// noise every [`LARGE_GRID_RESET_EVERY`] steps: on busy photos the loss stays above
     /// ε for thousands of steps, no spike fires, and cells that fresh noise starts in an
@@ -763,7 +768,8 @@ impl SizedDefaults {
     /// let d = SizedDefaults::for_grid(128, 128);
     /// assert_eq!((d.position_octaves, d.mlp_hidden, d.steps), (Some(7), Some(512), 18_000));
     /// let large = SizedDefaults::for_grid(256, 256);
-    /// assert_eq!((large.mlp_hidden, large.steps), (Some(256), 18_000));
+    /// assert_eq!((large.mlp_hidden, large.steps), (Some(512), 30_000));
+    /// assert_eq!(SizedDefaults::for_grid(512, 512).mlp_hidden, Some(256));
     /// assert_eq!(d.spike.reset_every, Some(500));
     /// let small = SizedDefaults::for_grid(32, 32);
     /// assert_eq!(small.lr_schedule, d.lr_schedule);
@@ -794,7 +800,11 @@ impl SizedDefaults {
         Self {
             position_octaves: Some(octaves.clamp(6, MAX_POSITION_OCTAVES)),
             mlp_hidden: Some(if side <= WIDE_MLP_MAX_SIDE { 512 } else { 256 }),
-            steps: 18_000,
+            steps: if side <= SHORTER_RUN_MAX_SIDE {
+                18_000
+            } else {
+                30_000
+            },
             learning_rate: training.learning_rate,
             lr_schedule: SIZED_WARMUP_COSINE,
             spike: SpikeRule {
@@ -832,7 +842,29 @@ impl SizedDefaults {
             LrSchedule::Constant => LrSchedule::Constant,
         }
     }
+
+    /// How often a sized run of `steps` steps scores its regrowth (a run file's
+    /// `evaluation.every`): ten times in a run of 1,000 steps or more, at a multiple of 100
+    /// steps, so the best weights can be kept; a shorter run is scored only at its end,
+    /// where ten scores (each about a hundred training steps' work) would dominate it.
+    ///
+    /// Kept weights matter where the rate stays constant (33–64 cells a side): the
+    /// regrowth score still moves by a dB or more between evaluations there.
+    ///
+    /// ```
+    /// use nca_api::SizedDefaults;
+    /// assert_eq!(SizedDefaults::evaluate_every_for(10_000), Some(1_000));
+    /// assert_eq!(SizedDefaults::evaluate_every_for(18_000), Some(1_800));
+    /// assert_eq!(SizedDefaults::evaluate_every_for(2_345), Some(200));
+    /// assert_eq!(SizedDefaults::evaluate_every_for(999), None);
+    /// ```
+    pub fn evaluate_every_for(steps: u64) -> Option<u64> {
+        (steps >= SIZED_EVALUATIONS * 100).then(|| steps / SIZED_EVALUATIONS / 100 * 100)
+    }
 }
+
+/// Scores in a sized run ([`SizedDefaults::evaluate_every_for`]).
+const SIZED_EVALUATIONS: u64 = 10;
 
 impl TrainingConfig {
     /// Checks ranges; the error names the field.

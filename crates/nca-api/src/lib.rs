@@ -35,7 +35,7 @@ pub use config::{
 pub use error::{ConfigError, IoError, MemoryError, TensorError, TrainError};
 pub use eval::{psnr_db, regrowth, RegrowthOptions, RegrowthScore, SeedScore};
 pub use io::TensorFile;
-pub use memory::{rollout_bytes, training_bytes, MemoryLimit};
+pub use memory::{rollout_bytes, training_bytes, training_resident_bytes, MemoryLimit};
 pub use noise::ConstantNoise;
 pub use optim::FlatAdam;
 pub use tensor::HostTensor;

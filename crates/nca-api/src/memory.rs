@@ -174,6 +174,12 @@ const FIXED_BYTES: u64 = 64 << 20;
 /// | 256×256×8 picture | 34.9 | 5,151 | 6,835 | 9,786 |
 /// | 256×256×8 plain | 98.7 | 2,537 | 1,432 | 5,620 |
 ///
+/// The sized 256×256 picture model (L = 8, M = 512, batch 1), whole runs of two training
+/// steps and a five-step regrowth score (`nca-cli --backend B`, peak RSS in MB): ndarray
+/// 100; dfdx 1,332; candle 1,684 with a score of one start, 1,977 with three (the
+/// default), 4,510 with eight. The estimates: 2,147 for training, 3,436 for training's
+/// resident part plus a three-start score ([`rollout_bytes`]), 8,890 with eight starts.
+///
 /// ndarray works tile by tile and needs little; candle's picture model is the largest at
 /// 13.0 KB per cell, dfdx's 9.8 KB. With a factor of 4 the estimate is 18.5 KB per cell
 /// for the picture model (1.4× candle) and 10.6 KB for the plain one (2.2× dfdx), while
@@ -229,15 +235,28 @@ fn cells(config: &NcaConfig, batch: usize) -> Option<u64> {
 /// (state, target, position features, weights, gradients, Adam moments and the per-cell
 /// workspace of the largest CPU backend); `None` when the arithmetic overflows u64.
 pub fn training_bytes(config: &NcaConfig) -> Option<u64> {
-    let model = &config.model;
-    let per_cell = workspace_floats_per_cell(model)?
+    let workspace = cells(config, config.grid.batch)?
+        .checked_mul(workspace_floats_per_cell(&config.model)?)?
         .checked_mul(TRAINING_WORKSPACE_FACTOR)?
-        .checked_add(resident_floats_per_cell(model)?)?;
+        .checked_mul(4)?;
+    training_resident_bytes(config)?.checked_add(workspace)
+}
+
+/// Conservative estimate of the bytes a training run of `config` holds between steps
+/// (state, target, position features, weights, gradients and Adam moments); `None` when
+/// the arithmetic overflows u64.
+///
+/// What a step adds on top of this, its autodiff tape and activations, is freed when the
+/// step ends on dfdx and candle, and is a few tiles' worth on ndarray, so a regrowth
+/// score run after (or between) training steps needs this plus [`rollout_bytes`], not
+/// [`training_bytes`] plus [`rollout_bytes`].
+pub fn training_resident_bytes(config: &NcaConfig) -> Option<u64> {
+    let model = &config.model;
     // Weights, gradients, two Adam moments, and flat copies of each in a host backend
     // and in a checkpoint being written.
     let per_parameter = 8u64;
     let floats = cells(config, config.grid.batch)?
-        .checked_mul(per_cell)?
+        .checked_mul(resident_floats_per_cell(model)?)?
         .checked_add(model.parameter_count()?.checked_mul(per_parameter)?)?;
     floats.checked_mul(4)?.checked_add(FIXED_BYTES)
 }
@@ -379,6 +398,34 @@ mod tests {
             assert!(
                 need >= measured * 13 / 10,
                 "{side}: {need} < 1.3 x {measured}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_score_after_training_is_covered_on_every_measured_backend() {
+        // Peak RSS of the sized 256×256 model's whole run on candle, the hungriest, with
+        // a score of 1, 3 and 8 starts (see TRAINING_WORKSPACE_FACTOR). With one start
+        // the training step is the peak, and the 512-wide MLP leaves the estimate 1.29×
+        // candle's (1.4× at the default M = 128), hence 1.25 here.
+        let model = ModelConfig {
+            position_octaves: Some(8),
+            mlp_hidden: Some(512),
+            ..ModelConfig::default()
+        };
+        let run = config(256, 256, 1, model);
+        for (seeds, measured) in [
+            (1, 1_684_000_000u64),
+            (3, 1_977_000_000),
+            (8, 4_510_000_000),
+        ] {
+            let need = training_resident_bytes(&run)
+                .and_then(|r| r.checked_add(rollout_bytes(&run, seeds)?))
+                .expect("no overflow");
+            let need = need.max(training_bytes(&run).expect("no overflow"));
+            assert!(
+                need >= measured * 5 / 4,
+                "{seeds} starts: {need} < 1.25 x {measured}"
             );
         }
     }

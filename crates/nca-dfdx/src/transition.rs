@@ -390,6 +390,11 @@ impl DfdxTrainer {
         let constant = match &self.constant_columns {
             Some((key, t)) if *key == (b, h, w) => t.clone(),
             _ => {
+                // The allocation cache holds buffers sized for the previous grid (a training
+                // step's tape, say, when a score rolls out three starts); they fit no buffer
+                // of this one, so they go back to the system instead of staying beside it.
+                self.constant_columns = None;
+                self.dev.try_empty_cache()?;
                 let t = constant_columns(&self.dev, &self.model, b, h, w)?;
                 self.constant_columns = Some(((b, h, w), t.clone()));
                 t

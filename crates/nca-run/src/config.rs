@@ -51,7 +51,8 @@ pub struct EvaluationConfig {
     /// Fresh-noise starts scored (batch elements of one rollout).
     pub seeds: usize,
     /// Also score every this many training steps (`psnr.csv`, `psnr.png`); `None`: only at
-    /// the end.
+    /// the end. A run file that leaves it out gets a tenth of the run
+    /// ([`nca_api::SizedDefaults::evaluate_every_for`]).
     pub every: Option<u64>,
     /// With `every`: keep the weights whose score was the best (the last step's included)
     /// instead of the last ones, and score them on starts not used to choose them.

@@ -42,12 +42,21 @@ pub(crate) struct GivenTraining {
     spike: bool,
 }
 
+/// Which sized fields of the `evaluation` section were written.
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct GivenEvaluation {
+    #[serde(deserialize_with = "present")]
+    every: bool,
+}
+
 /// Which sized fields of a run file were written (everything else is ignored here).
 #[derive(Clone, Copy, Debug, Default, Deserialize)]
 #[serde(default)]
 pub(crate) struct Given {
     model: GivenModel,
     training: GivenTraining,
+    evaluation: GivenEvaluation,
 }
 
 /// Values chosen for a grid of `height × width` cells: nca-api's sizing rule (see
@@ -86,6 +95,11 @@ pub(crate) fn apply(cfg: &mut RunConfig, given: &Given) -> Vec<Chosen> {
         cfg.training.spike = d.spike;
         choose("training.spike", ron_value(&d.spike));
     }
+    if !given.evaluation.every {
+        let every = GridDefaults::evaluate_every_for(cfg.training.steps);
+        cfg.evaluation.every = every;
+        choose("evaluation.every", ron_option(every));
+    }
     chosen
 }
 
@@ -121,7 +135,9 @@ mod tests {
         assert_eq!(small.nca().model, defaults.model);
         assert_eq!(small.training.steps, defaults.training.steps);
         assert_eq!(small.training.spike, defaults.training.spike);
-        assert_eq!(chosen.len(), 6);
+        assert_eq!(chosen.len(), 7);
+        // Ten scores in the run, so the best weights are kept; a short run only at its end.
+        assert_eq!(small.evaluation.every, Some(1_000));
         // Up to 32×32 the rate decays; at 64×64 the picture is still learning at the end.
         assert_eq!(
             small.training.lr_schedule,
@@ -139,6 +155,7 @@ mod tests {
                 final_fraction: 0.1
             }
         );
+        assert_eq!(short.evaluation.every, None);
         let (middle, _) = sized("(grid: (height: 64, width: 33), target: Solid(1.0, 0.0, 0.0))");
         assert_eq!(middle.training.lr_schedule, LrSchedule::Constant);
         assert_eq!(middle.model.mlp_hidden, small.model.mlp_hidden);
@@ -161,6 +178,7 @@ mod tests {
         );
         assert_eq!(large.training.spike.reset_every, Some(500));
         assert_eq!(large.training.spike.kind, nca_api::SpikeKind::Add);
+        assert_eq!(large.evaluation.every, Some(1_800));
     }
 
     #[test]
@@ -168,7 +186,7 @@ mod tests {
         let (cfg, chosen) = sized(
             "(grid: (height: 128, width: 128), model: (mlp_hidden: None), \
              training: (steps: 50, lr_schedule: Constant, spike: ()), \
-             target: Solid(1.0, 0.0, 0.0))",
+             evaluation: (every: None), target: Solid(1.0, 0.0, 0.0))",
         );
         assert_eq!(cfg.model.mlp_hidden, None);
         assert_eq!(cfg.training.steps, 50);
@@ -176,19 +194,25 @@ mod tests {
         // `spike: ()` is written: the original rule, no periodic reset.
         assert_eq!(cfg.training.spike, nca_api::SpikeRule::default());
         assert_eq!(cfg.model.position_octaves, Some(7));
+        assert_eq!(cfg.evaluation.every, None);
         let fields: Vec<&str> = chosen.iter().map(|c| c.field).collect();
         assert_eq!(fields, ["model.position_octaves", "training.learning_rate"]);
     }
 
     /// The chosen 256×256 model trains within 4 GiB (half of a small 8 GiB machine, the
-    /// default limit there) on every compiled CPU backend, score and pictures included, with the
-    /// pictures at their natural size (`examples/cat256.ron`); at the default 8× scale
-    /// the pictures alone do not fit and the run is refused up front, naming the field.
+    /// default limit there) on every compiled CPU backend, score and pictures included,
+    /// with the pictures at their natural size (`examples/cat256.ron`) and at the default
+    /// 8× scale; under 3.5 GiB the 8× pictures no longer fit beside the score and the run
+    /// is refused up front, naming `output.scale`, while the natural size still fits.
     #[test]
     fn the_chosen_256_model_fits_a_small_machine_on_every_cpu_backend() {
         let grid = "grid: (height: 256, width: 256), target: Solid(1.0, 0.0, 0.0)";
-        let (cfg, _) = sized(&format!("({grid}, output: (scale: 1))"));
-        assert_eq!(cfg.model.position_octaves, Some(8));
+        let (natural, _) = sized(&format!("({grid}, output: (scale: 1))"));
+        assert_eq!(natural.model.position_octaves, Some(8));
+        assert_eq!(natural.model.mlp_hidden, Some(512));
+        assert_eq!(natural.training.steps, 30_000);
+        assert_eq!(natural.evaluation.every, Some(3_000));
+        let (scaled, _) = sized(&format!("({grid})"));
         let limit = MemoryLimit::new(4 << 30);
         // Every CPU backend compiled into this test build (all of them under `cargo test
         // --workspace`, where nca-cli's dev-dependencies turn on dfdx and candle).
@@ -196,11 +220,15 @@ mod tests {
             .into_iter()
             .filter(|b| *b != Backend::CandleCuda)
         {
-            crate::preflight::check_run(&cfg, &cfg.nca(), backend, &limit)
-                .unwrap_or_else(|e| panic!("{}: {e:#}", backend.name()));
+            for cfg in [&natural, &scaled] {
+                crate::preflight::check_run(cfg, &cfg.nca(), backend, &limit)
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", backend.name()));
+            }
         }
-        let (cfg, _) = sized(&format!("({grid})"));
-        let err = crate::preflight::check_run(&cfg, &cfg.nca(), Backend::Ndarray, &limit)
+        let smaller = MemoryLimit::new(7 << 29);
+        crate::preflight::check_run(&natural, &natural.nca(), Backend::Ndarray, &smaller)
+            .expect("the natural size fits 3.5 GiB");
+        let err = crate::preflight::check_run(&scaled, &scaled.nca(), Backend::Ndarray, &smaller)
             .expect_err("refused");
         assert!(format!("{err:#}").contains("output.scale"), "{err:#}");
     }
