@@ -750,8 +750,9 @@ impl SizedDefaults {
     /// per doubling of the side, so the finest position feature has a period of about
     /// two cells (`ceil(log2(side))`, at least the default 6); an MLP 512 wide up to
     /// [`WIDE_MLP_MAX_SIDE`], 256 wide beyond (busy photos at 128×128 regrow below 35 dB
-    /// with 256 and 384, at 256×256 below 30 dB with 256); 18,000 steps; a 500-step warm-up with a cosine decay to a tenth
-    /// of the rate, without which the regrowth collapsed late in the run; and the original spike rule plus a reset to fresh
+    /// with 256 and 384, at 256×256 below 30 dB with 256); 18,000 steps; a 500-step
+    /// warm-up with a cosine decay to a tenth of the rate, without which the regrowth
+    /// collapsed late in the run; and the original spike rule plus a reset to fresh
     /// noise every [`LARGE_GRID_RESET_EVERY`] steps: on busy photos the loss stays above
     /// ε for thousands of steps, no spike fires, and cells that fresh noise starts in an
     /// untrained state stay stuck at saturated colours.

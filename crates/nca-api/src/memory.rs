@@ -177,8 +177,8 @@ const FIXED_BYTES: u64 = 64 << 20;
 /// The sized 256×256 picture model (L = 8, M = 512, batch 1), whole runs of two training
 /// steps and a five-step regrowth score (`nca-cli --backend B`, peak RSS in MB): ndarray
 /// 100; dfdx 1,332; candle 1,684 with a score of one start, 1,977 with three (the
-/// default), 4,510 with eight. The estimates: 2,147 for training, 3,436 for training's
-/// resident part plus a three-start score ([`rollout_bytes`]), 8,890 with eight starts.
+/// default), 4,510 with eight. The estimates: 2,166 for training, 3,312 for training's
+/// resident part plus a three-start score ([`rollout_bytes`]), 8,586 with eight starts.
 ///
 /// ndarray works tile by tile and needs little; candle's picture model is the largest at
 /// 13.0 KB per cell, dfdx's 9.8 KB. With a factor of 4 the estimate is 18.5 KB per cell
