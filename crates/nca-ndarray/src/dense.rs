@@ -268,6 +268,8 @@ struct Scratch {
     qc: Vec<f32>,
     h: Vec<f32>,
     gh: Vec<f32>,
+    /// The lanes of a panel's row sums of `G_h` ([`add_row_and_column_sums`]).
+    gh_lanes: Vec<f32>,
     f: Vec<f32>,
     gf: Vec<f32>,
     gu: Vec<f32>,
@@ -306,6 +308,9 @@ impl Scratch {
         self.qc.resize(d * nc, 0.0);
         self.h.resize(l.m * nc, 0.0);
         self.gh.resize(l.m.min(MLP_PANEL) * nc, 0.0);
+        // Lanes of the widest vector, F16.
+        let rows = nc.div_ceil(geo.wr);
+        self.gh_lanes.resize(l.m.min(MLP_PANEL) * rows * 16, 0.0);
         self.f.resize(l.c * nc, 0.0);
         self.gf.resize(l.c * nc, 0.0);
         self.gu.resize(d * nc, 0.0);
@@ -835,14 +840,19 @@ impl Kernel for PositionGradients<'_> {
 
 /// Adds the sums of `G_h` (`pm` rows of `rows` grid rows `wr` apart, `nc` apart) for the
 /// hidden units `p0..p0 + pm` along each grid row into `row[(at + r)·m + p0 + i]` and
-/// across the rows into `col[(p0 + i)·wr..]`.
+/// across the rows into `col[(p0 + i)·wr..]`. `lanes` (`pm·rows` vectors) holds each row
+/// sum's lanes until all are made: adding a vector's lanes right after summing it into
+/// registers read them back through a store the CPU had not finished (about 2 % of a
+/// 128×128 step); the lanes are added in [`Vector::sum`]'s order, so the sums are the same.
 #[inline(always)]
 fn add_row_and_column_sums<V: Vector>(
     (pm, rows, wr, nc): (usize, usize, usize, usize),
     gh: &[f32],
     sums: &mut GhSums<'_>,
     (m, p0, at): (usize, usize, usize),
+    lanes: &mut [f32],
 ) {
+    let lanes = &mut lanes[..pm * rows * V::LANES];
     for i in 0..pm {
         let col = &mut sums.col[(p0 + i) * wr..(p0 + i + 1) * wr];
         for r in 0..rows {
@@ -856,7 +866,13 @@ fn add_row_and_column_sums<V: Vector>(
                 acc = acc + v;
                 (V::load(c, 0) + v).store(c, 0);
             }
-            sums.row[(at + r) * m + p0 + i] += acc.sum();
+            acc.store(lanes, (i * rows + r) * V::LANES);
+        }
+    }
+    for i in 0..pm {
+        for r in 0..rows {
+            let v = &mut lanes[(i * rows + r) * V::LANES..(i * rows + r + 1) * V::LANES];
+            sums.row[(at + r) * m + p0 + i] += simd::halving_sum(v);
         }
     }
 }
@@ -961,16 +977,12 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
     let bo = Start::Bias(&w[l.bo..l.bo + c]);
     if let Some((w1, _)) = l.mlp {
         let hb = &mut s.h[..m * nc];
-        for i in 0..m {
-            let col = &ctx.h_col[i * wr..(i + 1) * wr];
-            for r in 0..rows {
-                let add = ctx.h_row[i * ctx.hr + y0 + r];
-                let at = i * nc + r * wr;
-                for (o, &cv) in hb[at..at + wr].iter_mut().zip(col) {
-                    *o = add + cv;
-                }
-            }
-        }
+        let position = Start::RowColumn {
+            row: &ctx.h_row[y0..],
+            row_stride: ctx.hr,
+            column: &ctx.h_col[..m * wr],
+            width: wr,
+        };
         let dims = (m, d + c, nc);
         gemm::project::<V, A>(
             dims,
@@ -980,7 +992,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
             nc,
             hb,
             nc,
-            Start::Current,
+            position,
             Epilogue::Relu,
         );
         let hb = &s.h[..m * nc];
@@ -1075,7 +1087,8 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
             let wo_t = &w[l.wo + p0..];
             gemm::project::<V, A>((pm, c, nc), wo_t, (1, m), gf, nc, gh, nc, Start::Zero, mask);
             let gh = &s.gh[..pm * nc];
-            add_row_and_column_sums::<V>((pm, rows, wr, nc), gh, sums, (m, p0, unit_row));
+            let dims = (pm, rows, wr, nc);
+            add_row_and_column_sums::<V>(dims, gh, sums, (m, p0, unit_row), &mut s.gh_lanes);
             let dw1 = &mut partial[w1 + p0 * stride..];
             gemm::reduce_transposed::<V, A>(pm, gh, nc, &s.uxt, dw1, (stride, 1), &mut s.product);
             let start = if p0 == 0 { Start::Zero } else { Start::Current };

@@ -150,14 +150,7 @@ macro_rules! vector {
                 // Through memory: summed in registers, the halving shuffles led LLVM to
                 // keep a loop's whole accumulator as 64-bit pieces (a 6 % hot spot).
                 let mut v = std::hint::black_box(self.0);
-                let mut n = $n;
-                while n > 1 {
-                    n /= 2;
-                    for i in 0..n {
-                        v[i] += v[i + n];
-                    }
-                }
-                v[0]
+                halving_sum(&mut v)
             }
         }
         lanewise!($t, Add, add, +=);
@@ -191,6 +184,22 @@ impl F8 {
         }
         Self(r)
     }
+}
+
+/// Sum of `v` (a power-of-two length) in [`Vector::sum`]'s order: the upper half is added
+/// to the lower, then the same again, down to one; `v` is overwritten on the way. For
+/// lanes already in memory: sums made from a vector's stored lanes equal `sum`'s bit for bit.
+#[inline(always)]
+pub fn halving_sum(v: &mut [f32]) -> f32 {
+    debug_assert!(v.len().is_power_of_two());
+    let mut n = v.len();
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            v[i] += v[i + n];
+        }
+    }
+    v[0]
 }
 
 /// How `a·b + c` is computed: fused where the CPU has FMA, else multiply then add.
@@ -368,6 +377,26 @@ mod tests {
             x += 0.013;
         }
         assert!(worst < 3e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn a_sum_of_stored_lanes_equals_the_vector_sum_bit_for_bit() {
+        // Values of very different sizes, so that another order would round differently.
+        let lanes: [f32; 16] = std::array::from_fn(|i| (i as f32 * 0.37 + 1.0).powi(7) * 1e-3);
+        let mut stored = lanes;
+        assert_eq!(
+            halving_sum(&mut stored).to_bits(),
+            F16(lanes).sum().to_bits()
+        );
+        let mut stored8: [f32; 8] = std::array::from_fn(|i| lanes[2 * i]);
+        let wide = F8(stored8).sum();
+        assert_eq!(halving_sum(&mut stored8).to_bits(), wide.to_bits());
+        let sequential: f32 = lanes.iter().sum();
+        assert_ne!(
+            sequential.to_bits(),
+            F16(lanes).sum().to_bits(),
+            "pick other values"
+        );
     }
 
     #[test]
