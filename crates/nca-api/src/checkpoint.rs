@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::config::NcaConfig;
+use crate::config::{NcaConfig, Param};
 use crate::error::IoError;
 use crate::io::{read_regular_file, TensorFile};
 use crate::memory::{training_bytes, MemoryLimit};
@@ -23,6 +23,9 @@ pub const META_ADAM_STEP: &str = "adam.step";
 pub const STATE_TENSOR: &str = "state";
 /// Tensor name of the `[B, V, H, W]` target the rule was trained towards.
 pub const TARGET_TENSOR: &str = "target";
+/// Prefix of the tensors holding the weights training continues from, when the
+/// checkpoint's weights are their moving average ([`Checkpoint::training_weights`]).
+pub const TRAINING_PREFIX: &str = "train.";
 /// Metadata key holding the run file (RON) the run was started with, resolved; the name
 /// is the one the first checkpoints used, so those still read.
 pub const META_RUN_FILE: &str = "nca_cli.run_config";
@@ -30,15 +33,22 @@ pub const META_RUN_FILE: &str = "nca_cli.run_config";
 /// Everything needed to roll out a trained rule or resume its training.
 ///
 /// On disk it is one safetensors file: the weights under `wq`, `bq`, … (loadable with
-/// `safetensors.torch.load_file` or `safetensors.numpy.load_file`), Adam's moments under
+/// `safetensors.torch.load_file` or `safetensors.numpy.load_file`), the weights training
+/// continues from under `train.NAME` when those are the weights' moving average
+/// (`training.ema_decay`), Adam's moments under
 /// `adam.m.NAME` / `adam.v.NAME`, the carried state under `state`, the target under
 /// `target`, the config and progress as JSON and the run file as RON in the metadata.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
     /// The config the weights were trained with.
     pub config: NcaConfig,
-    /// The transition's parameters.
+    /// The transition's parameters: the rule to roll out (the moving average of the
+    /// weights when the run keeps one).
     pub weights: Weights,
+    /// With `training.ema_decay`, the latest weights, which training resumes from (Adam's
+    /// moments are theirs) while `weights` holds their average; `None`: training resumes
+    /// from `weights`.
+    pub training_weights: Option<Weights>,
     /// Optimiser state, for resuming.
     pub adam: Option<AdamState>,
     /// Steps and spikes so far.
@@ -61,6 +71,12 @@ impl Checkpoint {
         let mut file = TensorFile::default();
         for (name, t) in self.weights.named() {
             file.tensors.insert(name.to_string(), t.clone());
+        }
+        if let Some(training) = &self.training_weights {
+            for (name, t) in training.named() {
+                file.tensors
+                    .insert(format!("{TRAINING_PREFIX}{name}"), t.clone());
+            }
         }
         if let Some(adam) = &self.adam {
             for (prefix, w) in [("adam.m.", &adam.m), ("adam.v.", &adam.v)] {
@@ -192,6 +208,15 @@ impl Checkpoint {
         let model = &config.model;
         let weights = Weights::from_lookup(model, |p| file.tensors.remove(p.name()))
             .map_err(|e| format(format!("weights: {e}")))?;
+        let prefixed = format!("{TRAINING_PREFIX}{}", Param::Wq.name());
+        let training_weights = if file.tensors.contains_key(&prefixed) {
+            let lookup = |p: Param| file.tensors.remove(&format!("{TRAINING_PREFIX}{p}"));
+            let training = Weights::from_lookup(model, lookup)
+                .map_err(|e| format(format!("{TRAINING_PREFIX}*: {e}")))?;
+            Some(training)
+        } else {
+            None
+        };
         let adam = match file.metadata.get(META_ADAM_STEP) {
             Some(step) => {
                 let step: u64 = step.parse().map_err(|e| {
@@ -241,6 +266,7 @@ impl Checkpoint {
         let ckpt = Self {
             config,
             weights,
+            training_weights,
             adam,
             progress,
             state,
@@ -251,11 +277,16 @@ impl Checkpoint {
         Ok((ckpt, file))
     }
 
-    /// The name of the first tensor holding NaN or infinity: a weight (`wq`, …), an Adam
-    /// moment (`adam.m.wq`, `adam.v.wq`, …) or `state`; `None` when all are finite.
+    /// The name of the first tensor holding NaN or infinity: a weight (`wq`, …), a
+    /// training weight (`train.wq`, …), an Adam moment (`adam.m.wq`, `adam.v.wq`, …) or
+    /// `state`; `None` when all are finite.
     pub fn first_non_finite(&self) -> Option<String> {
         if let Some(param) = self.weights.first_non_finite() {
             return Some(param.name().to_string());
+        }
+        let training = self.training_weights.as_ref();
+        if let Some(param) = training.and_then(Weights::first_non_finite) {
+            return Some(format!("{TRAINING_PREFIX}{param}"));
         }
         if let Some(adam) = &self.adam {
             for (prefix, moments) in [("adam.m.", &adam.m), ("adam.v.", &adam.v)] {
@@ -467,16 +498,17 @@ impl Checkpoint {
     }
 
     /// Sets `trainer` up to continue this checkpoint's run of `cfg` towards `target`:
-    /// weights, Adam's moments (when stored), the target, and the carried state (fresh
-    /// noise from `cfg` when none is stored). Returns the uploaded state and the progress
-    /// to continue from. Call [`Checkpoint::check_resume`] first.
+    /// weights (the training weights when stored beside an average), Adam's moments (when
+    /// stored), the target, and the carried state (fresh noise from `cfg` when none is
+    /// stored). Returns the uploaded state and the progress to continue from, with the
+    /// stored average in [`Progress::average`]. Call [`Checkpoint::check_resume`] first.
     pub fn resume<T: Trainer>(
         &self,
         trainer: &mut T,
         cfg: &NcaConfig,
         target: &HostTensor,
     ) -> Result<(T::State, Progress), T::Error> {
-        trainer.set_weights(&self.weights)?;
+        trainer.set_weights(self.training_weights.as_ref().unwrap_or(&self.weights))?;
         if let Some(adam) = &self.adam {
             trainer.set_adam_state(adam)?;
         }
@@ -485,7 +517,12 @@ impl Checkpoint {
             Some(s) => trainer.upload(s)?,
             None => trainer.upload(&crate::train::initial_state(cfg))?,
         };
-        Ok((state, self.progress.clone()))
+        let progress = Progress {
+            // The average continues where it was (`weights`, beside the training weights).
+            average: self.training_weights.as_ref().map(|_| self.weights.clone()),
+            ..self.progress.clone()
+        };
+        Ok((state, progress))
     }
 }
 
@@ -524,12 +561,15 @@ mod tests {
         adam.m[Param::Wq].data_mut()[0] = 0.5;
         let ckpt = Checkpoint {
             weights: Weights::init(&config.model, 3),
+            // An average as the weights, the training weights beside it.
+            training_weights: Some(Weights::init(&config.model, 4)),
             adam: Some(adam),
             progress: Progress {
                 step: 12,
                 spikes: 2,
                 first_below_epsilon: Some(9),
                 last_spike: Some(11),
+                average: None,
             },
             state: Some(HostTensor::filled(&config.state_shape(), 0.25)),
             backend: "test".into(),
@@ -537,6 +577,8 @@ mod tests {
             run_file: Some("(target: Solid(1.0, 0.0, 0.0))".into()),
             config,
         };
+        let file = ckpt.to_file();
+        assert!(file.tensors.contains_key("wq") && file.tensors.contains_key("train.wq"));
         let path = dir.join("c.safetensors");
         ckpt.save(&path).expect("save");
         assert_eq!(Checkpoint::load(&path).expect("load"), ckpt);
@@ -553,6 +595,7 @@ mod tests {
         adam.step = 7;
         Checkpoint {
             weights: Weights::init(&config.model, 1),
+            training_weights: None,
             adam: Some(adam),
             progress: Progress {
                 step: 7,

@@ -30,7 +30,7 @@ pub use checkpoint::{Checkpoint, ResumeError, ResumeNote};
 pub use config::{
     GridConfig, Init, LrSchedule, ModelConfig, NcaConfig, NoiseConfig, OptimizerConfig, Param,
     SizedDefaults, SpikeKind, SpikeRule, SpikeThreshold, TrainingConfig, DEFAULT_GRAD_CLIP,
-    DEFAULT_LEARNING_RATE, MAX_MLP_HIDDEN, MAX_POSITION_OCTAVES, NEIGHBOURS,
+    DEFAULT_LEARNING_RATE, MAX_MLP_HIDDEN, MAX_POSITION_OCTAVES, NEIGHBOURS, SIZED_EMA_DECAY,
 };
 pub use error::{ConfigError, IoError, MemoryError, TensorError, TrainError};
 pub use eval::{psnr_db, regrowth, RegrowthOptions, RegrowthScore, SeedScore};

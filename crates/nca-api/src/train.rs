@@ -25,6 +25,11 @@ pub struct Progress {
     /// before the first, and in checkpoints written before it was recorded.
     #[serde(default)]
     pub last_spike: Option<u64>,
+    /// The moving average of the weights (`training.ema_decay`), after the last step;
+    /// `None` without one. Not in the progress JSON: a checkpoint stores it as its
+    /// weights ([`crate::Checkpoint::training_weights`]).
+    #[serde(skip)]
+    pub average: Option<Weights>,
 }
 
 /// What happened in one training step.
@@ -141,6 +146,9 @@ pub struct LoopOptions {
     pub evaluate_every: Option<u64>,
     /// Stop once a score reaches this PSNR in dB.
     pub stop_at_psnr: Option<f32>,
+    /// Decay per step of the weights' moving average ([`Progress::average`]), which the
+    /// observer's scores see instead of the latest weights; `None`: no average.
+    pub ema_decay: Option<f32>,
 }
 
 impl LoopOptions {
@@ -159,6 +167,7 @@ impl LoopOptions {
             reset_every: t.spike.reset_every,
             evaluate_every: None,
             stop_at_psnr: t.stop_at_psnr,
+            ema_decay: t.ema_decay,
         }
     }
 }
@@ -220,7 +229,9 @@ pub fn start<T: Trainer>(
 /// this step's loss; if the schedule says so (loss < ε), or `force_spike_after` steps
 /// passed without a spike, spike the state *carried forward*; at every multiple of
 /// `reset_every` replace it with fresh noise; clamp; tell the observer;
-/// every `evaluate_every` steps ask the observer for a score. Stops at `steps`, at
+/// with `ema_decay`, update the weights' moving average ([`Progress::average`]); tell
+/// the observer; every `evaluate_every` steps ask the observer for a score, with the
+/// average in the trainer while it scores. Stops at `steps`, at
 /// `max_spikes`, when a score reaches `stop_at_psnr`, or when the observer says so.
 /// A NaN or infinite loss stops the run with [`TrainError::NonFiniteLoss`].
 pub fn train<T, N, O>(
@@ -242,6 +253,9 @@ where
             reason: StopReason::MaxSpikes,
             last_loss,
         });
+    }
+    if options.ema_decay.is_none() {
+        progress.average = None;
     }
     let mut learning_rate = options.learning_rate;
     while progress.step < options.steps {
@@ -303,6 +317,16 @@ where
         if let Some(limit) = options.state_clamp {
             trainer.clamp(state, limit).map_err(backend)?;
         }
+        if let Some(decay) = options.ema_decay {
+            let latest = trainer.weights().map_err(backend)?;
+            match &mut progress.average {
+                Some(average) => average
+                    .blend_toward(&latest, decay)
+                    .map_err(|e| backend(e.into()))?,
+                // The first step after a start (or a resume without a stored average).
+                None => progress.average = Some(latest),
+            }
+        }
         progress.step = step;
         last_loss = Some(loss);
         let info = StepInfo {
@@ -333,7 +357,20 @@ where
             .evaluate_every
             .is_some_and(|every| step.is_multiple_of(every) && step < options.steps);
         if scored {
-            let evaluation = observer.on_evaluation(step, trainer).map_err(observed)?;
+            // The observer scores (and may keep) the rule: the average when there is one.
+            let latest = match &progress.average {
+                Some(average) => {
+                    let latest = trainer.weights().map_err(backend)?;
+                    trainer.set_weights(average).map_err(backend)?;
+                    Some(latest)
+                }
+                None => None,
+            };
+            let evaluation = observer.on_evaluation(step, trainer);
+            if let Some(latest) = latest {
+                trainer.set_weights(&latest).map_err(backend)?;
+            }
+            let evaluation = evaluation.map_err(observed)?;
             let reached = evaluation.psnr_db.zip(options.stop_at_psnr);
             if reached.is_some_and(|(psnr, goal)| psnr >= f64::from(goal)) {
                 return outcome(StopReason::ReachedPsnr { step });
@@ -412,6 +449,8 @@ mod tests {
         rates: Vec<f32>,
         /// Leave the state as it is instead of zeroing it.
         keep_state: bool,
+        /// The weights: every value is the number of the last step trained (0 before).
+        weights: Weights,
     }
 
     impl Scripted {
@@ -422,6 +461,7 @@ mod tests {
                 calls: 0,
                 rates: Vec::new(),
                 keep_state: false,
+                weights: Weights::zeros(&ModelConfig::plain()),
             }
         }
     }
@@ -484,9 +524,10 @@ mod tests {
             Ok(HostTensor::zeros(state.shape()))
         }
         fn weights(&self) -> Result<Weights, TensorError> {
-            Ok(Weights::zeros(&self.model))
+            Ok(self.weights.clone())
         }
-        fn set_weights(&mut self, _: &Weights) -> Result<(), TensorError> {
+        fn set_weights(&mut self, weights: &Weights) -> Result<(), TensorError> {
+            self.weights = weights.clone();
             Ok(())
         }
     }
@@ -503,6 +544,9 @@ mod tests {
                 *state = HostTensor::zeros(state.shape());
             }
             self.calls += 1;
+            for (_, t) in self.weights.named_mut() {
+                t.data_mut().fill(self.calls as f32);
+            }
             Ok(self.losses[self.calls - 1])
         }
         fn adam_state(&self) -> Result<AdamState, TensorError> {
@@ -784,6 +828,88 @@ mod tests {
             &mut obs,
         );
         (r.map(|o| o.reason).map_err(|e| e.to_string()), obs.asked)
+    }
+
+    /// Records the value of the trainer's weights whenever it is asked for a score.
+    struct WeightsWhenScored(Vec<f32>);
+
+    impl Observer<Scripted> for WeightsWhenScored {
+        type Error = TensorError;
+        fn on_step(
+            &mut self,
+            _: &StepContext<'_, Scripted>,
+        ) -> Result<ControlFlow<()>, TensorError> {
+            Ok(ControlFlow::Continue(()))
+        }
+        fn on_evaluation(&mut self, _: u64, t: &mut Scripted) -> Result<Evaluation, TensorError> {
+            self.0.push(t.weights()?.flatten()[0]);
+            Ok(Evaluation {
+                psnr_db: None,
+                flow: ControlFlow::Continue(()),
+            })
+        }
+    }
+
+    #[test]
+    fn the_moving_average_is_what_is_scored_and_training_goes_on_from_the_latest_weights() {
+        // Step k's weights are all k; the average starts at step 1's and then moves by
+        // half: 1, 1.5, 2.25, 3.125, 4.0625, 5.03125.
+        let expected = [1.0, 1.5, 2.25, 3.125, 4.0625, 5.03125f32];
+        let mut t = Scripted::new(&[0.5; 6]);
+        let mut state = HostTensor::zeros(&[1, 3, 4, 4]);
+        let opts = LoopOptions {
+            evaluate_every: Some(3),
+            ema_decay: Some(0.5),
+            ..options(6, None, 1)
+        };
+        let mut scored = WeightsWhenScored(Vec::new());
+        let (_, progress) = drive(&mut t, &mut state, &spikes_only(), &opts, &mut scored);
+        assert_eq!(scored.0, vec![expected[2]]);
+        assert_eq!(
+            t.weights.flatten()[0],
+            6.0,
+            "the latest weights are back after a score"
+        );
+        let average = progress.average.expect("an average").flatten();
+        assert!(average.iter().all(|&x| x == expected[5]));
+
+        // A run resumed without `ema_decay` drops a stored average; one resumed with it
+        // continues from the stored one.
+        let mut resumed = Progress {
+            step: 3,
+            average: Some(Weights::zeros(&t.model)),
+            ..Progress::default()
+        };
+        let mut t = Scripted::new(&[0.5; 3]);
+        let plain = options(6, None, 1);
+        train(
+            &mut t,
+            &mut state,
+            &spikes_only(),
+            &plain,
+            &mut resumed,
+            &mut NoObserver,
+        )
+        .unwrap();
+        assert_eq!(resumed.average, None);
+        let mut resumed = Progress {
+            step: 4,
+            average: Some(Weights::zeros(&t.model)),
+            ..Progress::default()
+        };
+        let mut t = Scripted::new(&[0.5; 2]);
+        train(
+            &mut t,
+            &mut state,
+            &spikes_only(),
+            &opts,
+            &mut resumed,
+            &mut NoObserver,
+        )
+        .unwrap();
+        // 0 → 0.5·0 + 0.5·1 → 0.5·0.5 + 0.5·2 (this trainer counts its own steps from 1).
+        let average = resumed.average.expect("an average").flatten();
+        assert!(average.iter().all(|&x| x == 1.25));
     }
 
     #[test]

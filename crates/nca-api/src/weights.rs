@@ -286,6 +286,39 @@ impl Weights {
         Ok(())
     }
 
+    /// Moves these weights (an average) toward `latest`: each value becomes
+    /// `decay · self + (1 − decay) · latest`, one step of an exponential moving average.
+    ///
+    /// ```
+    /// use nca_api::{ModelConfig, Weights};
+    /// let model = ModelConfig::default();
+    /// let mut average = Weights::zeros(&model);
+    /// let latest = Weights::init(&model, 1);
+    /// average.blend_toward(&latest, 0.75).expect("same model");
+    /// let (a, l) = (average.flatten(), latest.flatten());
+    /// assert!(a.iter().zip(&l).all(|(a, l)| *a == 0.25 * l));
+    /// ```
+    pub fn blend_toward(&mut self, latest: &Weights, decay: f32) -> Result<(), TensorError> {
+        let same = self.tensors.len() == latest.tensors.len()
+            && self
+                .tensors
+                .iter()
+                .zip(&latest.tensors)
+                .all(|((p, a), (q, b))| p == q && a.shape() == b.shape());
+        if !same {
+            return Err(TensorError::Unexpected(
+                "weights of another model than the average's".into(),
+            ));
+        }
+        let keep = 1.0 - decay;
+        for ((_, a), (_, b)) in self.tensors.iter_mut().zip(&latest.tensors) {
+            for (x, &y) in a.data_mut().iter_mut().zip(b.data()) {
+                *x = decay * *x + keep * y;
+            }
+        }
+        Ok(())
+    }
+
     /// The first parameter holding NaN or infinity, `None` when all are finite.
     pub fn first_non_finite(&self) -> Option<Param> {
         self.tensors

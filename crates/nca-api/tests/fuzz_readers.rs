@@ -110,12 +110,14 @@ fn valid_checkpoint() -> Checkpoint {
     adam.step = 40;
     Checkpoint {
         weights: Weights::init(&config.model, 5),
+        training_weights: None,
         adam: Some(adam),
         progress: Progress {
             step: 40,
             spikes: 3,
             first_below_epsilon: Some(30),
             last_spike: Some(38),
+            average: None,
         },
         state: Some(HostTensor::filled(&config.state_shape(), 0.25)),
         backend: "fuzz".into(),

@@ -115,6 +115,7 @@ pub fn web_weights(checkpoint: &Path) -> Result<Vec<u8>> {
     // file (its absolute paths mean nothing to a browser).
     let file: TensorFile = Checkpoint {
         adam: None,
+        training_weights: None,
         state: None,
         run_file: None,
         ..ckpt
@@ -367,6 +368,7 @@ mod tests {
             config,
             weights,
             adam: None,
+            training_weights: None,
             progress: nca_api::Progress::default(),
             state: None,
             backend: "test".into(),

@@ -198,9 +198,10 @@ fn red_example_reaches_epsilon_and_rollout_regrows_it_deterministically() {
 #[test]
 fn resume_continues_exactly() {
     let tmp = TempDir::new().expect("tempdir");
-    // A constant rate: the schedule chosen for a small grid decays over `steps`, so the
-    // 25-step run would not be the first 25 steps of the 40-step one.
-    let constant = ", lr_schedule: Constant";
+    // A constant rate and a written moving average: the schedule and the average chosen
+    // for a small grid are fitted to `steps`, so the 25-step run would not be the first
+    // 25 steps of the 40-step one.
+    let constant = ", lr_schedule: Constant, ema_decay: 0.9";
     let c40 = write(tmp.path(), "c40.ron", &tiny(40, constant));
     let c25 = write(tmp.path(), "c25.ron", &tiny(25, constant));
     let (full, part) = (tmp.path().join("full"), tmp.path().join("part"));
@@ -221,6 +222,11 @@ fn resume_continues_exactly() {
     );
     assert_eq!(x.weights, y.weights);
     assert_eq!(x.progress, y.progress);
+    // The moving average of the weights (`training.ema_decay`) is the rule; the latest
+    // weights beside it are what training resumed from, and both continue exactly.
+    assert!(x.training_weights.is_some());
+    assert_ne!(x.training_weights.as_ref(), Some(&x.weights));
+    assert_eq!(x.training_weights, y.training_weights);
 
     // Nothing left to do is an error, not a silent success.
     fails_with(

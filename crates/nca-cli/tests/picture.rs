@@ -386,6 +386,7 @@ fn a_checkpoint_from_before_the_picture_model_loads_as_plain_and_rolls_out() {
         config: cfg.clone(),
         weights: Weights::init(&cfg.model, 3),
         adam: None,
+        training_weights: None,
         progress: Progress::default(),
         state: None,
         backend: "ndarray".into(),

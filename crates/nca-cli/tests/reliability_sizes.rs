@@ -174,6 +174,7 @@ fn checkpoint(dir: &Path, cfg: &NcaConfig, weights: Weights, target_shape: &[usi
         config: cfg.clone(),
         weights,
         adam: None,
+        training_weights: None,
         progress: Progress::default(),
         state: None,
         backend: "test".into(),

@@ -22,6 +22,7 @@ fn checkpoint(dir: &Path) -> std::path::PathBuf {
     let ckpt = Checkpoint {
         weights: Weights::init(&config.model, 1),
         adam: Some(nca_api::AdamState::new(&config.model)),
+        training_weights: None,
         progress: Progress::default(),
         state: Some(HostTensor::zeros(&[1, 3, 6, 5])),
         backend: "ndarray".into(),

@@ -236,32 +236,52 @@ pub struct CheckpointParts<'a> {
 
 impl CheckpointParts<'_> {
     /// The checkpoint of the trainer's weights, Adam state and carried state at
-    /// `progress`, with the target and run file.
+    /// `progress`, with the target and run file; with a moving average of the weights in
+    /// `progress`, the average is the checkpoint's weights and the trainer's are its
+    /// training weights.
     pub fn capture<T: Trainer>(
         &self,
         trainer: &T,
         state: &T::State,
         progress: &Progress,
     ) -> Result<Checkpoint> {
+        let rule = self.capture_weights(trainer, progress)?;
+        // Training continues from the trainer's weights; with an average they are kept
+        // beside it.
+        let training_weights = match progress.average {
+            Some(_) => Some(trainer.weights().backend()?),
+            None => None,
+        };
         Ok(Checkpoint {
+            training_weights,
             adam: Some(trainer.adam_state().backend()?),
             state: Some(trainer.download(state).backend()?),
-            ..self.capture_weights(trainer, progress)?
+            ..rule
         })
     }
 
-    /// The checkpoint of the trainer's weights at `progress`, with the target and run file
-    /// but no optimiser or carried state: a rule to roll out, not a run to resume.
+    /// The checkpoint of the rule at `progress` (the moving average of the weights when
+    /// `progress` has one, else the trainer's weights), with the target and run file but
+    /// no optimiser or carried state: a rule to roll out, not a run to resume.
     pub fn capture_weights<T: Trainer>(
         &self,
         trainer: &T,
         progress: &Progress,
     ) -> Result<Checkpoint> {
+        let weights = match &progress.average {
+            Some(average) => average.clone(),
+            None => trainer.weights().backend()?,
+        };
         Ok(Checkpoint {
             config: self.config.clone(),
-            weights: trainer.weights().backend()?,
+            weights,
+            training_weights: None,
             adam: None,
-            progress: progress.clone(),
+            // The average is stored as the weights, not again in the progress.
+            progress: Progress {
+                average: None,
+                ..progress.clone()
+            },
             state: None,
             backend: self.backend.to_string(),
             target: Some(self.target.clone()),

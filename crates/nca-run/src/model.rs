@@ -408,6 +408,7 @@ mod tests {
             config,
             weights,
             adam: None,
+            training_weights: None,
             progress: Default::default(),
             state: None,
             backend: "test".into(),

@@ -40,6 +40,8 @@ pub(crate) struct GivenTraining {
     lr_schedule: bool,
     #[serde(deserialize_with = "present")]
     spike: bool,
+    #[serde(deserialize_with = "present")]
+    ema_decay: bool,
 }
 
 /// Which sized fields of the `evaluation` section were written.
@@ -95,6 +97,12 @@ pub(crate) fn apply(cfg: &mut RunConfig, given: &Given) -> Vec<Chosen> {
         cfg.training.spike = d.spike;
         choose("training.spike", ron_value(&d.spike));
     }
+    if !given.training.ema_decay {
+        // After `steps` is settled: a short run averages over fewer steps.
+        let decay = d.ema_decay_for(cfg.training.steps);
+        cfg.training.ema_decay = decay;
+        choose("training.ema_decay", ron_option(decay));
+    }
     if !given.evaluation.every {
         let every = GridDefaults::evaluate_every_for(cfg.training.steps);
         cfg.evaluation.every = every;
@@ -135,7 +143,9 @@ mod tests {
         assert_eq!(small.nca().model, defaults.model);
         assert_eq!(small.training.steps, defaults.training.steps);
         assert_eq!(small.training.spike, defaults.training.spike);
-        assert_eq!(chosen.len(), 7);
+        assert_eq!(chosen.len(), 8);
+        // Every size scores and saves the weights' moving average.
+        assert_eq!(small.training.ema_decay, Some(nca_api::SIZED_EMA_DECAY));
         // Ten scores in the run, so the best weights are kept; a short run only at its end.
         assert_eq!(small.evaluation.every, Some(1_000));
         // Up to 32×32 the rate decays; at 64×64 the picture is still learning at the end.
@@ -156,6 +166,8 @@ mod tests {
             }
         );
         assert_eq!(short.evaluation.every, None);
+        // Its moving average spans a twentieth of it.
+        assert_eq!(short.training.ema_decay, Some(1.0 - 1.0 / 3.0));
         let (middle, _) = sized("(grid: (height: 64, width: 33), target: Solid(1.0, 0.0, 0.0))");
         assert_eq!(middle.training.lr_schedule, LrSchedule::Constant);
         assert_eq!(middle.model.mlp_hidden, small.model.mlp_hidden);
@@ -179,13 +191,16 @@ mod tests {
         assert_eq!(large.training.spike.reset_every, Some(500));
         assert_eq!(large.training.spike.kind, nca_api::SpikeKind::Add);
         assert_eq!(large.evaluation.every, Some(1_800));
+        assert_eq!(large.training.ema_decay, Some(nca_api::SIZED_EMA_DECAY));
+        let ema = chosen.iter().find(|c| c.field == "training.ema_decay");
+        assert_eq!(ema.expect("chosen").value, "0.995");
     }
 
     #[test]
     fn written_values_win_even_when_they_are_the_small_defaults() {
         let (cfg, chosen) = sized(
             "(grid: (height: 128, width: 128), model: (mlp_hidden: None), \
-             training: (steps: 50, lr_schedule: Constant, spike: ()), \
+             training: (steps: 50, lr_schedule: Constant, spike: (), ema_decay: None), \
              evaluation: (every: None), target: Solid(1.0, 0.0, 0.0))",
         );
         assert_eq!(cfg.model.mlp_hidden, None);
@@ -195,6 +210,7 @@ mod tests {
         assert_eq!(cfg.training.spike, nca_api::SpikeRule::default());
         assert_eq!(cfg.model.position_octaves, Some(7));
         assert_eq!(cfg.evaluation.every, None);
+        assert_eq!(cfg.training.ema_decay, None);
         let fields: Vec<&str> = chosen.iter().map(|c| c.field).collect();
         assert_eq!(fields, ["model.position_octaves", "training.learning_rate"]);
     }

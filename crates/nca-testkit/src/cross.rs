@@ -59,6 +59,7 @@ fn trained_checkpoint<T: Trainer>(t: &mut T, cfg: &NcaConfig) -> Weights {
     let ckpt = Checkpoint {
         config: cfg.clone(),
         weights: t.weights().unwrap(),
+        training_weights: None,
         adam: Some(t.adam_state().unwrap()),
         progress,
         state: Some(t.download(&state).unwrap()),

@@ -159,6 +159,7 @@ fn score_final<T: Trainer>(
             step,
             psnr_db: last.mean_psnr_db,
             checkpoint: Checkpoint {
+                training_weights: None,
                 adam: None,
                 state: None,
                 ..last_ckpt.clone()

@@ -383,6 +383,12 @@ fn train<T: Trainer>(
             Status::Failed
         }
     };
+    // With a moving average of the weights, the average is the run's rule: the final
+    // score and its pictures are of it (the checkpoint keeps the training weights too).
+    if let Some(average) = &progress.average {
+        let loaded = trainer.set_weights(average).backend();
+        failures.keep(loaded.context("loading the weights' moving average"));
+    }
     let loss_csv_complete = failures.keep(obs.flush_csv()).is_some() && obs.csv_ok;
     Ok(Trained {
         loss_csv_complete,
