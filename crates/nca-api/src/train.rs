@@ -772,10 +772,13 @@ mod tests {
         assert!(constant.rates.is_empty());
     }
 
-    /// Scores from a list, and records the steps it was asked at.
+    /// Scores from a list, and records the steps it was asked at and the value of the
+    /// trainer's weights then.
+    #[derive(Default)]
     struct Scores {
         psnr: Vec<f64>,
         asked: Vec<u64>,
+        weights: Vec<f32>,
     }
 
     impl Observer<Scripted> for Scores {
@@ -789,9 +792,10 @@ mod tests {
         fn on_evaluation(
             &mut self,
             step: u64,
-            _: &mut Scripted,
+            t: &mut Scripted,
         ) -> Result<Evaluation, TensorError> {
             self.asked.push(step);
+            self.weights.push(t.weights()?.flatten()[0]);
             let psnr = self.psnr.get(self.asked.len() - 1).copied();
             if psnr.is_some_and(f64::is_nan) {
                 return Err(TensorError::Missing("score".into()));
@@ -817,7 +821,7 @@ mod tests {
         };
         let mut obs = Scores {
             psnr: psnr.to_vec(),
-            asked: Vec::new(),
+            ..Scores::default()
         };
         let r = train(
             &mut t,
@@ -828,26 +832,6 @@ mod tests {
             &mut obs,
         );
         (r.map(|o| o.reason).map_err(|e| e.to_string()), obs.asked)
-    }
-
-    /// Records the value of the trainer's weights whenever it is asked for a score.
-    struct WeightsWhenScored(Vec<f32>);
-
-    impl Observer<Scripted> for WeightsWhenScored {
-        type Error = TensorError;
-        fn on_step(
-            &mut self,
-            _: &StepContext<'_, Scripted>,
-        ) -> Result<ControlFlow<()>, TensorError> {
-            Ok(ControlFlow::Continue(()))
-        }
-        fn on_evaluation(&mut self, _: u64, t: &mut Scripted) -> Result<Evaluation, TensorError> {
-            self.0.push(t.weights()?.flatten()[0]);
-            Ok(Evaluation {
-                psnr_db: None,
-                flow: ControlFlow::Continue(()),
-            })
-        }
     }
 
     #[test]
@@ -862,9 +846,9 @@ mod tests {
             ema_decay: Some(0.5),
             ..options(6, None, 1)
         };
-        let mut scored = WeightsWhenScored(Vec::new());
+        let mut scored = Scores::default();
         let (_, progress) = drive(&mut t, &mut state, &spikes_only(), &opts, &mut scored);
-        assert_eq!(scored.0, vec![expected[2]]);
+        assert_eq!(scored.weights, vec![expected[2]]);
         assert_eq!(
             t.weights.flatten()[0],
             6.0,
@@ -943,7 +927,7 @@ mod tests {
         };
         let mut obs = Scores {
             psnr: vec![10.0, f64::NAN],
-            asked: Vec::new(),
+            ..Scores::default()
         };
         let err = train(
             &mut t,
