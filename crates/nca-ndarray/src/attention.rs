@@ -1,4 +1,4 @@
-//! The attention of a block of eight cells, forward and backward, written once for the
+//! The attention of a block of cells (one vector's lanes), forward and backward, written once for the
 //! plain kernel ([`crate::kernel`]) and the picture model ([`crate::dense`]); they differ
 //! only in where a neighbour's keys, values and inputs are read ([`Taps`]).
 //!
@@ -20,7 +20,7 @@ use nca_api::NEIGHBOURS;
 use crate::kernel::MAX_DIM;
 use crate::simd::{softmax_in_place, MulAdd, Vector, F8};
 
-/// Where the eight lanes of each neighbour of a block are read: feature `i` of
+/// Where the lanes of each neighbour of a block are read: feature `i` of
 /// neighbour `n` starts at `buf[at[n] + i·stride]`.
 #[derive(Clone, Copy)]
 pub struct Taps<'a> {
@@ -35,14 +35,14 @@ pub struct Taps<'a> {
 impl Taps<'_> {
     /// Feature `i` of neighbour `n`.
     #[inline(always)]
-    pub fn load(&self, n: usize, i: usize) -> F8 {
-        F8::load(self.buf, self.at[n] + i * self.stride)
+    pub fn load<V: Vector>(&self, n: usize, i: usize) -> V {
+        V::load(self.buf, self.at[n] + i * self.stride)
     }
 
     /// Feature `i` of neighbour `n` plus the position embedding `emb[n·d + i]`.
     #[inline(always)]
-    fn embedded(&self, emb: &[f32], d: usize, n: usize, i: usize) -> F8 {
-        self.load(n, i) + F8::splat(emb[n * d + i])
+    fn embedded<V: Vector>(&self, emb: &[f32], d: usize, n: usize, i: usize) -> V {
+        self.load::<V>(n, i) + V::splat(emb[n * d + i])
     }
 }
 
@@ -60,8 +60,9 @@ pub struct Neighbourhood<'a> {
     pub pv: &'a [f32],
 }
 
-/// Where the bias and position-embedding gradients of a block are accumulated, as lane
-/// vectors in the caller's accumulator: `pk` and `pv` are `9·D` long, neighbour-major.
+/// Where the bias and position-embedding gradients of a block are accumulated, as
+/// eight-lane vectors in the caller's accumulator ([`Vector::add_to`]): `pk` and `pv`
+/// are `9·D` long, neighbour-major.
 #[derive(Clone, Copy)]
 pub struct GradLanes {
     /// `bq` (D lanes).
@@ -79,28 +80,28 @@ pub struct GradLanes {
 /// Forward: the softmax weights `a` and the attended values `u` of the block with
 /// queries `q`.
 #[inline(always)]
-pub fn forward<A: MulAdd>(
+pub fn forward<A: MulAdd, V: Vector>(
     d: usize,
-    q: &[F8; MAX_DIM],
+    q: &[V; MAX_DIM],
     nb: &Neighbourhood<'_>,
-    a: &mut [F8; NEIGHBOURS],
-    u: &mut [F8; MAX_DIM],
+    a: &mut [V; NEIGHBOURS],
+    u: &mut [V; MAX_DIM],
 ) {
-    let scale = F8::splat(1.0 / (d as f32).sqrt());
-    let mut max = F8::splat(f32::NEG_INFINITY);
+    let scale = V::splat(1.0 / (d as f32).sqrt());
+    let mut max = V::splat(f32::NEG_INFINITY);
     for n in 0..NEIGHBOURS {
-        let mut z = F8::ZERO;
+        let mut z = V::ZERO;
         for dd in 0..d {
-            z = A::madd(q[dd], nb.keys.embedded(nb.pk, d, n, dd), z);
+            z = V::madd::<A>(q[dd], nb.keys.embedded(nb.pk, d, n, dd), z);
         }
         a[n] = z * scale;
         max = max.max(a[n]);
     }
     softmax_in_place(a, max);
     for dd in 0..d {
-        let mut v = F8::ZERO;
+        let mut v = V::ZERO;
         for n in 0..NEIGHBOURS {
-            v = A::madd(a[n], nb.values.embedded(nb.pv, d, n, dd), v);
+            v = V::madd::<A>(a[n], nb.values.embedded(nb.pv, d, n, dd), v);
         }
         u[dd] = v;
     }
@@ -111,48 +112,48 @@ pub fn forward<A: MulAdd>(
 /// that keeps `dz`, `a`, `q` and `gu` of every block adds those afterwards with
 /// [`embedding_gradients`], in the same order and with fewer memory round trips).
 #[inline(always)]
-pub fn backward<A: MulAdd>(
+pub fn backward<A: MulAdd, V: Vector>(
     d: usize,
-    q: &[F8; MAX_DIM],
-    gu: &[F8; MAX_DIM],
-    a: &[F8; NEIGHBOURS],
+    q: &[V; MAX_DIM],
+    gu: &[V; MAX_DIM],
+    a: &[V; NEIGHBOURS],
     nb: &Neighbourhood<'_>,
     lanes: GradLanes,
     embeddings: bool,
     acc: &mut [F8],
-    dz: &mut [F8; NEIGHBOURS],
-    dq: &mut [F8; MAX_DIM],
+    dz: &mut [V; NEIGHBOURS],
+    dq: &mut [V; MAX_DIM],
 ) {
-    let scale = F8::splat(1.0 / (d as f32).sqrt());
-    let mut da = [F8::ZERO; NEIGHBOURS];
-    let mut mean = F8::ZERO;
+    let scale = V::splat(1.0 / (d as f32).sqrt());
+    let mut da = [V::ZERO; NEIGHBOURS];
+    let mut mean = V::ZERO;
     for n in 0..NEIGHBOURS {
-        let mut v = F8::ZERO;
+        let mut v = V::ZERO;
         for dd in 0..d {
-            v = A::madd(gu[dd], nb.values.embedded(nb.pv, d, n, dd), v);
+            v = V::madd::<A>(gu[dd], nb.values.embedded(nb.pv, d, n, dd), v);
         }
         da[n] = v;
-        mean = A::madd(a[n], v, mean);
+        mean = V::madd::<A>(a[n], v, mean);
     }
-    let mut dz_sum = F8::ZERO;
+    let mut dz_sum = V::ZERO;
     for n in 0..NEIGHBOURS {
         dz[n] = a[n] * (da[n] - mean) * scale;
         dz_sum = dz_sum + dz[n];
     }
     for dd in 0..d {
-        let mut dqv = F8::ZERO;
+        let mut dqv = V::ZERO;
         for n in 0..NEIGHBOURS {
-            dqv = A::madd(dz[n], nb.keys.embedded(nb.pk, d, n, dd), dqv);
+            dqv = V::madd::<A>(dz[n], nb.keys.embedded(nb.pk, d, n, dd), dqv);
             if embeddings {
                 let (ik, iv) = (lanes.pk + n * d + dd, lanes.pv + n * d + dd);
-                acc[ik] = A::madd(dz[n], q[dd], acc[ik]);
-                acc[iv] = A::madd(a[n], gu[dd], acc[iv]);
+                acc[ik] = V::madd_to::<A>(dz[n], q[dd], acc[ik]);
+                acc[iv] = V::madd_to::<A>(a[n], gu[dd], acc[iv]);
             }
         }
         dq[dd] = dqv;
-        acc[lanes.bq + dd] = acc[lanes.bq + dd] + dqv;
-        acc[lanes.bk + dd] = A::madd(dz_sum, q[dd], acc[lanes.bk + dd]);
-        acc[lanes.bv + dd] = acc[lanes.bv + dd] + gu[dd];
+        acc[lanes.bq + dd] = dqv.add_to(acc[lanes.bq + dd]);
+        acc[lanes.bk + dd] = V::madd_to::<A>(dz_sum, q[dd], acc[lanes.bk + dd]);
+        acc[lanes.bv + dd] = gu[dd].add_to(acc[lanes.bv + dd]);
     }
 }
 
@@ -234,20 +235,20 @@ pub fn embedding_gradients<A: MulAdd>(
 /// For each of the `count` inputs `j` read through `inputs`, calls `sink(j, Σ_n dz_n x_n,
 /// Σ_n a_n x_n)`: what the key and value weight gradients need.
 #[inline(always)]
-pub fn input_sums<A: MulAdd>(
+pub fn input_sums<A: MulAdd, V: Vector>(
     count: usize,
     inputs: &Taps<'_>,
-    dz: &[F8; NEIGHBOURS],
-    a: &[F8; NEIGHBOURS],
-    mut sink: impl FnMut(usize, F8, F8),
+    dz: &[V; NEIGHBOURS],
+    a: &[V; NEIGHBOURS],
+    mut sink: impl FnMut(usize, V, V),
 ) {
     for j in 0..count {
-        let mut sk = F8::ZERO;
-        let mut sv = F8::ZERO;
+        let mut sk = V::ZERO;
+        let mut sv = V::ZERO;
         for n in 0..NEIGHBOURS {
-            let xn = inputs.load(n, j);
-            sk = A::madd(dz[n], xn, sk);
-            sv = A::madd(a[n], xn, sv);
+            let xn = inputs.load::<V>(n, j);
+            sk = V::madd::<A>(dz[n], xn, sk);
+            sv = V::madd::<A>(a[n], xn, sv);
         }
         sink(j, sk, sv);
     }

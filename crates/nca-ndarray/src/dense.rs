@@ -58,7 +58,7 @@ use crate::gemm::{self, Epilogue, Start};
 use crate::kernel::{Geometry, Mode, MAX_DIM};
 #[cfg(doc)]
 use crate::simd::F16;
-use crate::simd::{self, Kernel, MulAdd, Vector, F8, LANES};
+use crate::simd::{self, Kernel, MulAdd, Vector, F8, LANES, MAX_LANES};
 
 /// Target number of cells in a chunk: large enough for efficient GEMMs, small enough
 /// that a chunk's matrices (about 1.7 KB per cell for the default model) stay in L2.
@@ -694,7 +694,10 @@ impl UnitPass<'_, '_> {
         let bi = unit / geo.units_per_item;
         let y0 = (unit % geo.units_per_item) * geo.unit_rows;
         let rows = out.len() / (l.c * geo.wr);
-        partial.fill(0.0);
+        // The column sums of `G_h` after the gradients are written, not added to, by the
+        // unit's first chunk (`add_row_and_column_sums`): zeroing them cost about 2 % of
+        // a 128×128 step.
+        partial[..l.partial_len()].fill(0.0);
         s.lanes.fill(F8::ZERO);
         if ctx.mode == Mode::Train {
             // Only the backward pass sums into these; a rollout step skips the fill.
@@ -855,18 +858,22 @@ fn add_row_and_column_sums<V: Vector>(
     let lanes = &mut lanes[..pm * rows * V::LANES];
     for i in 0..pm {
         let col = &mut sums.col[(p0 + i) * wr..(p0 + i + 1) * wr];
-        for r in 0..rows {
-            let row = &gh[i * nc + r * wr..i * nc + (r + 1) * wr];
-            let mut acc = V::ZERO;
-            for (g, c) in row
-                .chunks_exact(V::LANES)
-                .zip(col.chunks_exact_mut(V::LANES))
-            {
-                let v = V::load(g, 0);
-                acc = acc + v;
-                (V::load(c, 0) + v).store(c, 0);
-            }
-            acc.store(lanes, (i * rows + r) * V::LANES);
+        // Up to four rows per sweep, each column's running sum held in a register across
+        // them: a sweep per row loaded and stored the column sums once per row (about 2 %
+        // of a 128×128 step). The column sums still take the rows in order.
+        let mut r0 = 0;
+        while r0 < rows {
+            let gh = &gh[i * nc + r0 * wr..];
+            let sums = &mut lanes[(i * rows + r0) * V::LANES..];
+            // The unit's first rows start the column sums from zero (its `partial` was not
+            // zeroed there).
+            let fresh = at == 0 && r0 == 0;
+            r0 += match rows - r0 {
+                1 => sweep_rows::<V, 1>(gh, wr, (col, fresh), sums),
+                2 => sweep_rows::<V, 2>(gh, wr, (col, fresh), sums),
+                3 => sweep_rows::<V, 3>(gh, wr, (col, fresh), sums),
+                _ => sweep_rows::<V, 4>(gh, wr, (col, fresh), sums),
+            };
         }
     }
     for i in 0..pm {
@@ -875,6 +882,34 @@ fn add_row_and_column_sums<V: Vector>(
             sums.row[(at + r) * m + p0 + i] += simd::halving_sum(v);
         }
     }
+}
+
+/// Adds `N` rows of `G_h` (`gh`, rows `wr` apart) to the column sums `col` (to zero
+/// instead if `fresh`), taking the rows in order, and stores each row's lane sums into
+/// `lanes`; returns `N`. The running column sums stay in registers across the rows (a
+/// compile-time `N` keeps the row sums there too).
+#[inline(always)]
+fn sweep_rows<V: Vector, const N: usize>(
+    gh: &[f32],
+    wr: usize,
+    (col, fresh): (&mut [f32], bool),
+    lanes: &mut [f32],
+) -> usize {
+    let rows: [&[f32]; N] = std::array::from_fn(|k| &gh[k * wr..(k + 1) * wr]);
+    let mut acc = [V::ZERO; N];
+    for x0 in (0..wr).step_by(V::LANES) {
+        let mut total = if fresh { V::ZERO } else { V::load(col, x0) };
+        for k in 0..N {
+            let v = V::load(rows[k], x0);
+            acc[k] = acc[k] + v;
+            total = total + v;
+        }
+        total.store(col, x0);
+    }
+    for k in 0..N {
+        acc[k].store(lanes, k * V::LANES);
+    }
+    N
 }
 
 /// Padded cells of a chunk of `rows` rows: the rows and their halo, rounded up to whole
@@ -961,7 +996,7 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
         pk: ctx.derived.pk,
         pv: ctx.derived.pv,
     };
-    attend_body::<D, A>(&view, &mut s.ux, &mut s.att, &mut s.qc);
+    attend_body::<D, A, V>(&view, &mut s.ux, &mut s.att, &mut s.qc);
     if !att.is_empty() {
         for r in 0..rows {
             for n in 0..NEIGHBOURS {
@@ -1132,18 +1167,14 @@ fn chunk_body<const D: usize, A: MulAdd, V: Vector>(
         unit_row,
         h,
     };
-    attend_back_body::<D, A>(
-        &view,
-        &s.att,
-        &s.qc,
-        &s.gu,
-        &mut s.dq,
-        &mut s.xk,
-        &mut s.xv,
-        &mut s.dz,
-        &mut s.lanes,
-        &mut sums,
-    );
+    let mut out = AttentionGrads {
+        dq: &mut s.dq,
+        xk: &mut s.xk,
+        xv: &mut s.xv,
+        dz: &mut s.dz,
+    };
+    let inputs = (&s.att[..], &s.qc[..], &s.gu[..]);
+    attend_back_body::<D, A, V>(&view, inputs, &mut out, &mut s.lanes, &mut sums);
     let xc = &ux[d * nc..];
     // Each runs transposed, `dWᵀ = X·Aᵀ`: `reduce` then transposes the D-row operand (two
     // whole vectors) instead of the `C + P`-row one, which it would pad to whole vectors.
@@ -1221,144 +1252,126 @@ impl<'a> Chunk<'a> {
     }
 }
 
-/// Forward attention of every cell of the chunk: writes `U` and `X_c` into `ux`, the
-/// softmax weights into `att` and the queries into `qc`.
+/// The block of a row of `wd` cells that starts at `x0`: whether it is a whole vector of
+/// `V`, and the next block's start. Where the row's eight-lane blocks end inside a
+/// vector, the block is eight lanes instead, so that exactly the lanes of the eight-lane
+/// pass are computed whatever the vector width. (A helper taking a closure would be
+/// simpler, but a closure is compiled without the caller's AVX features.)
 #[inline(always)]
-fn attend_body<const D: usize, A: MulAdd>(
+fn row_block<V: Vector>(wd: usize, x0: usize) -> (bool, usize) {
+    if x0 + V::LANES <= wd.next_multiple_of(LANES) {
+        (true, x0 + V::LANES)
+    } else {
+        (false, x0 + LANES)
+    }
+}
+
+/// Forward attention of every cell of the chunk: writes `U` and `X_c` into `ux`, the
+/// softmax weights into `att` and the queries into `qc`. Each lane is one cell, so the
+/// results do not depend on the vector width `V`.
+#[inline(always)]
+fn attend_body<const D: usize, A: MulAdd, V: Vector>(
     v: &Chunk<'_>,
+    ux: &mut [f32],
+    att: &mut [f32],
+    qc: &mut [f32],
+) {
+    for r in 0..v.rows {
+        let mut x0 = 0;
+        while x0 < v.wd {
+            let (wide, next) = row_block::<V>(v.wd, x0);
+            if wide {
+                attend_block::<D, A, V>(v, (r, x0), ux, att, qc);
+            } else {
+                attend_block::<D, A, F8>(v, (r, x0), ux, att, qc);
+            }
+            x0 = next;
+        }
+    }
+}
+
+/// [`attend_body`] for the block of `V::LANES` cells at chunk row `r`, column `x0`.
+#[inline(always)]
+fn attend_block<const D: usize, A: MulAdd, V: Vector>(
+    v: &Chunk<'_>,
+    (r, x0): (usize, usize),
     ux: &mut [f32],
     att: &mut [f32],
     qc: &mut [f32],
 ) {
     let d = width::<D>(v.d);
     let (np, nc) = (v.np, v.nc);
-    for r in 0..v.rows {
-        for x0 in (0..v.wd).step_by(LANES) {
-            let cell = r * v.wr + x0;
-            let at = neighbours_at(v, r, x0);
-            let centre = at[NEIGHBOURS / 2];
-            let mut q = [F8::ZERO; MAX_DIM];
-            for dd in 0..d {
-                q[dd] = F8::load(v.qkv, dd * np + centre);
-                q[dd].store(qc, dd * nc + cell);
-            }
-            let mut a = [F8::ZERO; NEIGHBOURS];
-            let mut u = [F8::ZERO; MAX_DIM];
-            attention::forward::<A>(d, &q, &v.neighbourhood(d, at), &mut a, &mut u);
-            for n in 0..NEIGHBOURS {
-                a[n].store(att, n * nc + cell);
-            }
-            for dd in 0..d {
-                u[dd].store(ux, dd * nc + cell);
-            }
-            for j in 0..v.c {
-                F8::load(v.xp, j * np + centre).store(ux, (d + j) * nc + cell);
-            }
-        }
+    let cell = r * v.wr + x0;
+    let at = neighbours_at(v, r, x0);
+    let centre = at[NEIGHBOURS / 2];
+    let mut q = [V::ZERO; MAX_DIM];
+    for dd in 0..d {
+        q[dd] = V::load(v.qkv, dd * np + centre);
+        q[dd].store(qc, dd * nc + cell);
     }
+    let mut a = [V::ZERO; NEIGHBOURS];
+    let mut u = [V::ZERO; MAX_DIM];
+    attention::forward::<A, V>(d, &q, &v.neighbourhood(d, at), &mut a, &mut u);
+    for n in 0..NEIGHBOURS {
+        a[n].store(att, n * nc + cell);
+    }
+    for dd in 0..d {
+        u[dd].store(ux, dd * nc + cell);
+    }
+    for j in 0..v.c {
+        V::load(v.xp, j * np + centre).store(ux, (d + j) * nc + cell);
+    }
+}
+
+/// Where [`attend_back_body`] writes a chunk's per-cell results: `dq`, `Σ dz_n x_n`
+/// (`xk`) and `Σ a_n x_n` (`xv`) for the state inputs, and `dz`.
+struct AttentionGrads<'a> {
+    dq: &'a mut [f32],
+    xk: &'a mut [f32],
+    xv: &'a mut [f32],
+    dz: &'a mut [f32],
 }
 
 /// Attention backward of every cell of the chunk: `dq` into `dq`, `Σ dz_n x_n` into
 /// `xk` and `Σ a_n x_n` into `xv` for the state inputs; bias and `pk`/`pv` gradients into
-/// `lanes`; what the position columns of `dWq`, `dWk`, `dWv` need into `sums`.
+/// `lanes`; what the position columns of `dWq`, `dWk`, `dWv` need into `sums`. Sums
+/// across cells are kept in eight-lane accumulators fed in cell order
+/// ([`Vector::add_to`]), so they too are the same for every vector width.
 #[inline(always)]
-fn attend_back_body<const D: usize, A: MulAdd>(
+fn attend_back_body<const D: usize, A: MulAdd, V: Vector>(
     v: &Chunk<'_>,
-    att: &[f32],
-    qc: &[f32],
-    gu: &[f32],
-    dq: &mut [f32],
-    xk: &mut [f32],
-    xv: &mut [f32],
-    dzs: &mut [f32],
+    (att, qc, gu): (&[f32], &[f32], &[f32]),
+    out: &mut AttentionGrads<'_>,
     lanes: &mut [F8],
     sums: &mut ProjectionSums<'_>,
 ) {
     let d = width::<D>(v.d);
-    let nc = v.nc;
-    let nd = NEIGHBOURS * d;
+    let (nc, wr) = (v.nc, v.wr);
     let grads = GradLanes {
         bq: 0,
         bk: d,
         bv: 2 * d,
         pk: 3 * d,
-        pv: 3 * d + nd,
+        pv: 3 * d + NEIGHBOURS * d,
     };
-    let wr = v.wr;
     for r in 0..v.rows {
-        let y = sums.y0 + r;
-        // A neighbour row outside the grid has zero inputs: it drops out of the sums for
-        // the column features (the row features are zero-padded instead).
-        let row_inside = [y > 0, true, y + 1 < sums.h];
         sums.lanes.fill(F8::ZERO);
-        for x0 in (0..v.wd).step_by(LANES) {
-            let cell = r * v.wr + x0;
-            let at = neighbours_at(v, r, x0);
-            let mut q = [F8::ZERO; MAX_DIM];
-            let mut g = [F8::ZERO; MAX_DIM];
-            for dd in 0..d {
-                q[dd] = F8::load(qc, dd * nc + cell);
-                g[dd] = F8::load(gu, dd * nc + cell);
+        let mut x0 = 0;
+        while x0 < v.wd {
+            let (wide, next) = row_block::<V>(v.wd, x0);
+            let block = BackBlock {
+                v,
+                r,
+                x0,
+                inputs: (att, qc, gu),
+                grads,
+            };
+            if wide {
+                block.run::<D, A, V>(out, lanes, sums);
+            } else {
+                block.run::<D, A, F8>(out, lanes, sums);
             }
-            let mut a = [F8::ZERO; NEIGHBOURS];
-            for n in 0..NEIGHBOURS {
-                a[n] = F8::load(att, n * nc + cell);
-            }
-            let nb = v.neighbourhood(d, at);
-            let mut dz = [F8::ZERO; NEIGHBOURS];
-            let mut dqv = [F8::ZERO; MAX_DIM];
-            attention::backward::<A>(d, &q, &g, &a, &nb, grads, false, lanes, &mut dz, &mut dqv);
-            for dd in 0..d {
-                dqv[dd].store(dq, dd * nc + cell);
-            }
-            for n in 0..NEIGHBOURS {
-                dz[n].store(dzs, n * nc + cell);
-            }
-            attention::input_sums::<A>(v.c, &v.inputs(at), &dz, &a, |j, sk, sv| {
-                sk.store(xk, j * nc + cell);
-                sv.store(xv, j * nc + cell);
-            });
-            // Without position inputs there is nothing to gather.
-            if !sums.active {
-                continue;
-            }
-            // Column features: the neighbours at each column offset, over rows inside.
-            let (mut col_k, mut col_v) = ([F8::ZERO; 3], [F8::ZERO; 3]);
-            for dy in 0..3 {
-                if row_inside[dy] {
-                    for dx in 0..3 {
-                        col_k[dx] = col_k[dx] + dz[3 * dy + dx];
-                        col_v[dx] = col_v[dx] + a[3 * dy + dx];
-                    }
-                }
-            }
-            // Row features: the neighbours at each row offset, over columns inside.
-            let mut left = F8::splat(1.0);
-            let mut right = F8::splat(1.0);
-            for lane in 0..LANES {
-                left.0[lane] = f32::from(u8::from(x0 + lane > 0));
-                right.0[lane] = f32::from(u8::from(x0 + lane + 1 < v.wd));
-            }
-            let (mut row_k, mut row_v) = ([F8::ZERO; 3], [F8::ZERO; 3]);
-            for dy in 0..3 {
-                let n = 3 * dy;
-                row_k[dy] = A::madd(dz[n], left, A::madd(dz[n + 2], right, dz[n + 1]));
-                row_v[dy] = A::madd(a[n], left, A::madd(a[n + 2], right, a[n + 1]));
-            }
-            for dd in 0..d {
-                for t in 0..3 {
-                    let ik = (t * d + dd) * wr + x0;
-                    let iv = ((3 + t) * d + dd) * wr + x0;
-                    A::madd(q[dd], col_k[t], F8::load(sums.col, ik)).store(sums.col, ik);
-                    A::madd(g[dd], col_v[t], F8::load(sums.col, iv)).store(sums.col, iv);
-                    let (lk, lv) = (t * d + dd, (3 + t) * d + dd);
-                    sums.lanes[lk] = A::madd(q[dd], row_k[t], sums.lanes[lk]);
-                    sums.lanes[lv] = A::madd(g[dd], row_v[t], sums.lanes[lv]);
-                }
-                let iq = (6 * d + dd) * wr + x0;
-                (F8::load(sums.col, iq) + dqv[dd]).store(sums.col, iq);
-                sums.lanes[6 * d + dd] = sums.lanes[6 * d + dd] + dqv[dd];
-            }
+            x0 = next;
         }
         if !sums.active {
             continue;
@@ -1370,7 +1383,108 @@ fn attend_back_body<const D: usize, A: MulAdd>(
     }
     let (rows, wd) = (v.rows, v.wd);
     let blocks = (0..rows).flat_map(move |r| (0..wd).step_by(LANES).map(move |x0| r * wr + x0));
+    let dzs = &*out.dz;
     attention::embedding_gradients::<A>(d, nc, blocks, (dzs, att), (qc, gu), grads, lanes);
+}
+
+/// One block of [`attend_back_body`]: the cells at chunk row `r` from column `x0`.
+struct BackBlock<'v, 'a> {
+    v: &'v Chunk<'a>,
+    r: usize,
+    x0: usize,
+    /// The softmax weights, queries and `∂L/∂u` of the chunk.
+    inputs: (&'v [f32], &'v [f32], &'v [f32]),
+    grads: GradLanes,
+}
+
+impl BackBlock<'_, '_> {
+    /// Backward through the block's `V::LANES` cells.
+    #[inline(always)]
+    fn run<const D: usize, A: MulAdd, V: Vector>(
+        self,
+        out: &mut AttentionGrads<'_>,
+        lanes: &mut [F8],
+        sums: &mut ProjectionSums<'_>,
+    ) {
+        let (v, r, x0) = (self.v, self.r, self.x0);
+        let (att, qc, gu) = self.inputs;
+        let d = width::<D>(v.d);
+        let (nc, wr) = (v.nc, v.wr);
+        let cell = r * wr + x0;
+        let at = neighbours_at(v, r, x0);
+        let mut q = [V::ZERO; MAX_DIM];
+        let mut g = [V::ZERO; MAX_DIM];
+        for dd in 0..d {
+            q[dd] = V::load(qc, dd * nc + cell);
+            g[dd] = V::load(gu, dd * nc + cell);
+        }
+        let mut a = [V::ZERO; NEIGHBOURS];
+        for n in 0..NEIGHBOURS {
+            a[n] = V::load(att, n * nc + cell);
+        }
+        let nb = v.neighbourhood(d, at);
+        let mut dz = [V::ZERO; NEIGHBOURS];
+        let mut dqv = [V::ZERO; MAX_DIM];
+        attention::backward::<A, V>(
+            d, &q, &g, &a, &nb, self.grads, false, lanes, &mut dz, &mut dqv,
+        );
+        for dd in 0..d {
+            dqv[dd].store(out.dq, dd * nc + cell);
+        }
+        for n in 0..NEIGHBOURS {
+            dz[n].store(out.dz, n * nc + cell);
+        }
+        let (xk, xv) = (&mut *out.xk, &mut *out.xv);
+        attention::input_sums::<A, V>(v.c, &v.inputs(at), &dz, &a, |j, sk, sv| {
+            sk.store(xk, j * nc + cell);
+            sv.store(xv, j * nc + cell);
+        });
+        // Without position inputs there is nothing to gather.
+        if !sums.active {
+            return;
+        }
+        // A neighbour row outside the grid has zero inputs: it drops out of the sums for
+        // the column features (the row features are zero-padded instead).
+        let y = sums.y0 + r;
+        let row_inside = [y > 0, true, y + 1 < sums.h];
+        // Column features: the neighbours at each column offset, over rows inside.
+        let (mut col_k, mut col_v) = ([V::ZERO; 3], [V::ZERO; 3]);
+        for dy in 0..3 {
+            if row_inside[dy] {
+                for dx in 0..3 {
+                    col_k[dx] = col_k[dx] + dz[3 * dy + dx];
+                    col_v[dx] = col_v[dx] + a[3 * dy + dx];
+                }
+            }
+        }
+        // Row features: the neighbours at each row offset, over columns inside.
+        let (mut left, mut right) = ([0.0; MAX_LANES], [0.0; MAX_LANES]);
+        for lane in 0..V::LANES {
+            left[lane] = f32::from(u8::from(x0 + lane > 0));
+            right[lane] = f32::from(u8::from(x0 + lane + 1 < v.wd));
+        }
+        let (left, right) = (V::load(&left, 0), V::load(&right, 0));
+        let (mut row_k, mut row_v) = ([V::ZERO; 3], [V::ZERO; 3]);
+        for dy in 0..3 {
+            let n = 3 * dy;
+            row_k[dy] = V::madd::<A>(dz[n], left, V::madd::<A>(dz[n + 2], right, dz[n + 1]));
+            row_v[dy] = V::madd::<A>(a[n], left, V::madd::<A>(a[n + 2], right, a[n + 1]));
+        }
+        for dd in 0..d {
+            for t in 0..3 {
+                let ik = (t * d + dd) * wr + x0;
+                let iv = ((3 + t) * d + dd) * wr + x0;
+                V::madd::<A>(q[dd], col_k[t], V::load(sums.col, ik)).store(sums.col, ik);
+                V::madd::<A>(g[dd], col_v[t], V::load(sums.col, iv)).store(sums.col, iv);
+                let (lk, lv) = (t * d + dd, (3 + t) * d + dd);
+                sums.lanes[lk] = V::madd_to::<A>(q[dd], row_k[t], sums.lanes[lk]);
+                sums.lanes[lv] = V::madd_to::<A>(g[dd], row_v[t], sums.lanes[lv]);
+            }
+            let iq = (6 * d + dd) * wr + x0;
+            (V::load(sums.col, iq) + dqv[dd]).store(sums.col, iq);
+            sums.lanes[6 * d + dd] = dqv[dd].add_to(sums.lanes[6 * d + dd]);
+        }
+    }
 }
 
 /// Sums in which the position inputs' part of `dWk`, `dWv`, `dWq` is gathered: with `p`
@@ -1452,6 +1566,123 @@ fn projection_position_gradients<V: Vector, A: MulAdd>(
                 }
             }
             add_position_columns(partial, (weight, x, c), Axis::Y, p, (d, dw), (1, d));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simd::{Separate, F16};
+
+    /// Values of many sizes and both signs, the same for every call with one `seed`.
+    fn noise(len: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
+            })
+            .collect()
+    }
+
+    /// Everything the per-cell attention passes write for one chunk.
+    #[derive(Debug, PartialEq)]
+    struct Written {
+        forward: [Vec<f32>; 3],
+        backward: [Vec<f32>; 4],
+        lanes: Vec<F8>,
+        sums: (Vec<f32>, Vec<f32>),
+    }
+
+    /// Runs both passes over a chunk `wd` cells wide (rows padded to sixteen) in vectors
+    /// of `V`.
+    fn attend_in<V: Vector>(wd: usize) -> Written {
+        let (d, c, rows, h) = (4, 3, 2, 5);
+        let wr = wd.next_multiple_of(ALIGN);
+        let wp = wr + 2;
+        let np = padded_cells(rows, wp);
+        let nc = rows * wr;
+        let (qkv, xp) = (noise(3 * d * np, 1), noise(c * np, 2));
+        let (pk, pv) = (noise(NEIGHBOURS * d, 3), noise(NEIGHBOURS * d, 4));
+        let view = Chunk {
+            qkv: &qkv,
+            xp: &xp,
+            np,
+            nc,
+            wp,
+            wr,
+            wd,
+            rows,
+            d,
+            c,
+            pk: &pk,
+            pv: &pv,
+        };
+        let (mut ux, mut att, mut qc) =
+            (noise((d + c) * nc, 5), noise(9 * nc, 6), noise(d * nc, 7));
+        attend_body::<0, Separate, V>(&view, &mut ux, &mut att, &mut qc);
+        let gu = noise(d * nc, 8);
+        let mut backward = [
+            noise(d * nc, 9),
+            noise(c * nc, 10),
+            noise(c * nc, 11),
+            noise(NEIGHBOURS * nc, 12),
+        ];
+        let [dq, xk, xv, dz] = &mut backward;
+        let mut out = AttentionGrads { dq, xk, xv, dz };
+        let mut lanes = vec![F8::splat(0.25); 3 * d + 2 * NEIGHBOURS * d];
+        let (mut col, mut row) = (
+            noise(PROJECTION_SUMS * d * wr, 13),
+            noise(rows * PROJECTION_SUMS * d, 14),
+        );
+        let mut sum_lanes = vec![F8::ZERO; PROJECTION_SUMS * d];
+        let mut sums = ProjectionSums {
+            col: &mut col,
+            row: &mut row,
+            lanes: &mut sum_lanes,
+            active: true,
+            y0: 1,
+            unit_row: 0,
+            h,
+        };
+        attend_back_body::<0, Separate, V>(
+            &view,
+            (&att, &qc, &gu),
+            &mut out,
+            &mut lanes,
+            &mut sums,
+        );
+        Written {
+            forward: [ux, att, qc],
+            backward,
+            lanes,
+            sums: (col, row),
+        }
+    }
+
+    #[test]
+    fn sixteen_lane_attention_writes_what_eight_lanes_write_bit_for_bit() {
+        // 40: two wide blocks and an eight-lane one; 48: three wide blocks and no eight-lane
+        // block; 13: one wide block, which covers the eight-lane pass's two.
+        for wd in [40, 48, 13] {
+            let (narrow, wide) = (attend_in::<F8>(wd), attend_in::<F16>(wd));
+            assert!(narrow.forward[1].iter().all(|a| a.is_finite()));
+            // Compared as bits: equal floats of another rounding would pass `==` on -0.0.
+            let bits = |w: &Written| {
+                format!(
+                    "{:?}",
+                    w.lanes
+                        .iter()
+                        .flat_map(|l| l.0)
+                        .map(f32::to_bits)
+                        .collect::<Vec<_>>()
+                )
+            };
+            assert_eq!(bits(&narrow), bits(&wide), "lanes, width {wd}");
+            assert_eq!(narrow, wide, "width {wd}");
         }
     }
 }

@@ -553,7 +553,7 @@ fn block<A: MulAdd>(
     }
     let mut a = [F8::ZERO; NEIGHBOURS];
     let mut u = [F8::ZERO; MAX_DIM];
-    attention::forward::<A>(d, &q, &nb, &mut a, &mut u);
+    attention::forward::<A, F8>(d, &q, &nb, &mut a, &mut u);
     if let Some(att) = att_row {
         for n in 0..NEIGHBOURS {
             a[n].store(att, n * wr + x0);
@@ -605,10 +605,10 @@ fn block<A: MulAdd>(
     };
     let mut dz = [F8::ZERO; NEIGHBOURS];
     let mut dq = [F8::ZERO; MAX_DIM];
-    attention::backward::<A>(d, &q, &gu, &a, &nb, lanes, true, acc, &mut dz, &mut dq);
+    attention::backward::<A, F8>(d, &q, &gu, &a, &nb, lanes, true, acc, &mut dz, &mut dq);
     let mut sk = [F8::ZERO; MAX_CHANNELS];
     let mut sv = [F8::ZERO; MAX_CHANNELS];
-    attention::input_sums::<A>(c, &states, &dz, &a, |ch, k, v| {
+    attention::input_sums::<A, F8>(c, &states, &dz, &a, |ch, k, v| {
         sk[ch] = k;
         sv[ch] = v;
     });

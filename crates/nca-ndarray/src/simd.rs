@@ -3,17 +3,23 @@
 //!
 //! The kernels vectorise across neighbouring cells of a row (structure of arrays), so
 //! every per-cell scalar operation becomes one vector operation and no dot product needs
-//! a horizontal reduction. [`F8`] (eight lanes) carries the per-cell work; [`F16`]
-//! (sixteen) the matrix products on AVX-512 CPUs. Both are plain arrays and loops that
-//! LLVM turns into vector registers; no intrinsics, so the same source builds on every
-//! target. A kernel is written once as a [`Kernel`] generic over [`MulAdd`] and
-//! [`Vector`], and [`run`] calls the copy compiled for the CPU, detected once per process.
+//! a horizontal reduction. [`F8`] (eight lanes) carries the per-cell work, and [`F16`]
+//! (sixteen) the matrix products and the picture model's attention on AVX-512 CPUs. The
+//! attention's sums across cells stay in eight-lane accumulators fed in cell order
+//! ([`Vector::add_to`]), so its results do not depend on the width (the products' do: they
+//! sum in another order). Both are plain arrays and loops that LLVM turns into vector
+//! registers; no intrinsics, so the same source builds on every target. A kernel is
+//! written once as a [`Kernel`] generic over [`MulAdd`] and [`Vector`], and [`run`] calls
+//! the copy compiled for the CPU, detected once per process.
 
 use std::ops::{Add, Mul, Sub};
 use std::sync::OnceLock;
 
 /// Lanes per vector of the per-cell work: cells processed together.
 pub const LANES: usize = 8;
+
+/// Lanes of the widest vector ([`F16`]).
+pub const MAX_LANES: usize = 16;
 
 /// Eight `f32` lanes.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -25,7 +31,7 @@ pub struct F8(pub [f32; LANES]);
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[repr(align(64))]
-pub struct F16(pub [f32; 16]);
+pub struct F16(pub [f32; MAX_LANES]);
 
 /// A vector of `f32` lanes: [`F8`] or [`F16`]. Every lane-wise loop compiles to one
 /// instruction per vector.
@@ -50,6 +56,18 @@ pub trait Vector:
     fn keep_where_positive(self, mask: Self) -> Self;
     /// Sum of the lanes in one fixed order, pairwise halves, whatever the width.
     fn sum(self) -> f32;
+    /// Lane-wise maximum.
+    fn max(self, o: Self) -> Self;
+    /// Lane-wise `e^x` (see [`exp`]).
+    fn exp(self) -> Self;
+    /// Lane-wise `1/x`.
+    fn recip(self) -> Self;
+    /// `acc` plus the lanes, eight at a time in lane order: the sum an [`F8`] accumulator
+    /// reaches by adding the [`F8`] blocks this vector spans one after the other, so a
+    /// per-cell pass in wide vectors accumulates exactly what the eight-lane pass did.
+    fn add_to(self, acc: F8) -> F8;
+    /// `acc` plus `a·b`, eight lanes at a time in lane order (as [`Vector::add_to`]).
+    fn madd_to<A: MulAdd>(a: Self, b: Self, acc: F8) -> F8;
     /// Register tile of [`crate::gemm::project`]: output rows × vectors of cells. Sized so
     /// that accumulators, operands and the broadcast fit the register file (16 registers
     /// for [`F8`] on AVX2, 32 for [`F16`] on AVX-512); a tile that spills runs at half
@@ -146,6 +164,50 @@ macro_rules! vector {
                 $t(r)
             }
             #[inline(always)]
+            fn max(self, o: Self) -> Self {
+                let mut r = self.0;
+                for (a, b) in r.iter_mut().zip(o.0) {
+                    *a = a.max(b);
+                }
+                $t(r)
+            }
+            #[inline(always)]
+            fn exp(self) -> Self {
+                let mut r = self.0;
+                for a in &mut r {
+                    *a = exp(*a);
+                }
+                $t(r)
+            }
+            #[inline(always)]
+            fn recip(self) -> Self {
+                let mut r = self.0;
+                for a in &mut r {
+                    *a = 1.0 / *a;
+                }
+                $t(r)
+            }
+            #[inline(always)]
+            fn add_to(self, acc: F8) -> F8 {
+                let mut r = acc.0;
+                for block in self.0.chunks_exact(LANES) {
+                    for (a, b) in r.iter_mut().zip(block) {
+                        *a += b;
+                    }
+                }
+                F8(r)
+            }
+            #[inline(always)]
+            fn madd_to<A: MulAdd>(a: Self, b: Self, acc: F8) -> F8 {
+                let mut r = acc.0;
+                for (x, y) in a.0.chunks_exact(LANES).zip(b.0.chunks_exact(LANES)) {
+                    for i in 0..LANES {
+                        r[i] = A::scalar(x[i], y[i], r[i]);
+                    }
+                }
+                F8(r)
+            }
+            #[inline(always)]
             fn sum(self) -> f32 {
                 // Through memory: summed in registers, the halving shuffles led LLVM to
                 // keep a loop's whole accumulator as 64-bit pieces (a 6 % hot spot).
@@ -163,28 +225,6 @@ macro_rules! vector {
 vector!(F8, 8, (6, 2), (4, 2));
 // AVX-512 (32 registers).
 vector!(F16, 16, (4, 3), (4, 3));
-
-impl F8 {
-    /// Lane-wise maximum.
-    #[inline(always)]
-    pub fn max(self, o: Self) -> Self {
-        let mut r = self.0;
-        for (a, b) in r.iter_mut().zip(o.0) {
-            *a = a.max(b);
-        }
-        Self(r)
-    }
-
-    /// Lane-wise `e^x` (see [`exp`]).
-    #[inline(always)]
-    pub fn exp(self) -> Self {
-        let mut r = self.0;
-        for a in &mut r {
-            *a = exp(*a);
-        }
-        Self(r)
-    }
-}
 
 /// Sum of `v` (a power-of-two length) in [`Vector::sum`]'s order: the upper half is added
 /// to the lower, then the same again, down to one; `v` is overwritten on the way. For
@@ -245,7 +285,8 @@ pub enum Isa {
     Base,
     /// AVX2 + FMA: fused multiply-add, [`F8`] vectors.
     Avx2,
-    /// AVX-512: fused multiply-add, [`F16`] vectors in the matrix products.
+    /// AVX-512: fused multiply-add, [`F16`] vectors in the matrix products and the picture
+    /// model's attention.
     Avx512,
 }
 
@@ -324,16 +365,13 @@ unsafe fn run_avx512<K: Kernel>(k: K) -> K::Output {
 /// Turns scores `a` (per lane) whose lane-wise maximum is `max` into softmax weights in
 /// place; shared by the plain kernel and the picture model so both normalise identically.
 #[inline(always)]
-pub fn softmax_in_place(a: &mut [F8], max: F8) {
-    let mut total = F8::ZERO;
+pub fn softmax_in_place<V: Vector>(a: &mut [V], max: V) {
+    let mut total = V::ZERO;
     for x in a.iter_mut() {
         *x = (*x - max).exp();
         total = total + *x;
     }
-    let mut inv = total;
-    for t in &mut inv.0 {
-        *t = 1.0 / *t;
-    }
+    let inv = total.recip();
     for x in a.iter_mut() {
         *x = *x * inv;
     }
