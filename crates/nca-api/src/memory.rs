@@ -253,8 +253,14 @@ pub fn training_bytes(config: &NcaConfig) -> Option<u64> {
 pub fn training_resident_bytes(config: &NcaConfig) -> Option<u64> {
     let model = &config.model;
     // Weights, gradients, two Adam moments, and flat copies of each in a host backend
-    // and in a checkpoint being written.
-    let per_parameter = 8u64;
+    // and in a checkpoint being written; with a moving average, the average, the latest
+    // weights copied out beside it, the copy in the loop's progress and the checkpoint's
+    // training weights.
+    let per_parameter = if config.training.ema_decay.is_some() {
+        12u64
+    } else {
+        8
+    };
     let floats = cells(config, config.grid.batch)?
         .checked_mul(resident_floats_per_cell(model)?)?
         .checked_add(model.parameter_count()?.checked_mul(per_parameter)?)?;
@@ -382,6 +388,18 @@ mod tests {
             ..ModelConfig::default()
         };
         assert_eq!(training_bytes(&config(1, 1, 1, wide)), None);
+    }
+
+    #[test]
+    fn a_moving_average_counts_its_copies_of_the_weights() {
+        let plain = config(64, 64, 1, ModelConfig::default());
+        let mut averaged = plain.clone();
+        averaged.training.ema_decay = Some(0.995);
+        let params = plain.model.parameter_count().expect("small model");
+        assert_eq!(
+            training_resident_bytes(&averaged),
+            training_resident_bytes(&plain).map(|b| b + 4 * 4 * params)
+        );
     }
 
     #[test]
