@@ -695,8 +695,8 @@ impl UnitPass<'_, '_> {
         let y0 = (unit % geo.units_per_item) * geo.unit_rows;
         let rows = out.len() / (l.c * geo.wr);
         // The column sums of `G_h` after the gradients are written, not added to, by the
-        // unit's first chunk (`add_row_and_column_sums`): zeroing them cost about 2 % of
-        // a 128×128 step.
+        // unit's first chunk (`add_row_and_column_sums`): zeroing them was most of the
+        // 3 % of a 128×128 step that `perf` showed in `memset`.
         partial[..l.partial_len()].fill(0.0);
         s.lanes.fill(F8::ZERO);
         if ctx.mode == Mode::Train {
@@ -859,8 +859,9 @@ fn add_row_and_column_sums<V: Vector>(
     for i in 0..pm {
         let col = &mut sums.col[(p0 + i) * wr..(p0 + i + 1) * wr];
         // Up to four rows per sweep, each column's running sum held in a register across
-        // them: a sweep per row loaded and stored the column sums once per row (about 2 %
-        // of a 128×128 step). The column sums still take the rows in order.
+        // them: a sweep per row loaded and stored the column sums once per row (the
+        // sweeps were about 4 % of a 128×128 step). The column sums still take the rows
+        // in order.
         let mut r0 = 0;
         while r0 < rows {
             let gh = &gh[i * nc + r0 * wr..];
