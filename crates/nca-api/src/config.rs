@@ -763,6 +763,13 @@ const SIZED_WARMUP_COSINE: LrSchedule = LrSchedule::WarmupCosine {
 /// 200 MB on ndarray. Beyond 256 a side the run's time, not the picture, decides.
 pub const WIDE_MLP_MAX_SIDE: usize = 256;
 
+/// Largest grid side that trains for 18,000 sized steps; larger grids, up to
+/// [`WIDE_MLP_MAX_SIDE`], train for 30,000 ([`SizedDefaults::for_grid`]). With the moving
+/// average of the weights, 30,000 steps regrew all three 256×256 photos better than 18,000
+/// (the astronaut, the busiest: 30.2 against 29.4 dB, its score still rising at 18,000)
+/// for 1.7 times the time, about 22 minutes on a 2-core laptop (docs/sizing.md).
+pub const MEDIUM_GRID_MAX_SIDE: usize = 128;
+
 impl SizedDefaults {
     /// The settings for a `height × width` grid.
     ///
@@ -772,8 +779,9 @@ impl SizedDefaults {
     /// per doubling of the side, so the finest position feature has a period of about
     /// two cells (`ceil(log2(side))`, at least the default 6); an MLP 512 wide up to
     /// [`WIDE_MLP_MAX_SIDE`], 256 wide beyond (busy photos at 128×128 regrow below 35 dB
-    /// with 256 and 384, at 256×256 below 30 dB with 256); 18,000 steps; a 500-step
-    /// warm-up with a cosine decay to a tenth of the rate, without which the regrowth
+    /// with 256 and 384, at 256×256 below 30 dB with 256); 18,000 steps up to
+    /// [`MEDIUM_GRID_MAX_SIDE`], 30,000 beyond it up to [`WIDE_MLP_MAX_SIDE`] (18,000 again
+    /// for the narrower MLP beyond, to bound the time); a 500-step warm-up with a cosine decay to a tenth of the rate, without which the regrowth
     /// collapsed late in the run; and the original spike rule plus a reset to fresh
     /// noise every [`LARGE_GRID_RESET_EVERY`] steps: on busy photos the loss stays above
     /// ε for thousands of steps, no spike fires, and cells that fresh noise starts in an
@@ -785,7 +793,7 @@ impl SizedDefaults {
     /// let d = SizedDefaults::for_grid(128, 128);
     /// assert_eq!((d.position_octaves, d.mlp_hidden, d.steps), (Some(7), Some(512), 18_000));
     /// let large = SizedDefaults::for_grid(256, 256);
-    /// assert_eq!((large.mlp_hidden, large.steps), (Some(512), 18_000));
+    /// assert_eq!((large.mlp_hidden, large.steps), (Some(512), 30_000));
     /// assert_eq!(SizedDefaults::for_grid(512, 512).mlp_hidden, Some(256));
     /// assert_eq!(d.spike.reset_every, Some(500));
     /// let small = SizedDefaults::for_grid(32, 32);
@@ -819,9 +827,11 @@ impl SizedDefaults {
         Self {
             position_octaves: Some(octaves.clamp(6, MAX_POSITION_OCTAVES)),
             mlp_hidden: Some(if side <= WIDE_MLP_MAX_SIDE { 512 } else { 256 }),
-            // 30,000 steps at 256×256 moved the three photos by +1.0, -0.4 and -0.6 dB
-            // for 1.7 times the time (docs/sizing.md).
-            steps: 18_000,
+            steps: if side <= MEDIUM_GRID_MAX_SIDE || side > WIDE_MLP_MAX_SIDE {
+                18_000
+            } else {
+                30_000
+            },
             learning_rate: training.learning_rate,
             lr_schedule: SIZED_WARMUP_COSINE,
             spike: SpikeRule {

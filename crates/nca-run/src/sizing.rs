@@ -226,8 +226,8 @@ mod tests {
         let (natural, _) = sized(&format!("({grid}, output: (scale: 1))"));
         assert_eq!(natural.model.position_octaves, Some(8));
         assert_eq!(natural.model.mlp_hidden, Some(512));
-        assert_eq!(natural.training.steps, 18_000);
-        assert_eq!(natural.evaluation.every, Some(1_800));
+        assert_eq!(natural.training.steps, 30_000);
+        assert_eq!(natural.evaluation.every, Some(3_000));
         let (scaled, _) = sized(&format!("({grid})"));
         let limit = MemoryLimit::new(4 << 30);
         // Every CPU backend compiled into this test build (all of them under `cargo test
