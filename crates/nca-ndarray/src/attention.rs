@@ -1,6 +1,6 @@
-//! The attention of a block of cells (one vector's lanes), forward and backward, written once for the
-//! plain kernel ([`crate::kernel`]) and the picture model ([`crate::dense`]); they differ
-//! only in where a neighbour's keys, values and inputs are read ([`Taps`]).
+//! The attention of a block of cells (one vector's lanes), forward and backward, written
+//! once for the plain kernel ([`crate::kernel`]) and the picture model ([`crate::dense`]);
+//! they differ only in where a neighbour's keys, values and inputs are read ([`Taps`]).
 //!
 //! For one cell with query `q` and neighbours `n` (keys `k̃_n = k_n + pk_n`, values
 //! `ṽ_n = v_n + pv_n`, `s = 1/√D`): `z_n = s q·k̃_n`, `a = softmax(z)`, `u = Σ_n a_n ṽ_n`.
